@@ -1,0 +1,17 @@
+"""calicache: faster Diffusion Transformer sampling by calibrated feature caching."""
+
+from .models.dit import DIT_MODELS, DiT, DiTConfig, create_model
+from .models.io import load_model, save_model, weight_hash
+from .sampling import sample
+
+__all__ = [
+    "DIT_MODELS",
+    "DiT",
+    "DiTConfig",
+    "create_model",
+    "load_model",
+    "save_model",
+    "weight_hash",
+    "sample",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""`calicache` command line: one module per subcommand under `calicache.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand name -> module in calicache.commands with `add_arguments(parser)` and `run(args)`.
+COMMANDS = {
+    "sample": "sample",
+    "train": "train",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calicache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"calicache.commands.{module_name}")
+        p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"calicache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

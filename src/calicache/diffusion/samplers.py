@@ -1,0 +1,94 @@
+"""Samplers: plain functions over `model_fn(x, t) -> model output`; they know nothing of caching.
+
+Every sampler has the signature `(model_fn, x, schedule, noise_fn=None, progress=False, **opts)`
+and calls `model_fn` once per step, from the noisiest kept step down to step 0. `noise_fn(x)`
+returns fresh Gaussian noise shaped like x (per-sample generators live with the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import Schedule
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _coef(values, i: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(values[i]), dtype=torch.float32, device=x.device)
+
+
+def _split_output(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if out.shape[1] == 2 * channels:
+        return out[:, :channels], out[:, channels:]
+    if out.shape[1] == channels:
+        return out, None
+    raise ValueError(f"model output has {out.shape[1]} channels; expected {channels} or {2 * channels}")
+
+
+def _steps(schedule: Schedule, progress: bool, desc: str):
+    return tqdm(list(reversed(range(len(schedule)))), desc=desc, disable=not progress, leave=False)
+
+
+def _timestep(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
+
+
+def ddim(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    noise_fn: NoiseFn | None = None,
+    progress: bool = False,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, arXiv 2010.02502), as ADM's ddim_sample_loop without clipping."""
+    if eta > 0 and noise_fn is None:
+        raise ValueError("DDIM with eta > 0 needs a noise_fn")
+    abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+    for i in _steps(schedule, progress, "ddim"):
+        eps, _ = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
+        a, ap = _coef(abar, i, x), _coef(abar_prev, i, x)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        sigma = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
+        x = ap.sqrt() * x0 + (1 - ap - sigma**2).sqrt() * eps
+        if eta > 0 and i > 0:
+            x = x + sigma * noise_fn(x)
+    return x
+
+
+def ddpm(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    noise_fn: NoiseFn | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020) with ADM's learned-range variance (Nichol & Dhariwal 2021)."""
+    if noise_fn is None:
+        raise ValueError("DDPM needs a noise_fn")
+    abar, abar_prev, betas = schedule.alphas_cumprod, schedule.alphas_cumprod_prev, schedule.betas
+    min_logs = schedule.posterior_log_variance_clipped
+    for i in _steps(schedule, progress, "ddpm"):
+        eps, v = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
+        a, ap, b = _coef(abar, i, x), _coef(abar_prev, i, x), _coef(betas, i, x)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        mean = b * ap.sqrt() / (1 - a) * x0 + (1 - ap) * (1 - b).sqrt() / (1 - a) * x
+        if i == 0:
+            x = mean
+            continue
+        min_log, max_log = _coef(min_logs, i, x), b.log()
+        if v is None:
+            log_var = max_log.expand_as(x)
+        else:
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        x = mean + (0.5 * log_var).exp() * noise_fn(x)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm}

@@ -1,0 +1,61 @@
+"""Model-space tensors to images: uint8 NHWC arrays, optional VAE decoding, grids and npz files."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .utils import atomic_path
+
+LATENT_SCALE = 0.18215
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3); one channel is replicated to three."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (N, 1|3, H, W), got {tuple(x.shape)}; decode latents with a VAE first")
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+@torch.inference_mode()
+def decode_latents(latents: torch.Tensor, vae: str, batch_size: int = 8) -> torch.Tensor:
+    """SD-VAE decoding of DiT latents (scaled by 0.18215) with diffusers' AutoencoderKL."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as e:
+        raise RuntimeError("decoding latents needs diffusers: pip install diffusers") from e
+    model = AutoencoderKL.from_pretrained(vae).eval()
+    out = [model.decode(z / LATENT_SCALE).sample for z in latents.split(batch_size)]
+    return torch.cat(out)
+
+
+def grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
+    """uint8 (N, H, W, 3) -> one PIL image, row-major."""
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    return Image.fromarray(canvas)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())

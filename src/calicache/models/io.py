@@ -1,0 +1,212 @@
+"""Safe loading and saving of DiT weights: original `.pt` checkpoints, calicache safetensors files,
+registry names with published weights, and the models shipped inside the package."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..utils import atomic_path
+from .dit import DIT_MODELS, DiT, DiTConfig, make_config
+
+FORMAT = "calicache-dit"
+
+# Published checkpoints of the original DiT release (downloaded on first use).
+PUBLISHED = {
+    "DiT-XL/2": ("DiT-XL-2-256x256.pt", {}),
+    "DiT-XL/2-512": ("DiT-XL-2-512x512.pt", {"input_size": 64}),
+}
+PUBLISHED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+
+# Models shipped inside the package: name -> file under calicache/assets.
+SHIPPED = {"fmnist-dit": "fmnist-dit.safetensors"}
+
+
+def weight_hash(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the state dict in canonical form (sorted names, float32 little-endian bytes).
+
+    The same weights give the same hash whatever file format they came from.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model(model: DiT, path: str | os.PathLike, **metadata: object) -> None:
+    """Weights and config in one safetensors file (config and extras as JSON metadata)."""
+    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    meta.update({k: json.dumps(v) for k, v in metadata.items()})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a calicache safetensors file (values decoded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create or re-download it") from e
+    return {k: json.loads(v) if k != "format" else v for k, v in raw.items()}
+
+
+def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = None) -> DiTConfig:
+    """A DiT config from the tensor shapes; `arch` supplies what shapes cannot tell (heads)."""
+    overrides = dict(arch) if isinstance(arch, dict) else {}
+    name = arch if isinstance(arch, str) else overrides.pop("name", None)
+    required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"not a DiT state dict: missing {missing}")
+    hidden, in_ch, p, _ = state["x_embedder.proj.weight"].shape
+    tokens = state["pos_embed"].shape[1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    out = state["final_layer.linear.weight"].shape[0] // (p * p)
+    shapes = dict(
+        input_size=math.isqrt(tokens) * p,
+        patch_size=p,
+        in_channels=in_ch,
+        hidden_size=hidden,
+        depth=depth,
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        learn_sigma=out == 2 * in_ch,
+    )
+    # A null-class row exists exactly when label dropout was used in training.
+    if name is not None:
+        base = make_config(name)
+        shapes["num_classes"] = base.num_classes
+        shapes["class_dropout_prob"] = base.class_dropout_prob
+        shapes["num_heads"] = base.num_heads
+    else:
+        shapes["num_classes"] = rows - 1
+        shapes["num_heads"] = hidden // 72 if hidden % 72 == 0 and hidden >= 1152 else max(1, hidden // 64)
+    shapes.update(overrides)
+    cfg = DiTConfig(**shapes)
+    if name is not None:
+        differs = {k: (v, getattr(make_config(name), k)) for k, v in shapes.items()
+                   if k not in overrides and v != getattr(make_config(name), k)}
+        if differs:
+            raise ValueError(
+                f"weights do not match architecture {name}: "
+                + ", ".join(f"{k} is {a} in the file but {b} in {name}" for k, (a, b) in differs.items())
+            )
+    return cfg
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: the file holds pickled objects other than tensors ({e}). "
+            "calicache loads weights only; re-save the checkpoint as a plain state dict"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read checkpoint ({e}); the file may be truncated or corrupt") from e
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # training checkpoints of the original code: the EMA weights sample best
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def _build(state: Mapping[str, torch.Tensor], cfg: DiTConfig, path: object) -> DiT:
+    model = DiT(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
+        raise ValueError(f"{path}: does not fit the DiT architecture {cfg}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _download(name: str) -> Path:
+    fname, _ = PUBLISHED[name]
+    cache = Path(os.environ.get("CALICACHE_HOME", Path.home() / ".cache" / "calicache")) / "models"
+    target = cache / fname
+    if target.exists():
+        return target
+    url = PUBLISHED_URL.format(fname)
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(target) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), progress=True)
+    except Exception as e:  # noqa: BLE001 - any network failure gets the same advice
+        raise RuntimeError(
+            f"cannot download {name} weights from {url} ({e}). On a machine without network, "
+            f"download {fname} elsewhere and pass its path: load_model('path/{fname}')"
+        ) from e
+    return target
+
+
+def shipped_path(name: str) -> Path:
+    return Path(str(resources.files("calicache") / "assets" / SHIPPED[name]))
+
+
+def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) -> DiT:
+    """A DiT in eval mode from a file, a shipped model name, or a registry name with weights."""
+    key = str(path_or_name)
+    if key in SHIPPED:
+        path = shipped_path(key)
+    elif key in PUBLISHED and not Path(key).exists():
+        arch = arch or {"name": key.removesuffix("-512"), **PUBLISHED[key][1]}
+        path = _download(key)
+    elif key in DIT_MODELS and not Path(key).exists():
+        raise ValueError(
+            f"{key} has no published weights; use create_model({key!r}) for a random model, "
+            f"or pass a checkpoint path. Published: {sorted(PUBLISHED)}; shipped: {sorted(SHIPPED)}"
+        )
+    else:
+        path = Path(key)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such file. Give a checkpoint path, a shipped model {sorted(SHIPPED)} "
+            f"or a published one {sorted(PUBLISHED)}"
+        )
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: cannot read weights ({e}); the file may be truncated") from e
+        if "config" in meta:
+            cfg_dict = dict(meta["config"])
+            if isinstance(arch, dict):
+                cfg_dict.update({k: v for k, v in arch.items() if k != "name"})
+            cfg = DiTConfig(**cfg_dict)
+        else:
+            cfg = infer_config(state, arch)
+        model = _build(state, cfg, path)
+        # Recommended sampling settings (cfg_scale, steps) travel with the weights.
+        model.calicache_defaults = dict(meta.get("recommended", {}))
+        return model
+    state = _torch_state(path)
+    return _build(state, infer_config(state, arch), path)

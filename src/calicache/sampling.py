@@ -1,0 +1,113 @@
+"""`calicache.sample`: batched, seeded class-conditional sampling over any sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cache.state import cache_run
+from .diffusion.guidance import guided_model_fn
+from .diffusion.samplers import SAMPLERS
+from .diffusion.schedule import Schedule
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of one sample: its noise depends only on (seed, index)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _class_labels(classes: Sequence[int] | int | None, num: int, num_classes: int) -> torch.Tensor:
+    if classes is None:
+        labels = [i % num_classes for i in range(num)]
+    elif isinstance(classes, int):
+        labels = [classes] * num
+    else:
+        labels = [int(c) for c in classes]
+        if len(labels) == 0:
+            raise ValueError("classes is empty; give one class, one per sample, or None")
+        labels = [labels[i % len(labels)] for i in range(num)]
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class labels {sorted(set(bad))[:5]} are outside 0..{num_classes - 1}")
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def model_calls(steps: int, sampler: str = "ddim") -> int:
+    """Model calls of one sampling run (every calicache sampler calls the model once per step)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    return steps
+
+
+@torch.inference_mode()
+def sample(
+    model: nn.Module,
+    num: int,
+    steps: int,
+    sampler: str = "ddim",
+    cfg_scale: float = 1.0,
+    classes: Sequence[int] | int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    spacing: str = "adm",
+    noise: torch.Tensor | None = None,
+    eta: float = 0.0,
+    cfg_channels: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample `num` images (N, C, H, W) in model space.
+
+    Sample i has class `classes[i]` (default i % num_classes) and noise drawn from its own
+    generator seeded by (seed, i), so it depends only on (seed, i) and not on the batching.
+    `noise` gives x_T for all N instead. Each batch is one cache run of `steps` model calls.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if noise is not None and tuple(noise.shape) != (num, *shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {(num, *shape)}")
+    if noise is not None and not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or infinite values")
+    schedule = Schedule.create(steps, spacing)
+    labels = _class_labels(classes, num, cfg.num_classes)
+    batch_size = batch_size or num
+    device = next(model.parameters()).device
+    sampler_fn = SAMPLERS[sampler]
+    was_training = model.training
+    model.eval()
+    out = []
+    bar = tqdm(total=num, desc=f"sampling ({sampler}, {steps} steps)", disable=not progress)
+    try:
+        for start in range(0, num, batch_size):
+            idx = range(start, min(num, start + batch_size))
+            gens = [sample_generator(seed, i) for i in idx]
+            if noise is None:
+                x = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            else:
+                x = noise[start : start + len(idx)].float().clone()
+            x = x.to(device)
+
+            def noise_fn(like: torch.Tensor, gens=gens) -> torch.Tensor:
+                return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like)
+
+            y = labels[start : start + len(idx)].to(device)
+            fn = guided_model_fn(model, y, cfg.num_classes, cfg_scale, cfg_channels)
+            extra = {"eta": eta} if sampler == "ddim" else {}
+            with cache_run(model, model_calls(steps, sampler)):
+                x = sampler_fn(fn, x, schedule, noise_fn=noise_fn, **extra)
+            out.append(x.cpu())
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,155 @@
+"""`calicache train`: a class-conditional DiT in pixel space with DiT's objective, EMA and AdamW.
+
+Training state (model, EMA, optimiser, RNG, step) goes to `OUT/state.pt` atomically every
+`ckpt_every` steps; `resume=True` continues bit-exactly from it. The EMA weights are exported to
+`OUT/model.safetensors` (calicache's own format) at every checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion.losses import training_loss
+from .diffusion.schedule import Schedule
+from .models.dit import DiT, create_model
+from .models.io import save_model
+from .utils import atomic_path
+
+
+@dataclass
+class TrainConfig:
+    model: str = "DiT-Tiny/2"
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    seed: int = 0
+    flip: bool = True
+    warmup: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(images, dtype=np.float32))
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the batch at `step`: epoch permutations seeded by (seed, epoch), no state needed."""
+    per_epoch = n // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+@torch.no_grad()
+def _ema_update(ema: DiT, model: DiT, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def train(
+    cfg: TrainConfig,
+    images: np.ndarray,
+    labels: np.ndarray,
+    out: str | Path,
+    resume: bool = False,
+    model_overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train and return a summary dict (also written to OUT/train.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = to_model_space(images)
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if len(data) < cfg.batch_size:
+        raise ValueError(f"{len(data)} images are fewer than one batch of {cfg.batch_size}")
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **(model_overrides or {}))
+    if tuple(data.shape[1:]) != (model.config.in_channels, model.config.input_size, model.config.input_size):
+        raise ValueError(
+            f"images are {tuple(data.shape[1:])} (C, H, W) but {cfg.model} expects "
+            f"{(model.config.in_channels, model.config.input_size, model.config.input_size)}; "
+            "override in_channels/input_size to match the data"
+        )
+    if int(y_all.max()) >= model.config.num_classes:
+        raise ValueError(f"labels reach {int(y_all.max())} but the model has {model.config.num_classes} classes")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    schedule = Schedule.create(None)
+    state_path = out / "state.pt"
+    step, losses, elapsed = 0, [], 0.0
+    if resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"--resume: no training state at {state_path}")
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["config"] != json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True):
+            raise ValueError(f"{state_path} was written with other training settings; use a new --out")
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        torch.set_rng_state(st["rng"])
+        step, losses, elapsed = int(st["step"]), list(st["losses"]), float(st["elapsed"])
+    model.train()
+
+    def checkpoint() -> None:
+        st = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+              "rng": torch.get_rng_state(), "step": step, "losses": losses, "elapsed": elapsed,
+              "config": json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True)}
+        with atomic_path(state_path) as tmp:
+            torch.save(st, tmp)
+        save_model(ema, out / "model.safetensors", train_step=step)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress)
+    t0 = time.perf_counter() - elapsed
+    while step < cfg.steps:
+        idx = _batch_indices(len(data), cfg.batch_size, cfg.seed, step)
+        x0, y = data[idx], y_all[idx]
+        if cfg.flip:
+            flip = torch.rand(len(x0)) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        t = torch.randint(0, len(schedule), (len(x0),))
+        noise = torch.randn_like(x0)
+        x_t = schedule.q_sample(x0, t, noise)
+        loss = training_loss(model(x_t, t, y), x0, x_t, t, noise, schedule).mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _ema_update(ema, model, cfg.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            checkpoint()
+    bar.close()
+    summary = {"config": asdict(cfg), "model_config": model.config.to_dict(), "steps_done": step,
+               "wall_seconds": round(time.perf_counter() - t0, 1),
+               "final_loss_mean100": float(np.mean(losses[-100:])), "images": len(data)}
+    with atomic_path(out / "train.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
