@@ -1,10 +1,17 @@
 """calicache: faster Diffusion Transformer sampling by calibrated feature caching."""
 
+from .cache import CacheConfig, CacheSchedule, apply_cache, remove_cache
+from .metrics.macs import count_macs
 from .models.dit import DIT_MODELS, DiT, DiTConfig, create_model
 from .models.io import load_model, save_model, weight_hash
 from .sampling import sample
 
 __all__ = [
+    "CacheConfig",
+    "CacheSchedule",
+    "apply_cache",
+    "remove_cache",
+    "count_macs",
     "DIT_MODELS",
     "DiT",
     "DiTConfig",

@@ -1,0 +1,80 @@
+"""What the cache engine needs to know about a model family: its cacheable branches, the linear
+layers inside them, how to read the timestep of a call, and the MACs of its parts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class LinearSpec:
+    """One calibrated linear map: the rows `rows` of `module` (all rows if None).
+
+    q, k and v of DiT's fused qkv are three specs on one module. `input_from` names another linear
+    of the same branch whose cached *output*, passed through `input_fn`, is this linear's cached
+    input (fc2's input is GELU(fc1's output): recomputed, never stored).
+    """
+
+    name: str
+    module: nn.Linear
+    rows: slice | None = None
+    input_from: str | None = None
+    input_fn: Callable | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        if self.rows is None:
+            return self.module.out_features
+        return len(range(*self.rows.indices(self.module.out_features)))
+
+    def weight(self):
+        w = self.module.weight
+        return w if self.rows is None else w[self.rows]
+
+
+@dataclass
+class BranchSpec:
+    """One cacheable layer in the papers' sense: a block branch whose output is cached pre-gate."""
+
+    name: str
+    module: nn.Module
+    linears: list[LinearSpec]
+    tokens: int  # N: tokens the branch sees per sample
+    attention_dim: int = 0  # C of the softmax(QK^T)V matmuls (0: no attention)
+    kv_tokens: int | None = None  # keys/values per sample (cross-attention), default N
+    extra: dict = field(default_factory=dict)
+
+    def attention_macs(self) -> int:
+        """QK^T and AV: 2 N N_kv C per sample."""
+        if not self.attention_dim:
+            return 0
+        return 2 * self.tokens * (self.kv_tokens or self.tokens) * self.attention_dim
+
+    def full_macs(self) -> int:
+        return sum(self.tokens * s.in_features * s.out_features for s in self.linears) + self.attention_macs()
+
+
+class Adapter:
+    """Base adapter. Subclasses say where branches are and what runs outside them."""
+
+    def branches(self, model: nn.Module) -> list[BranchSpec]:
+        raise NotImplementedError
+
+    def timestep(self, args: tuple, kwargs: dict):
+        """The timestep tensor of a top-level call."""
+        raise NotImplementedError
+
+    def sample_input(self, args: tuple, kwargs: dict):
+        """The noisy input tensor of a top-level call (checked for NaN)."""
+        raise NotImplementedError
+
+    def base_macs(self, model: nn.Module) -> int:
+        """MACs per sample outside the branches, paid by every call (embeddings, adaLN, final layer)."""
+        raise NotImplementedError

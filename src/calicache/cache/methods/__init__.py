@@ -1,0 +1,12 @@
+"""The method registry: one file per method; the CLI's `--method choices` read this dict."""
+
+from __future__ import annotations
+
+from .fora import Fora, NoCache
+from .icc import IncrementCalibration
+
+METHODS: dict[str, type] = {
+    "none": NoCache,
+    "fora": Fora,
+    "icc": IncrementCalibration,
+}

@@ -1,0 +1,171 @@
+"""Increment-calibrated caching (Chen et al., CVPR 2025, arXiv 2505.05829, Sec. 3.3).
+
+Every calibrated linear, at a cached call m, outputs `y_m = y_s + A (B (x_m - x_s))` where
+(x_s, y_s) are its input and output at the last full call s. Everything else in the block runs
+on the current values, so the block runs in order. Branches whose linears all have rank 0 are
+served whole from the cache (exactly what the calibration would give, without the work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ...adapters import LinearSpec
+from ...calibrate.factors import Factors
+from ...calibrate.svd import scaled_svd
+from ...models.io import weight_hash
+from ..config import CacheConfig
+from .base import BranchCache, Method
+
+
+class CalibratedLinear:
+    """One nn.Linear module with one or more calibrated row blocks (q, k, v share one B pass)."""
+
+    def __init__(self, method: IncrementCalibration, specs: list[LinearSpec],
+                 factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layer: int):
+        self.method = method
+        self.specs = specs
+        self.layer = layer
+        self.module = specs[0].module
+        w = self.module.weight
+        ranks = [factors[s.name][0].shape[1] for s in specs]
+        self.rank_total = sum(ranks)
+        self.b = torch.cat([factors[s.name][1] for s in specs]).to(w)  # (R, C_i): one pass for all blocks
+        self.a = [factors[s.name][0].to(w) for s in specs]  # each (C_o_i, r_i)
+        rows = [s.out_features for s in specs]
+        # Equal blocks (DiT's q, k, v) go through one batched matmul.
+        self.a_batched = (torch.stack([a.t() for a in self.a]) if len(specs) > 1 and len(set(ranks)) == 1
+                          and len(set(rows)) == 1 else None)  # (k, r, C_o_i)
+        self.ranks = ranks
+        self.input_from = specs[0].input_from
+        self.input_fn = specs[0].input_fn
+        self.x_s: torch.Tensor | None = None
+        self.y_s: torch.Tensor | None = None
+
+    # The reference point the increment is measured from; the forecast method moves it.
+    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cached_input(), self.y_s
+
+    def cached_input(self) -> torch.Tensor:
+        if self.input_from is not None:
+            src = self.method.linears_by_name[self.input_from]
+            return self.input_fn(src.y_s)
+        return self.x_s
+
+    def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.input_from is None:
+            self.x_s = self.method.store(x)
+        self.y_s = self.method.store(y)
+
+    def delta(self, dx: torch.Tensor) -> torch.Tensor:
+        """A (B dx) for every row block, concatenated along the output channels."""
+        z = F.linear(dx, self.b)  # (..., R)
+        if len(self.a) == 1:
+            return F.linear(z, self.a[0])
+        if self.a_batched is not None:
+            k, r, rows = self.a_batched.shape
+            zb = z.reshape(-1, k, r).transpose(0, 1)  # (k, M, r)
+            out = torch.bmm(zb, self.a_batched)  # (k, M, rows)
+            return out.transpose(0, 1).reshape(*z.shape[:-1], k * rows)
+        parts, start = [], 0
+        for a, r in zip(self.a, self.ranks):
+            parts.append(F.linear(z[..., start : start + r], a))
+            start += r
+        return torch.cat(parts, dim=-1)
+
+    def hook(self, forward: Callable) -> Callable:
+        engine = self.method.engine
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if engine.full[self.layer]:
+                y = forward(x)
+                self.on_full(x, y)
+                return y
+            x_ref, y_ref = self.reference(x)
+            if x_ref is None or y_ref is None:
+                raise RuntimeError(f"{self.specs[0].name} has no cached values at call {engine.call}; "
+                                   "every layer must be full at call 0")
+            y_ref = y_ref.to(x.dtype)
+            if self.rank_total == 0:
+                return y_ref
+            return y_ref + self.delta(x - x_ref.to(x.dtype))
+
+        return run
+
+    def reset(self) -> None:
+        self.x_s = self.y_s = None
+
+    def cache_bytes(self) -> int:
+        return sum(t.nbytes for t in (self.x_s, self.y_s) if t is not None)
+
+    def macs(self, tokens: int) -> int:
+        """B pass over the input plus each block's A, per sample."""
+        return tokens * (self.module.in_features * self.rank_total
+                         + sum(r * s.out_features for r, s in zip(self.ranks, self.specs)))
+
+
+def resolve_factors(engine, config: CacheConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Factors at the configured rank: from a file (checked against the model) or plain SVD."""
+    specs = [s for b in engine.branches for s in b.linears]
+    if config.factors is not None:
+        factors = config.factors if isinstance(config.factors, Factors) else Factors.load(config.factors)
+        on_meta = next(engine.model.parameters()).is_meta  # counting MACs by name: no weights to hash
+        factors.check(specs, None if on_meta else weight_hash(engine.model))
+        svd = factors.meta.get("svd")
+        if svd is not None and config.svd != "plain" and svd != config.svd:
+            raise ValueError(f"the factor file holds {svd!r} factors but svd={config.svd!r} was asked for")
+        return factors.select(config.rank)
+    out = {}
+    for s in specs:
+        full = min(s.in_features, s.out_features)
+        if config.rank == "full":
+            r = full
+        elif config.rank is None:
+            r = min(full, max(1, round(engine.branches[0].linears[0].in_features / 9)))
+        else:
+            r = min(full, config.rank)
+        out[s.name] = scaled_svd(s.weight(), r)
+    return out
+
+
+class IncrementCalibration(Method):
+    linear_class = CalibratedLinear
+
+    def __init__(self, engine, config: CacheConfig):
+        super().__init__(engine, config)
+        factors = resolve_factors(engine, config)
+        self.linears: list[CalibratedLinear] = []
+        self.linears_by_name: dict[str, CalibratedLinear] = {}
+        whole_branch = []
+        for layer, branch in enumerate(engine.branches):
+            groups: dict[int, list[LinearSpec]] = {}
+            for s in branch.linears:
+                groups.setdefault(id(s.module), []).append(s)
+            cls = [self.linear_class(self, g, factors, layer) for g in groups.values()]
+            if all(c.rank_total == 0 for c in cls):
+                whole_branch.append(layer)  # rank 0 everywhere: serve the branch output itself
+                continue
+            for c in cls:
+                engine.patch(c.module, c.hook)
+                self.linears.append(c)
+                for s in c.specs:
+                    self.linears_by_name[s.name] = c
+        self.branch_cache = BranchCache(self, whole_branch)
+        self.whole_branch = set(whole_branch)
+        self._macs = {layer: sum(c.macs(engine.branches[layer].tokens) for c in self.linears if c.layer == layer)
+                      + engine.branches[layer].attention_macs()
+                      for layer in range(len(engine.branches)) if layer not in self.whole_branch}
+
+    def reset(self) -> None:
+        for c in self.linears:
+            c.reset()
+        self.branch_cache.reset()
+
+    def cache_bytes(self) -> int:
+        return sum(c.cache_bytes() for c in self.linears) + self.branch_cache.cache_bytes()
+
+    def cached_macs(self, layer: int, call: int) -> int:
+        return self._macs.get(layer, 0)

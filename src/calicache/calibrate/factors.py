@@ -1,0 +1,92 @@
+"""Factor files: ICC's low-rank factors as data (safetensors + JSON metadata), tied to one model."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..adapters import LinearSpec
+from ..utils import atomic_path
+
+FORMAT = "calicache-factors"
+
+
+@dataclass
+class Factors:
+    """`tensors[name] = (A (C_o, r), B (r, C_i))` per calibrated linear; columns ordered by
+    singular value, so keeping the first r' < r columns is exactly the rank-r' factorisation."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+    def ranks(self) -> dict[str, int]:
+        return {k: int(a.shape[1]) for k, (a, _) in self.tensors.items()}
+
+    def select(self, rank: int | str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Factors at `rank`: None keeps each stored rank, an int truncates every layer to it."""
+        if rank is None:
+            return dict(self.tensors)
+        out = {}
+        for name, (a, b) in self.tensors.items():
+            r = min(a.shape[0], b.shape[1]) if rank == "full" else int(rank)
+            if r > a.shape[1]:
+                raise ValueError(f"rank {r} is higher than the {a.shape[1]} stored for {name} in this factor file; "
+                                 "calibrate again with a higher --rank")
+            out[name] = (a[:, :r].contiguous(), b[:r].contiguous())
+        return out
+
+    def check(self, specs: list[LinearSpec], model_hash: str | None) -> None:
+        """Refuse factors made for another model or another shape."""
+        if model_hash is not None and self.meta.get("model_hash") not in (None, model_hash):
+            raise ValueError(
+                f"factor file was made for model {str(self.meta.get('model_hash'))[:12]}... but this model's weights "
+                f"hash to {model_hash[:12]}...; calibrate this model with `calicache calibrate`"
+            )
+        names = {s.name for s in specs}
+        missing = sorted(names - set(self.tensors))
+        extra = sorted(set(self.tensors) - names)
+        if missing or extra:
+            raise ValueError(f"factor file does not fit this model: missing {missing[:4]}, unexpected {extra[:4]}")
+        for s in specs:
+            a, b = self.tensors[s.name]
+            if a.shape[0] != s.out_features or b.shape[1] != s.in_features or a.shape[1] != b.shape[0]:
+                raise ValueError(f"factor shapes for {s.name} are A {tuple(a.shape)}, B {tuple(b.shape)}; the model's "
+                                 f"weight is {s.out_features}x{s.in_features}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {}
+        for name, (a, b) in self.tensors.items():
+            tensors[f"{name}.A"] = a.contiguous().float()
+            tensors[f"{name}.B"] = b.contiguous().float()
+        meta = {"format": FORMAT, "meta": json.dumps(self.meta | {"ranks": self.ranks()})}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Factors:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"factor file {path} does not exist; make one with `calicache calibrate`")
+        try:
+            raw = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable factor file ({e}); it may be truncated. "
+                             "Re-create it with `calicache calibrate`") from e
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a calicache factor file (format {header.get('format')!r})")
+        tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in raw:
+            name, part = key.rsplit(".", 1)
+            if part == "A":
+                tensors[name] = (raw[key], raw[f"{name}.B"])
+        return cls(tensors, json.loads(header["meta"]))
