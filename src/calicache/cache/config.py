@@ -88,6 +88,9 @@ class CacheConfig:
             raise ValueError("give goc_steps or goc_file, not both")
         if self.goc_steps is not None and any((not isinstance(s, int)) or s < 1 for s in self.goc_steps):
             raise ValueError(f"goc_steps are call indices >= 1, got {self.goc_steps}")
+        if isinstance(self.goc_weight, bool) or not isinstance(self.goc_weight, (int, float)) \
+                or not np.isfinite(self.goc_weight):
+            raise ValueError(f"goc_weight must be a finite number (the paper: 1.2 on FORA), got {self.goc_weight!r}")
 
     @property
     def cache_schedule(self) -> CacheSchedule:

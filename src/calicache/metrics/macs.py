@@ -44,6 +44,7 @@ def count_macs(model_or_name: nn.Module | str, config: CacheConfig | None = None
     full_branch = [b.full_macs() for b in engine.branches]
     full_call = base + sum(full_branch)
     gather = engine.schedule.matrix(steps, len(engine.branches))
+    engine.method.check_run(steps)  # a run the method cannot serve has no MACs; GOC's steps depend on its length
     per_call = []
     for t in range(steps):
         macs = base

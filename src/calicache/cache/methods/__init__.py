@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from .fora import Fora, NoCache
+from .goc import GradientOptimizedCache
 from .icc import IncrementCalibration
 
 METHODS: dict[str, type] = {
     "none": NoCache,
     "fora": Fora,
     "icc": IncrementCalibration,
+    "goc": GradientOptimizedCache,
 }

@@ -1,0 +1,224 @@
+"""GOC's compensation steps, found offline (Qiu et al., arXiv 2503.05156, "inflection-aware" steps).
+
+GOC extrapolates a cached branch output along its last change, F_prev + w (F_prev - F_prev2), which
+helps only while the branch-output trajectory keeps its direction. The finder runs uncached sampling,
+measures for every call s >= 2 the cosine between successive changes d_s = F_s - F_{s-1} and
+d_{s-1} (per sample over the flattened branch output, averaged over samples and branches), and
+calls every s where it drops below a threshold (0: the trajectory turns back) an inflection point.
+A cached call gets compensation unless an inflection point lies at it or at the call before it
+(that call's change is the gradient the extrapolation would use).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils import atomic_path
+
+FORMAT = "calicache-goc-steps"
+
+
+def sample_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between a[i] and b[i] over everything but the first (sample) dimension: (B,).
+
+    A zero change has no direction and counts as 0 (neither keeps nor reverses the direction).
+    """
+    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12)
+
+
+class CosineAccumulator:
+    """cos(d_s, d_{s-1}) per call over one or more trajectories (keys), summed as they stream in.
+
+    Only F_{s-1} and d_{s-1} are kept per key, so memory does not grow with the number of calls.
+    A trajectory restarts whenever a key is fed call 0.
+    """
+
+    def __init__(self, num_calls: int):
+        self.sums = np.zeros(num_calls, dtype=np.float64)
+        self.counts = np.zeros(num_calls, dtype=np.int64)
+        self._last: dict[Hashable, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
+
+    def update(self, key: Hashable, call: int, value: torch.Tensor) -> None:
+        """Feed F_call (samples, ...) of trajectory `key`; calls of one trajectory come in order."""
+        value = value.detach().float()
+        if call == 0:
+            self._last[key] = (0, value, None)
+            return
+        last = self._last.get(key)
+        if last is None or last[0] != call - 1:
+            raise RuntimeError(f"trajectory {key!r} got call {call} after call {None if last is None else last[0]}; "
+                               "calls must come in order from 0")
+        _, prev, prev_d = last
+        d = value - prev
+        if prev_d is not None:
+            cos = sample_cosines(d, prev_d)
+            self.sums[call] += float(cos.sum())
+            self.counts[call] += cos.numel()
+        self._last[key] = (call, value, d)
+
+    def cosines(self) -> list[float | None]:
+        """Mean cosine per call; None where it is undefined (calls 0 and 1)."""
+        return [float(s / n) if n else None for s, n in zip(self.sums, self.counts)]
+
+
+def trajectory_cosines(trajectory: torch.Tensor) -> list[float | None]:
+    """Per-call mean cos(d_s, d_{s-1}) of one trajectory `(calls, samples, ...)`."""
+    if trajectory.ndim < 2:
+        raise ValueError(f"a trajectory is (calls, samples, ...), got shape {tuple(trajectory.shape)}")
+    acc = CosineAccumulator(trajectory.shape[0])
+    for call, value in enumerate(trajectory):
+        acc.update(0, call, value)
+    return acc.cosines()
+
+
+def inflection_points(cosines: Sequence[float | None], threshold: float = 0.0) -> list[int]:
+    """Calls whose change turns away from the previous one: cosine below `threshold`."""
+    return [s for s, c in enumerate(cosines) if c is not None and c < threshold]
+
+
+def compensation_steps(cosines: Sequence[float | None], period: int = 2, threshold: float = 0.0) -> list[int]:
+    """Cached calls (s % period != 0) that get compensation: s >= 2 (F_prev2 exists) and no
+    inflection point at s or s - 1."""
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"period must be an integer >= 1, got {period!r}")
+    turns = set(inflection_points(cosines, threshold))
+    return [s for s in range(2, len(cosines)) if s % period and s not in turns and s - 1 not in turns]
+
+
+@dataclass
+class GocSteps:
+    """Found compensation steps: per-call cosines, the threshold, the chosen calls, and what they were
+    found for (`meta`: model_hash, steps, calls, sampler, spacing, cfg_scale, num, seed, period)."""
+
+    cosines: list[float | None]
+    threshold: float
+    steps: list[int]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def inflections(self) -> list[int]:
+        return inflection_points(self.cosines, self.threshold)
+
+    @property
+    def calls(self) -> int:
+        return int(self.meta.get("calls", len(self.cosines)))
+
+    def table(self) -> str:
+        """One line per call: cosine, inflection mark, compensation mark."""
+        turns, comp = set(self.inflections), set(self.steps)
+        lines = ["call  cos(d_s, d_s-1)  mark"]
+        for s, c in enumerate(self.cosines):
+            mark = "inflection" if s in turns else ("compensate" if s in comp else "")
+            lines.append(f"{s:4d}  {'-' if c is None else f'{c:+.4f}':>15}  {mark}")
+        return "\n".join(lines)
+
+    def check(self, model_hash: str | None = None, num_calls: int | None = None) -> None:
+        """Refuse steps found for another model or another run length."""
+        made_for = self.meta.get("model_hash")
+        if model_hash is not None and made_for is not None and made_for != model_hash:
+            raise ValueError(f"GOC steps file was made for model {made_for[:12]}... but this model's weights hash to "
+                             f"{model_hash[:12]}...; find steps for this model with `calicache calibrate --method goc`")
+        if num_calls is not None and self.calls != num_calls:
+            raise ValueError(f"GOC steps file was made for {self.calls} model calls ({self.meta.get('steps')} "
+                             f"{self.meta.get('sampler')} steps) but this run makes {num_calls}; find steps for this "
+                             f"step count with `calicache calibrate --method goc --steps {num_calls}`")
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "steps": list(self.steps), "threshold": self.threshold,
+                "cosines": list(self.cosines), "meta": dict(self.meta)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GocSteps:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"GOC steps file {path} does not exist; make one with "
+                                    "`calicache calibrate --method goc --model M --steps S --out PATH`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable GOC steps file ({e}); re-create it with "
+                             "`calicache calibrate --method goc`") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a calicache GOC steps file (expected format {FORMAT!r}); "
+                             "make one with `calicache calibrate --method goc`")
+        steps = data.get("steps")
+        if not isinstance(steps, list) or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
+            raise ValueError(f"{path}: 'steps' must be a list of call indices >= 1, got {steps!r}")
+        return cls(cosines=list(data.get("cosines", [])), threshold=float(data.get("threshold", 0.0)),
+                   steps=steps, meta=dict(data.get("meta", {})))
+
+
+def find_goc_steps(
+    model: nn.Module,
+    steps: int,
+    sampler: str = "ddim",
+    spacing: str = "adm",
+    num: int = 32,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    threshold: float = 0.0,
+    batch_size: int | None = None,
+    period: int = 2,
+    progress: bool = False,
+) -> GocSteps:
+    """Run uncached sampling of `num` samples (classes i % num_classes, seeds (seed, i)) and choose
+    the compensation steps for FORA period `period` (see the module docstring).
+
+    Branch outputs are read by temporary forward hooks and reduced to cosine sums on the fly.
+    """
+    from ..adapters import get_adapter
+    from ..cache.state import get_engine
+    from ..models.io import weight_hash
+    from ..sampling import model_calls, sample
+
+    if get_engine(model) is not None:
+        raise ValueError("the model has a cache attached; the finder needs uncached outputs: remove_cache(model) first")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"period must be an integer >= 1, got {period!r}")
+    calls = model_calls(steps, sampler)
+    if calls < 3:
+        raise ValueError(f"a run of {calls} calls has no call with two earlier changes; use --steps >= 3")
+    branches = get_adapter(model).branches(model)
+    acc = CosineAccumulator(calls)
+    seen = {"calls": 0}
+
+    def count_call(module, args, kwargs):
+        seen["calls"] += 1
+
+    def record(layer: int):
+        # The model pre-hook has counted this call already; every run makes exactly `calls` calls.
+        return lambda module, args, out: acc.update(layer, (seen["calls"] - 1) % calls, out)
+
+    handles = [model.register_forward_pre_hook(count_call, with_kwargs=True)]
+    try:
+        handles += [b.module.register_forward_hook(record(i)) for i, b in enumerate(branches)]
+        sample(model, num, steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+               spacing=spacing, progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
+    batches = math.ceil(num / (batch_size or num))
+    if seen["calls"] != calls * batches:
+        raise RuntimeError(f"the sampler made {seen['calls']} model calls; expected {calls} per run x {batches} runs")
+    cosines = acc.cosines()
+    meta = {"model_hash": weight_hash(model), "steps": steps, "calls": calls, "sampler": sampler,
+            "spacing": spacing, "cfg_scale": cfg_scale, "num": num, "seed": seed, "period": period,
+            "branches": len(branches)}
+    return GocSteps(cosines=cosines, threshold=float(threshold),
+                    steps=compensation_steps(cosines, period, threshold), meta=meta)
