@@ -264,3 +264,14 @@ def test_goc_file_for_50_steps_and_refusals(tmp_path):
     bad.write_text("{trunc")
     with pytest.raises(ValueError, match="not a readable"):
         GocSteps.load(bad)
+
+
+def test_hand_written_steps_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"format": "calicache-goc-steps", "steps": [3, 5, 7]}))
+    model = tiny_model()
+    a = run(model, CacheConfig(method="goc", goc_file=path), steps=12, num=2)
+    assert torch.equal(a, run(model, CacheConfig(method="goc", goc_steps=[3, 5, 7]), steps=12, num=2))
+    path.write_text(json.dumps({"format": "calicache-goc-steps", "steps": [0, 3]}))
+    with pytest.raises(ValueError, match="call indices >= 1"):
+        GocSteps.load(path)

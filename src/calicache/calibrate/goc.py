@@ -110,8 +110,10 @@ class GocSteps:
         return inflection_points(self.cosines, self.threshold)
 
     @property
-    def calls(self) -> int:
-        return int(self.meta.get("calls", len(self.cosines)))
+    def calls(self) -> int | None:
+        """Model calls of the run the steps were found for (None: a hand-written file that does not say)."""
+        calls = self.meta.get("calls", len(self.cosines) or None)
+        return None if calls is None else int(calls)
 
     def table(self) -> str:
         """One line per call: cosine, inflection mark, compensation mark."""
@@ -128,7 +130,7 @@ class GocSteps:
         if model_hash is not None and made_for is not None and made_for != model_hash:
             raise ValueError(f"GOC steps file was made for model {made_for[:12]}... but this model's weights hash to "
                              f"{model_hash[:12]}...; find steps for this model with `calicache calibrate --method goc`")
-        if num_calls is not None and self.calls != num_calls:
+        if num_calls is not None and self.calls is not None and self.calls != num_calls:
             raise ValueError(f"GOC steps file was made for {self.calls} model calls ({self.meta.get('steps')} "
                              f"{self.meta.get('sampler')} steps) but this run makes {num_calls}; find steps for this "
                              f"step count with `calicache calibrate --method goc --steps {num_calls}`")
