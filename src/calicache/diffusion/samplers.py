@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -91,4 +92,38 @@ def ddpm(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm}
+def dpmpp_2m(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    noise_fn: NoiseFn | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2): multistep, data prediction from eps.
+
+    One model call per step. The first step is first order (no history yet); the last step goes to
+    x_0 (sigma = 0), where the second-order correction is undefined (h is infinite), so it is first
+    order and returns the data prediction, as diffusers' DPMSolverMultistepScheduler does with its
+    default final_sigmas_type="zero". `noise_fn` is unused (the solver is deterministic).
+    """
+    abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    alpha_prev, sigma_prev = np.sqrt(abar_prev), np.sqrt(1.0 - abar_prev)
+    lam = np.log(alpha) - np.log(sigma)  # half log-SNR; grows as i decreases
+    # h[i]: log-SNR step from index i to i - 1; the step to x_0 (i = 0, sigma = 0) is infinite.
+    h = np.append(np.inf, lam[:-1] - lam[1:])
+    x0_prev = None
+    for i in _steps(schedule, progress, "dpm++2m"):
+        eps, _ = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
+        x0 = (x - _coef(sigma, i, x) * eps) / _coef(alpha, i, x)
+        d = x0
+        if x0_prev is not None and i > 0:
+            r = h[i + 1] / h[i]
+            d = x0 + (x0 - x0_prev) / (2 * r)  # (1 + 1/2r) x0_i - (1/2r) x0_{i+1}
+        # At i = 0 the coefficients are 0 and 1: the result is exactly the data prediction.
+        x = _coef(sigma_prev / sigma, i, x) * x - _coef(alpha_prev * np.expm1(-h), i, x) * d
+        x0_prev = x0
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpmpp_2m": dpmpp_2m}

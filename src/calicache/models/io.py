@@ -191,6 +191,9 @@ def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) 
             f"{path}: no such file. Give a checkpoint path, a shipped model {sorted(SHIPPED)} "
             f"or a published one {sorted(PUBLISHED)}"
         )
+    if path.is_dir():  # a diffusers DiTTransformer2DModel (or DiTPipeline) folder
+        from .convert import load_diffusers_dit
+        return load_diffusers_dit(path)
     if path.suffix == ".safetensors":
         meta = read_metadata(path)
         try:
