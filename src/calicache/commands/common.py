@@ -53,3 +53,41 @@ def setup(args: argparse.Namespace) -> None:
 def model_defaults(model: torch.nn.Module) -> dict:
     """The recommended sampling settings stored with a shipped or saved model, if any."""
     return dict(getattr(model, "calicache_defaults", {}) or {})
+
+
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cache.config import SCALES, SVD_KINDS
+    from ..cache.methods import METHODS
+
+    g = p.add_argument_group("caching")
+    g.add_argument("--method", choices=sorted(METHODS), default="none", help="cache method")
+    g.add_argument("--period", type=int, default=2, help="FORA period: call t is full when t %% period == 0")
+    g.add_argument("--schedule", default=None, help="explicit gather matrix (JSON or npz) instead of --period")
+    g.add_argument("--rank", default=None,
+                   help="ICC rank: an integer, 'full', or omitted = the factor file's per-layer ranks "
+                        "(plain SVD without a file: width / 9)")
+    g.add_argument("--svd", choices=SVD_KINDS, default="plain", help="where ICC's factors come from")
+    g.add_argument("--scale", choices=SCALES, default="both", help="CA/CD scaling side (for calibration)")
+    g.add_argument("--factors", default=None, help="factor file from `calicache calibrate`")
+    g.add_argument("--cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of cached activations (default: the model's)")
+    g.add_argument("--goc-weight", type=float, default=1.2, help="GOC compensation weight w")
+    g.add_argument("--goc-steps", default=None, help="GOC compensated calls, comma-separated")
+    g.add_argument("--goc-file", default=None, help="GOC steps file from `calicache calibrate --method goc`")
+    g.add_argument("--forecast-weight", type=float, default=1.0, help="calibrated forecast weight w")
+
+
+def cache_config_from_args(args: argparse.Namespace):
+    from ..cache.config import CacheConfig
+
+    rank = args.rank
+    if rank is not None and rank != "full":
+        try:
+            rank = int(rank)
+        except ValueError as e:
+            raise ValueError(f"--rank must be an integer or 'full', got {args.rank!r}") from e
+    goc_steps = [int(s) for s in args.goc_steps.split(",")] if args.goc_steps else None
+    return CacheConfig(method=args.method, period=args.period, schedule=args.schedule, rank=rank, svd=args.svd,
+                       scale=args.scale, factors=args.factors, cache_dtype=args.cache_dtype,
+                       goc_weight=args.goc_weight, goc_steps=goc_steps, goc_file=args.goc_file,
+                       forecast_weight=args.forecast_weight)

@@ -14,16 +14,27 @@ from pathlib import Path
 
 import torch
 
+from ..cache import apply_cache, get_engine
 from ..images import decode_latents, grid, save_npz, save_png, to_uint8
+from ..metrics.macs import count_macs
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
 from ..utils import atomic_path
-from .common import add_model_arguments, add_sampling_arguments, model_defaults, parse_arch, setup
+from .common import (
+    add_cache_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    cache_config_from_args,
+    model_defaults,
+    parse_arch,
+    setup,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
+    add_cache_arguments(p)
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all)")
     p.add_argument("--classes", default=None,
@@ -43,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if model.config.in_channels not in (1, 3) and args.vae is None:
         raise ValueError(f"{args.model} works on {model.config.in_channels}-channel latents: pass --vae "
                          "(e.g. stabilityai/sd-vae-ft-ema) to decode them")
+    config = cache_config_from_args(args)
+    apply_cache(model, config)
+    macs = count_macs(model, None, steps, cfg_scale)
     out = Path(args.out)
     t0 = time.perf_counter()
     x = sample(model, args.num, steps, sampler=args.sampler, cfg_scale=cfg_scale, classes=classes,
@@ -59,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "batch_size": args.batch_size or args.num, "vae": args.vae,
         "model_calls_per_batch": steps, "wall_seconds": round(wall, 3),
         "threads": torch.get_num_threads(),
+        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
+        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
+        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "macs": macs, "cached_ratio": macs["cached_ratio"],
+        "cache_bytes": get_engine(model).stats()["cache_bytes"],
     }
     out.mkdir(parents=True, exist_ok=True)
     save_npz(out / "samples.npz", arr_0=images, arr_1=labels)
