@@ -6,7 +6,7 @@ from calicache.models.dit import DiT, create_model
 torch.set_num_threads(1)
 
 
-def randomize(model: DiT, seed: int = 0, std: float = 0.05) -> DiT:
+def randomize(model: DiT, seed: int = 0, std: float = 0.2) -> DiT:
     """Give the zero-initialised adaLN and final-layer weights non-zero values.
 
     A fresh DiT outputs exactly zero (adaLN-Zero), which would make every equality vacuous.
