@@ -73,7 +73,7 @@ class CacheConfig:
             raise ValueError(f"unknown svd {self.svd!r}; choose one of {SVD_KINDS}")
         if self.scale not in SCALES:
             raise ValueError(f"unknown scale {self.scale!r}; choose one of {SCALES}")
-        if self.method == "icc" and self.svd != "plain" and self.factors is None:
+        if self.method in ("icc", "forecast") and self.svd != "plain" and self.factors is None:
             raise ValueError(f"svd={self.svd!r} needs a factor file: run `calicache calibrate --svd {self.svd}` "
                              "and pass factors=PATH (or use svd='plain')")
         if isinstance(self.cache_dtype, str):

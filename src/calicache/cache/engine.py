@@ -38,6 +38,7 @@ class CacheEngine:
         self.active = False  # a run is in progress
         self.call = -1
         self.prev_t: float | None = None
+        self.t: float = 0.0  # timestep of the current call
         self.full: np.ndarray = np.ones(len(self.branches), dtype=bool)
         self.peak_cache_bytes = 0
         self.full_flags: list[np.ndarray] = []  # one row per call of the current/last run
@@ -70,6 +71,7 @@ class CacheEngine:
             if not self.explicit and (not self.active or (self.prev_t is not None and t > self.prev_t)):
                 self._start_run()  # a bare module driven by someone else's loop: t went up
             self.call += 1
+            self.t = t
             try:
                 self.full = self.schedule.row(self.call, len(self.branches))
                 self.full_flags.append(self.full)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .fora import Fora, NoCache
+from .forecast import CalibratedForecast
 from .goc import GradientOptimizedCache
 from .icc import IncrementCalibration
 
@@ -10,5 +11,6 @@ METHODS: dict[str, type] = {
     "none": NoCache,
     "fora": Fora,
     "icc": IncrementCalibration,
+    "forecast": CalibratedForecast,
     "goc": GradientOptimizedCache,
 }

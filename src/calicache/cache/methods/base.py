@@ -29,6 +29,10 @@ class Method:
     def cache_bytes(self) -> int:
         return 0
 
+    def position(self) -> float:
+        """Where the current call lies, for methods that extrapolate: its index, or its timestep."""
+        return self.engine.call
+
     def cached_macs(self, layer: int, call: int) -> int:
         """MACs per sample of cacheable layer `layer` at a cached call (the papers' convention)."""
         return 0
@@ -76,3 +80,7 @@ class BranchCache:
 
     def cache_bytes(self) -> int:
         return sum(t.nbytes for t in self.outputs.values())
+
+    def macs(self, branch) -> int:
+        """MACs per sample of serving `branch` at a cached call (FORA: nothing is computed)."""
+        return 0

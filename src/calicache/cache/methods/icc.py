@@ -42,23 +42,24 @@ class CalibratedLinear:
         self.ranks = ranks
         self.input_from = specs[0].input_from
         self.input_fn = specs[0].input_fn
-        self.x_s: torch.Tensor | None = None
-        self.y_s: torch.Tensor | None = None
+        # (position, input or None when derived from another linear, output) of the last full calls.
+        self.history: list[tuple[float, torch.Tensor | None, torch.Tensor]] = []
 
-    # The reference point the increment is measured from; the forecast method moves it.
-    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cached_input(), self.y_s
+    history_len = 1  # ICC refers to the last full call only
 
-    def cached_input(self) -> torch.Tensor:
+    def input_at(self, j: int) -> torch.Tensor:
+        """The stored input of history entry j (fc2's is recomputed from fc1's output)."""
         if self.input_from is not None:
-            src = self.method.linears_by_name[self.input_from]
-            return self.input_fn(src.y_s)
-        return self.x_s
+            return self.input_fn(self.method.linears_by_name[self.input_from].history[j][2])
+        return self.history[j][1]
+
+    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The point (x_ref, y_ref) the increment is measured from: the last full call's values."""
+        return self.input_at(-1), self.history[-1][2]
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.input_from is None:
-            self.x_s = self.method.store(x)
-        self.y_s = self.method.store(y)
+        stored_x = None if self.input_from is not None else self.method.store(x)
+        self.history = (self.history + [(self.method.position(), stored_x, self.method.store(y))])[-self.history_len:]
 
     def delta(self, dx: torch.Tensor) -> torch.Tensor:
         """A (B dx) for every row block, concatenated along the output channels."""
@@ -84,10 +85,10 @@ class CalibratedLinear:
                 y = forward(x)
                 self.on_full(x, y)
                 return y
-            x_ref, y_ref = self.reference(x)
-            if x_ref is None or y_ref is None:
+            if not self.history:
                 raise RuntimeError(f"{self.specs[0].name} has no cached values at call {engine.call}; "
                                    "every layer must be full at call 0")
+            x_ref, y_ref = self.reference(x)
             y_ref = y_ref.to(x.dtype)
             if self.rank_total == 0:
                 return y_ref
@@ -96,10 +97,10 @@ class CalibratedLinear:
         return run
 
     def reset(self) -> None:
-        self.x_s = self.y_s = None
+        self.history = []
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for t in (self.x_s, self.y_s) if t is not None)
+        return sum(t.nbytes for _, x, y in self.history for t in (x, y) if t is not None)
 
     def macs(self, tokens: int) -> int:
         """B pass over the input plus each block's A, per sample."""
@@ -133,6 +134,7 @@ def resolve_factors(engine, config: CacheConfig) -> dict[str, tuple[torch.Tensor
 
 class IncrementCalibration(Method):
     linear_class = CalibratedLinear
+    branch_cache_class = BranchCache  # serves branches whose linears all have rank 0
 
     def __init__(self, engine, config: CacheConfig):
         super().__init__(engine, config)
@@ -153,11 +155,12 @@ class IncrementCalibration(Method):
                 self.linears.append(c)
                 for s in c.specs:
                     self.linears_by_name[s.name] = c
-        self.branch_cache = BranchCache(self, whole_branch)
+        self.branch_cache = self.branch_cache_class(self, whole_branch)
         self.whole_branch = set(whole_branch)
         self._macs = {layer: sum(c.macs(engine.branches[layer].tokens) for c in self.linears if c.layer == layer)
                       + engine.branches[layer].attention_macs()
                       for layer in range(len(engine.branches)) if layer not in self.whole_branch}
+        self._macs.update({layer: self.branch_cache.macs(engine.branches[layer]) for layer in whole_branch})
 
     def reset(self) -> None:
         for c in self.linears:
