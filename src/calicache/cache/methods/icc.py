@@ -61,21 +61,23 @@ class CalibratedLinear:
         stored_x = None if self.input_from is not None else self.method.store(x)
         self.history = (self.history + [(self.method.position(), stored_x, self.method.store(y))])[-self.history_len:]
 
-    def delta(self, dx: torch.Tensor) -> torch.Tensor:
-        """A (B dx) for every row block, concatenated along the output channels."""
-        z = F.linear(dx, self.b)  # (..., R)
+    def calibrate(self, y_ref: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """y_ref + A (B dx) for every row block, the addition fused into the last matmul."""
+        z = F.linear(dx, self.b).reshape(-1, self.rank_total)  # (M, R): one B pass for all blocks
+        y2 = y_ref.reshape(-1, y_ref.shape[-1])  # (M, C_o)
         if len(self.a) == 1:
-            return F.linear(z, self.a[0])
+            return torch.addmm(y2, z, self.a[0].t()).view_as(y_ref)
         if self.a_batched is not None:
             k, r, rows = self.a_batched.shape
-            zb = z.reshape(-1, k, r).transpose(0, 1)  # (k, M, r)
-            out = torch.bmm(zb, self.a_batched)  # (k, M, rows)
-            return out.transpose(0, 1).reshape(*z.shape[:-1], k * rows)
-        parts, start = [], 0
+            out = torch.baddbmm(y2.view(-1, k, rows).transpose(0, 1), z.view(-1, k, r).transpose(0, 1),
+                                self.a_batched)  # (k, M, rows)
+            return out.transpose(0, 1).reshape(y_ref.shape)
+        parts, start, col = [], 0, 0
         for a, r in zip(self.a, self.ranks):
-            parts.append(F.linear(z[..., start : start + r], a))
-            start += r
-        return torch.cat(parts, dim=-1)
+            rows = a.shape[0]
+            parts.append(torch.addmm(y2[:, col : col + rows], z[:, start : start + r], a.t()))
+            start, col = start + r, col + rows
+        return torch.cat(parts, dim=-1).view_as(y_ref)
 
     def hook(self, forward: Callable) -> Callable:
         engine = self.method.engine
@@ -92,7 +94,7 @@ class CalibratedLinear:
             y_ref = y_ref.to(x.dtype)
             if self.rank_total == 0:
                 return y_ref
-            return y_ref + self.delta(x - x_ref.to(x.dtype))
+            return self.calibrate(y_ref, x - x_ref.to(x.dtype))
 
         return run
 
