@@ -24,7 +24,7 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 def _class_labels(classes: Sequence[int] | int | None, num: int, num_classes: int) -> torch.Tensor:
     if classes is None:
         labels = [i % num_classes for i in range(num)]
-    elif isinstance(classes, int):
+    elif isinstance(classes, (int, np.integer)):
         labels = [classes] * num
     else:
         labels = [int(c) for c in classes]
@@ -70,6 +70,8 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None for one batch), got {batch_size}")
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     cfg = model.config
