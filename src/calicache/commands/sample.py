@@ -38,9 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
     add_cache_arguments(p)
     p.add_argument("--num", type=int, default=16, help="number of samples")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch; all in one batch if not given")
     p.add_argument("--classes", default=None,
-                   help="comma-separated class labels, repeated over the samples (default: index %% classes)")
+                   help="comma-separated class labels, repeated over the samples; index %% classes if not given")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
