@@ -114,6 +114,10 @@ def test_bad_arguments_are_clear_errors(model):
         sample(model, 2, 0)
     with pytest.raises(ValueError, match="unknown spacing"):
         sample(model, 2, 4, spacing="trailing")
+    no_null = tiny_model(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="no null class .* cfg_scale=1"):
+        sample(no_null, 2, 4, cfg_scale=2.0)
+    assert sample(no_null, 2, 4).shape == (2, 1, 8, 8)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

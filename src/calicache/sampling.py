@@ -75,6 +75,10 @@ def sample(
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     cfg = model.config
+    if cfg_scale != 1.0 and cfg.class_dropout_prob <= 0:
+        # Without label dropout the embedding table has no null-class row to guide against.
+        raise ValueError("this model was trained without label dropout, so it has no null class for "
+                         "classifier-free guidance; sample with cfg_scale=1")
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if noise is not None and tuple(noise.shape) != (num, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {(num, *shape)}")
