@@ -24,7 +24,7 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 def _class_labels(classes: Sequence[int] | int | None, num: int, num_classes: int) -> torch.Tensor:
     if classes is None:
         labels = [i % num_classes for i in range(num)]
-    elif isinstance(classes, int):
+    elif isinstance(classes, (int, np.integer)):
         labels = [classes] * num
     else:
         labels = [int(c) for c in classes]
@@ -70,9 +70,15 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None for one batch), got {batch_size}")
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     cfg = model.config
+    if cfg_scale != 1.0 and cfg.class_dropout_prob <= 0:
+        # Without label dropout the embedding table has no null-class row to guide against.
+        raise ValueError("this model was trained without label dropout, so it has no null class for "
+                         "classifier-free guidance; sample with cfg_scale=1")
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if noise is not None and tuple(noise.shape) != (num, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {(num, *shape)}")

@@ -18,16 +18,16 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str | None = "fmnis
                    help="shipped model name, published registry name (e.g. DiT-XL/2) or checkpoint path")
     p.add_argument("--arch", default=None,
                    help="architecture for checkpoints whose shapes cannot tell it: a registry name or JSON overrides")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; torch's choice if not given")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps; the model's recommended (else 50) if unset")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--spacing", choices=SPACINGS, default="adm",
                    help="adm: S even steps 0..999 (the papers); leading: ddimS / diffusers DDIM")
     p.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale, 1 = none (default: the model's recommended)")
+                   help="classifier-free guidance scale, 1 = none; the model's recommended (else 1) if not given")
     p.add_argument("--cfg-channels", type=int, default=None,
                    help="guide only the first K eps channels (3 reproduces DiT's ImageNet numbers)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")

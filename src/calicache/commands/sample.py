@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cache import apply_cache, get_engine
@@ -36,9 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
     add_cache_arguments(p)
     p.add_argument("--num", type=int, default=16, help="number of samples")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch; all in one batch if not given")
     p.add_argument("--classes", default=None,
-                   help="comma-separated class labels, repeated over the samples (default: index %% classes)")
+                   help="comma-separated class labels, repeated over the samples; index %% classes if not given")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -48,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     setup(args)
     model = load_model(args.model, parse_arch(args.arch))
     defaults = model_defaults(model)
-    steps = args.steps or defaults.get("steps", 50)
+    steps = args.steps if args.steps is not None else defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    classes = _parse_classes(args.classes)
     if model.config.in_channels not in (1, 3) and args.vae is None:
         raise ValueError(f"{args.model} works on {model.config.in_channels}-channel latents: pass --vae "
                          "(e.g. stabilityai/sd-vae-ft-ema) to decode them")
@@ -79,10 +81,32 @@ def run(args: argparse.Namespace) -> int:
         "macs": macs, "cached_ratio": macs["cached_ratio"],
         "cache_bytes": get_engine(model).stats()["cache_bytes"],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_npz(out / "samples.npz", arr_0=images, arr_1=labels)
-    save_png(grid(images[:64]), out / "grid.png")
-    with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    _write_outputs(out, images, labels, report)
     print(json.dumps(report, indent=2) if args.json else f"wrote {args.num} samples to {out} in {wall:.1f}s")
     return 0
+
+
+def _parse_classes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integers such as 0,3,7; got {text!r}") from None
+
+
+def _write_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
+    """All three files or none: each is written under a temporary name, and all are renamed only
+    once every one is complete (a folder this call created is removed again on failure)."""
+    created = not out.exists()
+    try:
+        with ExitStack() as stack:
+            tmp = {name: stack.enter_context(atomic_path(out / name))
+                   for name in ("samples.npz", "grid.png", "report.json")}
+            save_npz(tmp["samples.npz"], arr_0=images, arr_1=labels)
+            save_png(grid(images[:64]), tmp["grid.png"])
+            tmp["report.json"].write_text(json.dumps(report, indent=2))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise

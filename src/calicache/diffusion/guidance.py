@@ -27,9 +27,11 @@ def guided_model_fn(
     y_both = torch.cat([y, torch.full_like(y, null_class)])
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        k = x.shape[1] if cfg_channels is None else cfg_channels
+        if not 1 <= k <= x.shape[1]:  # more than C would silently guide the variance channels too
+            raise ValueError(f"cfg_channels must be between 1 and the {x.shape[1]} eps channels, got {k}")
         out = model(torch.cat([x, x]), torch.cat([t, t]), y_both)  # (2N, C_out, H, W)
         cond, uncond = out.chunk(2)
-        k = x.shape[1] if cfg_channels is None else cfg_channels
         guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1)
 

@@ -20,7 +20,13 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _coef(values, i: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(values[i]), dtype=torch.float32, device=x.device)
+    """A schedule value as a 0-dim float64 CPU tensor.
+
+    Coefficient arithmetic then runs in double precision, as ADM's numpy tables do: near t = 0,
+    1 - abar is ~1e-4 and float32 loses 3 digits there (DDPM's last step shrank images by 1.7e-4).
+    A 0-dim CPU tensor combines with `x` on any device and keeps x's dtype.
+    """
+    return torch.tensor(float(values[i]), dtype=torch.float64)
 
 
 def _split_output(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,7 +90,7 @@ def ddpm(
             continue
         min_log, max_log = _coef(min_logs, i, x), b.log()
         if v is None:
-            log_var = max_log.expand_as(x)
+            log_var = max_log
         else:
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log

@@ -19,8 +19,9 @@ def respaced_timesteps(steps: int, spacing: str = "adm", num_timesteps: int = 10
     """The kept timesteps, ascending.
 
     "adm": `space_timesteps(T, str(steps))`, S evenly spaced steps 0..T-1 rounded (the ICC and GOC
-    papers' sampling); "leading": ADM's "ddimS" = range(0, T, T // S), which is what diffusers'
-    DDIMScheduler calls timestep_spacing="leading".
+    papers' sampling); "leading": (0, 1, ..., S-1) * (T // S), diffusers' DDIMScheduler with
+    timestep_spacing="leading". When S divides T this is also ADM's "ddimS" (DiT's DDIM); for other
+    S, ADM picks the stride whose range has exactly S steps (or refuses) and the two differ.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")

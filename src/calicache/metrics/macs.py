@@ -39,6 +39,8 @@ def count_macs(model_or_name: nn.Module | str, config: CacheConfig | None = None
     a cache attached (its config), a model plus a config, or a registry name (built on the meta
     device: no memory, no weights).
     """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     engine, _ = _engine_for(model_or_name, config)
     base = engine.adapter.base_macs(engine.model)
     full_branch = [b.full_macs() for b in engine.branches]

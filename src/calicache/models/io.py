@@ -3,6 +3,7 @@ registry names with published weights, and the models shipped inside the package
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -97,7 +98,7 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
         shapes["num_classes"] = rows - 1
         shapes["num_heads"] = hidden // 72 if hidden % 72 == 0 and hidden >= 1152 else max(1, hidden // 64)
     shapes.update(overrides)
-    cfg = DiTConfig(**shapes)
+    # Compared before building the config, whose own checks (e.g. heads) would hide the real mismatch.
     if name is not None:
         differs = {k: (v, getattr(make_config(name), k)) for k, v in shapes.items()
                    if k not in overrides and v != getattr(make_config(name), k)}
@@ -106,19 +107,26 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
                 f"weights do not match architecture {name}: "
                 + ", ".join(f"{k} is {a} in the file but {b} in {name}" for k, (a, b) in differs.items())
             )
-    return cfg
+    return DiTConfig(**shapes)
 
 
 def _torch_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # The original train.py stores its argparse.Namespace under "args"; a Namespace only holds
+        # plain values, so allowing it keeps the weights-only guarantee.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is long and suggests weights_only=False; keep the line naming the object.
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e))
         raise ValueError(
-            f"{path}: refused to load: the file holds pickled objects other than tensors ({e}). "
+            f"{path}: refused to load: the file holds pickled objects other than tensors ({detail}). "
             "calicache loads weights only; re-save the checkpoint as a plain state dict"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint ({e}); the file may be truncated or corrupt") from e
+        raise ValueError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); the file may be truncated or corrupt"
+        ) from e
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # training checkpoints of the original code: the EMA weights sample best
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -201,15 +209,40 @@ def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) 
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read weights ({e}); the file may be truncated") from e
         if "config" in meta:
-            cfg_dict = dict(meta["config"])
-            if isinstance(arch, dict):
-                cfg_dict.update({k: v for k, v in arch.items() if k != "name"})
-            cfg = DiTConfig(**cfg_dict)
+            cfg = _stored_config(meta["config"], arch, path)
         else:
-            cfg = infer_config(state, arch)
+            cfg = _infer(state, arch, path)
         model = _build(state, cfg, path)
         # Recommended sampling settings (cfg_scale, steps) travel with the weights.
         model.calicache_defaults = dict(meta.get("recommended", {}))
         return model
     state = _torch_state(path)
-    return _build(state, infer_config(state, arch), path)
+    return _build(state, _infer(state, arch, path), path)
+
+
+def _infer(state: Mapping[str, torch.Tensor], arch: str | dict | None, path: Path) -> DiTConfig:
+    """`infer_config` with the file named in its errors."""
+    try:
+        return infer_config(state, arch)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _stored_config(stored: dict, arch: str | dict | None, path: Path) -> DiTConfig:
+    """The config saved with a calicache file; `arch` may override fields, a registry name must agree."""
+    cfg_dict = dict(stored)
+    name = arch if isinstance(arch, str) else (arch or {}).get("name")
+    if isinstance(arch, dict):
+        cfg_dict.update({k: v for k, v in arch.items() if k != "name"})
+    try:
+        cfg = DiTConfig(**cfg_dict)
+    except TypeError as e:
+        raise ValueError(f"{path}: the stored config is not a DiT config ({e}); re-save it with save_model") from e
+    if name is not None:
+        ref = make_config(name, **{k: v for k, v in (arch if isinstance(arch, dict) else {}).items() if k != "name"})
+        differs = [f"{k} is {getattr(cfg, k)} in the file but {getattr(ref, k)} in {name}"
+                   for k in DiTConfig.__dataclass_fields__ if getattr(cfg, k) != getattr(ref, k)]
+        if differs:
+            raise ValueError(f"{path}: weights do not match architecture {name}: " + ", ".join(differs)
+                             + "; drop --arch/arch= for calicache files, their config is stored inside")
+    return cfg
