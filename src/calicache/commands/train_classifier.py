@@ -20,13 +20,13 @@ from .common import setup
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="safetensors file to write")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training images")
+    p.add_argument("--batch-size", type=int, default=128, help="images per Adam step")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine decay to 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initialisation, shuffling and flips")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (none: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON only")
 
 
