@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "sample": "sample",
     "train": "train",
+    "train-classifier": "train_classifier",
     "macs": "macs",
     "convert": "convert",
 }

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..data.fashion_mnist import load_fashion_mnist
+import numpy as np
+
+from ..data import load_dataset
 from ..train import TrainConfig, train
 from .common import setup
 
@@ -18,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="registry name of the architecture")
     p.add_argument("--model-overrides", default=None, help='JSON DiT config overrides, e.g. {"depth": 4}')
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, a folder of images (one sub-folder per class) or an .npz (arr_0, arr_1)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--image-size", type=int, default=None, help="resize and center-crop folder images to this size")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -36,13 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
-    if args.data != "fashion-mnist":
-        raise ValueError(f"unknown --data {args.data!r}; choose fashion-mnist")
-    images, labels = load_fashion_mnist("train", args.data_dir)
+    images, labels = load_dataset(args.data, "train", args.data_dir, size=args.image_size)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       seed=args.seed, flip=not args.no_flip, warmup=args.warmup)
-    overrides = json.loads(args.model_overrides) if args.model_overrides else None
+    overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+    if labels is None:  # unlabelled images: one class, i.e. an unconditional model
+        labels = np.zeros(len(images), dtype=np.int64)
+    # The data's shape decides what the user did not set explicitly.
+    if images.shape[1] == images.shape[2]:
+        overrides.setdefault("input_size", images.shape[1])
+    overrides.setdefault("in_channels", 1 if images.ndim == 3 else images.shape[3])
+    overrides.setdefault("num_classes", int(labels.max()) + 1)
     summary = train(cfg, images, labels, args.out, resume=args.resume, model_overrides=overrides)
     print(json.dumps(summary, indent=2))
     return 0
