@@ -133,6 +133,16 @@ def test_unlabelled_images_and_scale_sides():
     assert f_in.meta["scale"] == "input" and f_out.meta["scale"] == "output"
 
 
+def test_guided_statistics_cover_both_halves():
+    model = tiny_model()
+    st = gather_statistics(model, fake_data(), "cd", specs_of(model), num=8, batch_size=4, steps=STEPS, cfg_scale=3.0)
+    assert st.count == 16  # conditional and unconditional rows of the doubled batch
+    plain = stats_means(model, "cd", num=8, batch_size=4)
+    guided = st.means()
+    assert all(torch.isfinite(v).all() for v in guided.values())
+    assert max(rel(guided[k], plain[k]) for k in plain) > 1e-3
+
+
 # -- factor files -------------------------------------------------------------------------------
 def test_calibrate_is_the_function_and_metadata(tmp_path):
     assert callable(calicache.calibrate) and calicache.calibrate.__name__ == "calibrate"

@@ -71,8 +71,7 @@ def gather_statistics(
     progress: bool = False,
 ) -> ChannelStatistics:
     """CA or CD statistics of `specs` on `num` images of `data` (see `calibrate`)."""
-    images, labels = load_images(data, data_dir) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") \
-        else data
+    images, labels = load_images(data, data_dir) if _is_spec(data) else data
     images = np.asarray(images)
     cfg = model.config
     check_images(images, labels, cfg.num_classes)
@@ -204,8 +203,9 @@ def calibrate(
         if data is None:
             raise ValueError(f"svd={svd!r} needs calibration images: pass data (e.g. 'fashion-mnist') "
                              "or use svd='plain'")
-        stats = gather_statistics(model, data, svd, specs, sides, num, batch_size, steps, spacing, seed, vae,
-                                  cfg_scale, data_dir, progress)
+        stats = gather_statistics(model, data, svd, specs, sides, num=num, batch_size=batch_size, steps=steps,
+                                  spacing=spacing, seed=seed, vae=vae, cfg_scale=cfg_scale, data_dir=data_dir,
+                                  progress=progress)
         scales = stats.scales(specs)
     if rank_budget is not None:
         energies = {}
@@ -232,7 +232,9 @@ def calibrate(
     return Factors(tensors, meta)
 
 
+def _is_spec(data) -> bool:
+    return isinstance(data, str) or hasattr(data, "__fspath__")
+
+
 def _describe(data) -> str:
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        return str(data)
-    return f"arrays ({len(data[0])} images)"
+    return str(data) if _is_spec(data) else f"arrays ({len(data[0])} images)"

@@ -105,10 +105,11 @@ class ChannelStatistics:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
             if self.kind == "cd" and self.phase == "reference":
+                # Copies: a model that works in place must not change the references under us.
                 if "in" in self.sides and t.input_from is None:
-                    t.x_ref = x.detach()
+                    t.x_ref = x.detach().clone()
                 if "out" in self.sides or t.name in self._feeds:
-                    t.y_ref = output.detach()
+                    t.y_ref = output.detach().clone()
                 return
             if self.kind == "ca":
                 self._record(t, "in", x)

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--spacing", choices=SPACINGS, default="adm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num", type=int, default=256, help="calibration images (ICC) or sample runs (GOC)")
+    p.add_argument("--num", type=int, default=None, help="calibration images (ICC, default 256) or samples (GOC, "
+                   "default 32)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="guidance while calibrating (ICC default 1 = none, as the authors; GOC default: the "
@@ -71,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
                                "update calicache") from e
 
         cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
-        find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num, cfg_scale=cfg_scale,
-                       seed=args.seed, threshold=args.threshold, period=args.period, batch_size=args.batch_size,
-                       progress=True).save(args.out)
+        find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num or 32,
+                       cfg_scale=cfg_scale, seed=args.seed, threshold=args.threshold, period=args.period,
+                       batch_size=args.batch_size, progress=True).save(args.out)
         report = {"method": "goc", "model": str(args.model), "out": args.out, "steps": steps,
                   "cfg_scale": cfg_scale, "wall_seconds": round(time.perf_counter() - t0, 2)}
         print(json.dumps(report, indent=2) if args.json else f"wrote GOC steps to {args.out}")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics.macs import count_macs
 
     cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
-    factors = calibrate(model, args.data, svd=args.svd, rank=_rank(args.rank), num=args.num,
+    factors = calibrate(model, args.data, svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
                         rank_budget=args.rank_budget, progress=True, data_dir=args.data_dir)
