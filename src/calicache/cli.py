@@ -8,6 +8,7 @@ import sys
 
 # Subcommand name -> module in calicache.commands with `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
+    "calibrate": "calibrate",
     "sample": "sample",
     "train": "train",
     "train-classifier": "train_classifier",

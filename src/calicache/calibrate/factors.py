@@ -36,8 +36,10 @@ class Factors:
         for name, (a, b) in self.tensors.items():
             r = min(a.shape[0], b.shape[1]) if rank == "full" else int(rank)
             if r > a.shape[1]:
+                hint = ("this file holds per-layer ranks chosen under a MACs budget: use rank=None (omit --rank)"
+                        if self.meta.get("rank_budget") is not None else "calibrate again with a higher --rank")
                 raise ValueError(f"rank {r} is higher than the {a.shape[1]} stored for {name} in this factor file; "
-                                 "calibrate again with a higher --rank")
+                                 f"{hint}")
             out[name] = (a[:, :r].contiguous(), b[:r].contiguous())
         return out
 
@@ -83,10 +85,18 @@ class Factors:
             raise ValueError(f"{path}: not a readable factor file ({e}); it may be truncated. "
                              "Re-create it with `calicache calibrate`") from e
         if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a calicache factor file (format {header.get('format')!r})")
+            raise ValueError(f"{path}: not a calicache factor file (format {header.get('format')!r}); "
+                             "make one with `calicache calibrate`")
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: unreadable factor metadata ({e}); "
+                             "re-create it with `calicache calibrate`") from e
         tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key in raw:
-            name, part = key.rsplit(".", 1)
-            if part == "A":
-                tensors[name] = (raw[key], raw[f"{name}.B"])
-        return cls(tensors, json.loads(header["meta"]))
+        names = {key.rsplit(".", 1)[0] for key in raw}
+        for name in sorted(names):
+            if f"{name}.A" not in raw or f"{name}.B" not in raw:
+                raise ValueError(f"{path}: {name} lacks its A or B factor; "
+                                 "re-create the file with `calicache calibrate`")
+            tensors[name] = (raw[f"{name}.A"], raw[f"{name}.B"])
+        return cls(tensors, meta)

@@ -7,6 +7,60 @@ import torch
 SCALE_EPS = 1e-6
 
 
+def scale_weight(
+    weight: torch.Tensor,
+    s_in: torch.Tensor | None = None,
+    s_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(diag(s_o) W diag(s_i) in float32, s_o + 1e-6, s_i + 1e-6); a missing side is a unit scale (None)."""
+    w = weight.detach().float()
+    c_out, c_in = w.shape
+    so = None if s_out is None else s_out.detach().float().to(w.device) + SCALE_EPS
+    si = None if s_in is None else s_in.detach().float().to(w.device) + SCALE_EPS
+    if so is not None and so.shape != (c_out,) or si is not None and si.shape != (c_in,):
+        raise ValueError(f"scales must have shapes ({c_out},) and ({c_in},) for a {c_out}x{c_in} weight")
+    for v in (so, si):
+        if v is not None and not (torch.isfinite(v).all() and (v > 0).all()):
+            raise ValueError("channel scales must be finite and positive; re-run the calibration statistics")
+    if so is not None:
+        w = so[:, None] * w
+    if si is not None:
+        w = w * si[None, :]
+    return w, so, si
+
+
+def scaled_singular_values(
+    weight: torch.Tensor,
+    s_in: torch.Tensor | None = None,
+    s_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Singular values of diag(s_o) W diag(s_i), descending, without forming U and V (rank budgets)."""
+    return torch.linalg.svdvals(scale_weight(weight, s_in, s_out)[0])
+
+
+def scaled_decomposition(
+    weight: torch.Tensor,
+    s_in: torch.Tensor | None = None,
+    s_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full-rank scaled SVD in float32: (A (C_o, k), singular values (k,), B (k, C_i)), k = min(C_o, C_i).
+
+    `svd(diag(s_o) W diag(s_i)) = U S V^T`, `A = diag(s_o)^-1 U S` (S merged into A),
+    `B = V^T diag(s_i)^-1`. Columns come in descending singular value, so the first r columns of
+    A and rows of B are the rank-r factors, and S^2 is the (scaled) energy each rank unit keeps.
+    1e-6 is added to each scale vector before use (the authors' code does the same).
+    """
+    w_scaled, so, si = scale_weight(weight, s_in, s_out)
+    u, s, vh = torch.linalg.svd(w_scaled, full_matrices=False)
+    a = u * s
+    b = vh
+    if so is not None:
+        a = a / so[:, None]
+    if si is not None:
+        b = b / si[None, :]
+    return a.contiguous(), s, b.contiguous()
+
+
 def scaled_svd(
     weight: torch.Tensor,
     rank: int,
@@ -20,24 +74,13 @@ def scaled_svd(
     best one under the weighted norm, so channels with large |activation| or |difference| (CA/CD)
     are kept more accurately. 1e-6 is added to each scale vector before use.
     """
-    w = weight.detach().float()
-    c_out, c_in = w.shape
+    c_out, c_in = weight.shape
     if not 0 <= rank <= min(c_out, c_in):
         raise ValueError(f"rank {rank} is outside 0..{min(c_out, c_in)} for a {c_out}x{c_in} weight")
-    so = None if s_out is None else s_out.detach().float() + SCALE_EPS
-    si = None if s_in is None else s_in.detach().float() + SCALE_EPS
-    if so is not None and so.shape != (c_out,) or si is not None and si.shape != (c_in,):
-        raise ValueError(f"scales must have shapes ({c_out},) and ({c_in},) for a {c_out}x{c_in} weight")
-    w_scaled = w
-    if so is not None:
-        w_scaled = so[:, None] * w_scaled
-    if si is not None:
-        w_scaled = w_scaled * si[None, :]
-    u, s, vh = torch.linalg.svd(w_scaled, full_matrices=False)
-    a = u[:, :rank] * s[:rank]
-    b = vh[:rank]
-    if so is not None:
-        a = a / so[:, None]
-    if si is not None:
-        b = b / si[None, :]
-    return a.contiguous(), b.contiguous()
+    a, _, b = scaled_decomposition(weight, s_in, s_out)
+    return truncate(a, b, rank)
+
+
+def truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-`rank` factors of a decomposition ordered by singular value (exact, no recomputation)."""
+    return a[:, :rank].contiguous(), b[:rank].contiguous()

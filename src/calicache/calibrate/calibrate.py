@@ -1,0 +1,240 @@
+"""`calicache.calibrate`: ICC's low-rank factors for one model (paper Sec. 3.4, Alg. 1-2).
+
+Plain SVD needs only the weights. CA-SVD and CD-SVD first gather channel statistics on a
+calibration set (paper: 256 clean training images, batch 16, one pass, no guidance, labels dropped
+to the null class with probability 0.1), then factor every calibrated linear with the scaled SVD.
+Ranks are uniform, or chosen per linear under a MACs budget (`rank_budget`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import BranchSpec, LinearSpec, get_adapter
+from ..cache.config import SCALES
+from ..cache.state import get_engine
+from ..diffusion.guidance import guided_model_fn
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedule import Schedule
+from ..models.io import weight_hash
+from .factors import Factors
+from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_images, select
+from .ranks import RankCandidate, allocate_ranks
+from .stats import ALPHA, MAX_RATIO, ChannelStatistics
+from .svd import scaled_decomposition, scaled_singular_values, truncate
+
+SVD_METHODS = ("plain", "ca", "cd")
+LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
+
+
+def calibration_generator(seed: int, index: int) -> torch.Generator:
+    """Generator of calibration sample `index`: its step, label drop and noise depend only on (seed, index)."""
+    state = np.random.SeedSequence([int(seed), int(index), 0x1CC]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _draw(gens: list[torch.Generator], low: int, high: int, shape: tuple[int, ...]
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: a kept-step index in [low, high), a label-drop flag and the forward-process noise."""
+    index = torch.stack([torch.randint(low, high, (), generator=g) for g in gens])
+    drop = torch.stack([torch.rand((), generator=g) < LABEL_DROP for g in gens])
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return index, drop, noise
+
+
+def _ddim_step(z: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, abar_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM update (eta = 0) with a per-sample step, as `diffusion.samplers.ddim`."""
+    a = abar.view(-1, 1, 1, 1).to(z)
+    ap = abar_next.view(-1, 1, 1, 1).to(z)
+    x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+    return ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+
+
+@torch.inference_mode()
+def gather_statistics(
+    model: nn.Module,
+    data: DataArg,
+    kind: str,
+    specs: list[LinearSpec],
+    sides: tuple[str, ...] = ("in", "out"),
+    num: int = 256,
+    batch_size: int = 16,
+    steps: int = 50,
+    spacing: str = "adm",
+    seed: int = 0,
+    vae=None,
+    cfg_scale: float = 1.0,
+    data_dir=None,
+    progress: bool = False,
+) -> ChannelStatistics:
+    """CA or CD statistics of `specs` on `num` images of `data` (see `calibrate`)."""
+    images, labels = load_images(data, data_dir) if _is_spec(data) else data
+    images = np.asarray(images)
+    cfg = model.config
+    check_images(images, labels, cfg.num_classes)
+    has_null = getattr(cfg, "class_dropout_prob", 0) > 0
+    if labels is None and not has_null:
+        raise ValueError("the images have no labels and the model has no null class; give labels with the images")
+    if cfg_scale > 1 and not has_null:
+        raise ValueError("cfg_scale > 1 needs a model trained with label dropout (a null class)")
+    order = select(len(images), num, seed)
+    inputs = ModelSpaceBatches(model, images, vae)
+    schedule = Schedule.create(steps, spacing)
+    if kind == "cd" and len(schedule) < 2:
+        raise ValueError("CD statistics need two consecutive sampler steps: steps must be >= 2")
+    abar = torch.as_tensor(schedule.alphas_cumprod)
+    timesteps = torch.as_tensor(schedule.timesteps)
+    low = 1 if kind == "cd" else 0  # CD steps from index i to i - 1
+    device = next(model.parameters()).device
+    stats = ChannelStatistics(model, specs, kind, sides)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(order), desc=f"calibrating ({kind.upper()} statistics)", disable=not progress)
+    try:
+        with stats.collect():
+            for start, idx in batches(order, batch_size):
+                gens = [calibration_generator(seed, start + j) for j in range(len(idx))]
+                x0 = inputs(idx, gens, device)
+                index, drop, noise = _draw(gens, low, len(schedule), tuple(x0.shape[1:]))
+                if labels is None:
+                    y = torch.full((len(idx),), cfg.num_classes, dtype=torch.long)
+                else:
+                    y = torch.as_tensor(np.asarray(labels)[idx], dtype=torch.long)
+                    if cfg_scale == 1 and has_null:
+                        y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
+                fn = guided_model_fn(model, y.to(device), cfg.num_classes, cfg_scale)
+                z = schedule.q_sample(x0, index.to(device), noise.to(x0))
+                t = timesteps[index].to(device)
+                if kind == "cd":
+                    stats.reference()
+                    eps = fn(z, t)[:, : z.shape[1]]
+                    z = _ddim_step(z, eps, abar[index], abar[index - 1])
+                    t = timesteps[index - 1].to(device)
+                stats.measure()
+                fn(z, t)
+                stats.end_measure()
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return stats
+
+
+def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[str, torch.Tensor],
+                 fraction: float) -> dict[str, int]:
+    """Per-linear ranks so that a calibrated call costs at most `fraction` of a full call's MACs.
+
+    What a calibrated call pays besides its rank units (embeddings, adaLN, final layer and the
+    attention matmuls, as the papers' ICC MACs count them) is set aside first; a branch left at
+    rank 0 everywhere is served whole from the cache and costs less than counted.
+    """
+    base = get_adapter(model).base_macs(model)
+    full_call = base + sum(b.full_macs() for b in branches)
+    fixed = base + sum(b.attention_macs() for b in branches)
+    if fraction * full_call < fixed:
+        raise ValueError(f"rank budget {fraction} is below the {fixed / full_call:.4f} of a full call that a "
+                         "calibrated call pays outside its low-rank factors; raise --rank-budget")
+    cands = [RankCandidate(s.name, energies[s.name], b.tokens * (s.in_features + s.out_features))
+             for b in branches for s in b.linears]
+    return allocate_ranks(cands, fraction * full_call - fixed)
+
+
+def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampler: str) -> None:
+    if svd not in SVD_METHODS:
+        raise ValueError(f"unknown svd {svd!r}; choose one of {SVD_METHODS}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
+    if rank != "full" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        raise ValueError(f"rank must be a non-negative integer or 'full', got {rank!r}")
+    if rank_budget is not None and not 0 < rank_budget < 1:
+        raise ValueError(f"rank_budget is the MACs share of a full call, 0 < F < 1; got {rank_budget}")
+    if cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance, the authors' calibration), got {cfg_scale}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if svd == "cd" and sampler != "ddim":
+        raise ValueError("CD statistics follow one deterministic DDIM step; use sampler='ddim'")
+
+
+def calibrate(
+    model: nn.Module,
+    data: DataArg | None = None,
+    svd: str = "cd",
+    rank: int | str = 128,
+    num: int = 256,
+    batch_size: int = 16,
+    steps: int = 50,
+    sampler: str = "ddim",
+    spacing: str = "adm",
+    scale: str = "both",
+    seed: int = 0,
+    vae=None,
+    cfg_scale: float = 1.0,
+    rank_budget: float | None = None,
+    progress: bool = False,
+    data_dir=None,
+) -> Factors:
+    """ICC factors for `model` (save them with `.save(path)`; use with `CacheConfig(method="icc", factors=...)`).
+
+    - data: (uint8 images (N, H, W[, C]), labels or None) or a spec ("fashion-mnist", an image
+      folder, an .npz); not needed for svd="plain". Latent models encode with `vae` (a diffusers
+      AutoencoderKL or its path), latents * 0.18215.
+    - svd: "cd" (channel-difference, the paper's best), "ca" (channel-activation) or "plain".
+    - scale: "both" (default), "input" or "output" (the paper's Table 4 ablation).
+    - rank: uniform rank (clamped to each weight's full rank) or "full"; rank_budget F (0 < F < 1)
+      instead picks per-linear ranks so that a calibrated call costs at most F of a full call.
+    - steps / sampler / spacing: the sampling schedule the statistics are taken on.
+    - cfg_scale: 1 (default) as the authors; > 1 gathers the statistics of guided calls.
+    """
+    from .. import __version__
+
+    _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler)
+    if get_engine(model) is not None:
+        raise ValueError("this model has a cache attached; call remove_cache(model) before calibrating")
+    branches = get_adapter(model).branches(model)
+    specs = [s for b in branches for s in b.linears]
+    sides = {"both": ("in", "out"), "input": ("in",), "output": ("out",)}[scale]
+    if svd == "plain":
+        scales = {s.name: (None, None) for s in specs}
+    else:
+        if data is None:
+            raise ValueError(f"svd={svd!r} needs calibration images: pass data (e.g. 'fashion-mnist') "
+                             "or use svd='plain'")
+        stats = gather_statistics(model, data, svd, specs, sides, num=num, batch_size=batch_size, steps=steps,
+                                  spacing=spacing, seed=seed, vae=vae, cfg_scale=cfg_scale, data_dir=data_dir,
+                                  progress=progress)
+        scales = stats.scales(specs)
+    if rank_budget is not None:
+        energies = {}
+        for s in tqdm(specs, desc="singular values", disable=not progress):
+            s_in, s_out = scales[s.name]
+            energies[s.name] = scaled_singular_values(s.weight(), s_in, s_out).cpu() ** 2
+        ranks = budget_ranks(model, branches, energies, rank_budget)
+    else:
+        ranks = {s.name: min(s.in_features, s.out_features) if rank == "full"
+                 else min(rank, s.in_features, s.out_features) for s in specs}
+    tensors = {}
+    for s in tqdm(specs, desc="scaled SVD", disable=not progress):
+        a, _, b = scaled_decomposition(s.weight(), *scales[s.name])
+        tensors[s.name] = tuple(t.cpu() for t in truncate(a, b, ranks[s.name]))
+    meta = {
+        "method": "icc", "svd": svd, "scale": scale, "model_hash": weight_hash(model),
+        "model_config": model.config.to_dict() if hasattr(model.config, "to_dict") else None,
+        "rank": None if rank_budget is not None else rank, "rank_budget": rank_budget,
+        "data": None if svd == "plain" else _describe(data),
+        "num": None if svd == "plain" else num, "batch_size": batch_size, "steps": steps, "sampler": sampler,
+        "spacing": spacing, "seed": seed, "cfg_scale": cfg_scale, "label_drop": LABEL_DROP,
+        "alpha": ALPHA, "max_ratio": MAX_RATIO, "calicache_version": __version__,
+    }
+    return Factors(tensors, meta)
+
+
+def _is_spec(data) -> bool:
+    return isinstance(data, str) or hasattr(data, "__fspath__")
+
+
+def _describe(data) -> str:
+    return str(data) if _is_spec(data) else f"arrays ({len(data[0])} images)"

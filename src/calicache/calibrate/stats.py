@@ -1,0 +1,186 @@
+"""Channel statistics for CA-SVD and CD-SVD (ICC paper Sec. 3.4, Alg. 1-2), gathered by forward hooks.
+
+For every calibrated nn.Linear module, per sample and channel: the mean over tokens of |input| and
+|output| (CA, "activation"), or of |input_t1 - input_t2| and |output_t1 - output_t2| between two
+consecutive sampler steps (CD, "difference"). As the authors' code does, each sample's vector is
+min-max normalised across channels, `(m - min + 1e-6) / (max - min + 1e-6)`, so every denoising
+step weighs the same; the set average is raised to alpha = 0.5 and clamped from below at max/1000.
+
+Only running sums (one float64 vector per module and side) outlive a batch. CD keeps the reference
+step's inputs/outputs of one batch between its two model calls, as much memory as ICC's own cache
+for that batch; fc2's reference input is recomputed as GELU(fc1's reference output), as ICC does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import LinearSpec
+
+NORM_EPS = 1e-6
+ALPHA = 0.5
+MAX_RATIO = 1000.0
+SIDES = ("in", "out")
+
+
+def channel_magnitude(t: torch.Tensor) -> torch.Tensor:
+    """(B, ..., C) -> (B, C): mean |t| over every token position, in float32."""
+    t = t.detach().float().abs()
+    return t.flatten(1, -2).mean(dim=1) if t.dim() > 2 else t
+
+
+def minmax_normalise(m: torch.Tensor) -> torch.Tensor:
+    """Per row, across channels: (m - min + 1e-6) / (max - min + 1e-6), in (0, 1]."""
+    lo = m.min(dim=-1, keepdim=True).values
+    hi = m.max(dim=-1, keepdim=True).values
+    return (m - lo + NORM_EPS) / (hi - lo + NORM_EPS)
+
+
+def finalise(mean: torch.Tensor, alpha: float = ALPHA, max_ratio: float = MAX_RATIO) -> torch.Tensor:
+    """The scale vector from a set-averaged statistic: mean ** alpha, clamped below at max / max_ratio."""
+    s = mean.double().clamp_min(0) ** alpha
+    return s.clamp_min(float(s.max()) / max_ratio).float()
+
+
+@dataclass
+class _Tracked:
+    name: str  # qualified module name, e.g. blocks.0.attn.qkv
+    module: nn.Linear
+    input_from: str | None = None  # module whose reference output gives this one's reference input
+    input_fn: object = None
+    x_ref: torch.Tensor | None = None
+    y_ref: torch.Tensor | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ChannelStatistics:
+    """Hooks on the calibrated linear modules of `specs`; `collect` installs them for one block of work.
+
+    kind "ca": every hooked call records |x| and |y|. kind "cd": calls alternate between a
+    reference pass (`phase = "reference"`, stores x_t2 and y_t2) and a measuring pass (records
+    |x_t1 - x_t2| and |y_t1 - y_t2|, then forgets the references).
+    """
+
+    def __init__(self, model: nn.Module, specs: list[LinearSpec], kind: str, sides: tuple[str, ...] = SIDES):
+        if kind not in ("ca", "cd"):
+            raise ValueError(f"unknown statistics kind {kind!r}; choose 'ca' or 'cd'")
+        if not sides or set(sides) - set(SIDES):
+            raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {sides}")
+        self.kind = kind
+        self.sides = tuple(sides)
+        self.phase = "measure"
+        self.count = 0
+        names = {id(m): n for n, m in model.named_modules()}
+        spec_module = {s.name: names[id(s.module)] for s in specs}
+        self.tracked: dict[str, _Tracked] = {}
+        for s in specs:
+            name = spec_module[s.name]
+            if name in self.tracked:
+                continue
+            src = spec_module[s.input_from] if s.input_from is not None and s.rows is None else None
+            self.tracked[name] = _Tracked(name, s.module, src, s.input_fn if src else None)
+        self.spec_module = spec_module
+        # Modules whose reference output another module's reference input is computed from.
+        self._feeds = {t.input_from for t in self.tracked.values() if t.input_from is not None}
+        self._pending = 0  # samples seen in the current measuring pass
+
+    # -- hooks -------------------------------------------------------------------------------
+    @contextmanager
+    def collect(self) -> Iterator[ChannelStatistics]:
+        """Install the forward hooks; they are removed on exit, also after an error."""
+        handles = [t.module.register_forward_hook(self._hook(t)) for t in self.tracked.values()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.clear_references()
+
+    def _hook(self, t: _Tracked):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            if self.kind == "cd" and self.phase == "reference":
+                # Copies: a model that works in place must not change the references under us.
+                if "in" in self.sides and t.input_from is None:
+                    t.x_ref = x.detach().clone()
+                if "out" in self.sides or t.name in self._feeds:
+                    t.y_ref = output.detach().clone()
+                return
+            if self.kind == "ca":
+                self._record(t, "in", x)
+                self._record(t, "out", output)
+                return
+            if "in" in self.sides:
+                x_ref = self.tracked[t.input_from].y_ref if t.input_from else t.x_ref
+                if x_ref is None:
+                    raise RuntimeError(f"{t.name}: no reference input; run a reference pass before measuring")
+                if t.input_from:
+                    x_ref = t.input_fn(x_ref)
+                self._record(t, "in", x - x_ref)
+            if "out" in self.sides:
+                if t.y_ref is None:
+                    raise RuntimeError(f"{t.name}: no reference output; run a reference pass before measuring")
+                self._record(t, "out", output - t.y_ref)
+
+        return hook
+
+    def _record(self, t: _Tracked, side: str, value: torch.Tensor) -> None:
+        if side not in self.sides:
+            return
+        m = minmax_normalise(channel_magnitude(value))  # (B, C)
+        if not torch.isfinite(m).all():
+            raise ValueError(f"{t.name}: non-finite activations during calibration; check the model and the data")
+        s = m.double().sum(dim=0).cpu()
+        t.sums[side] = s if side not in t.sums else t.sums[side] + s
+        self._pending = m.shape[0]
+
+    # -- passes ------------------------------------------------------------------------------
+    def reference(self) -> None:
+        self.phase = "reference"
+
+    def measure(self) -> None:
+        self.phase = "measure"
+        self._pending = 0
+
+    def end_measure(self) -> None:
+        """Close one measuring pass: count its samples and forget the CD references."""
+        if self._pending == 0:
+            raise RuntimeError("no calibrated linear was called in the measuring pass")
+        self.count += self._pending
+        self._pending = 0
+        self.clear_references()
+
+    def clear_references(self) -> None:
+        for t in self.tracked.values():
+            t.x_ref = t.y_ref = None
+
+    # -- results -----------------------------------------------------------------------------
+    def means(self) -> dict[tuple[str, str], torch.Tensor]:
+        """(module name, side) -> the set average of the normalised statistic (float64)."""
+        if self.count == 0:
+            raise ValueError("no statistics were gathered; the calibration set is empty")
+        return {(t.name, side): t.sums[side] / self.count for t in self.tracked.values() for side in self.sides}
+
+    def scales(self, specs: list[LinearSpec], alpha: float = ALPHA,
+               max_ratio: float = MAX_RATIO) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """spec name -> (s_in, s_out); a side not gathered is None (unit scale).
+
+        A module's statistic is finalised as a whole and then sliced, so q, k and v share the
+        input scale and take their third of the qkv output scale (the authors' qkv statistic).
+        """
+        means = self.means()
+        final = {key: finalise(v, alpha, max_ratio) for key, v in means.items()}
+        out = {}
+        for s in specs:
+            mod = self.spec_module[s.name]
+            s_in = final.get((mod, "in"))
+            s_out = final.get((mod, "out"))
+            if s_out is not None and s.rows is not None:
+                s_out = s_out[s.rows]
+            out[s.name] = (s_in, s_out)
+        return out

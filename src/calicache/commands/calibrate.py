@@ -1,0 +1,110 @@
+"""Calibrate a model once for caching: ICC's low-rank factors (plain/CA/CD SVD) or GOC's compensation steps.
+
+`--method icc` (default) gathers channel statistics on --num training images and writes the
+scaled-SVD factors to --out (safetensors, tied to the model's weights); sample with
+`calicache sample --method icc --svd cd --factors OUT`. `--method goc` finds GOC's compensated
+calls from uncached runs and writes them to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ..cache.config import SCALES
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedule import SPACINGS
+from ..models.io import load_model
+from .common import add_model_arguments, model_defaults, parse_arch, setup
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--method", choices=("icc", "goc"), default="icc", help="what to calibrate")
+    p.add_argument("--out", required=True, help="output file (ICC: factors.safetensors)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, else 50)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--spacing", choices=SPACINGS, default="adm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=None, help="calibration images (ICC, default 256) or samples (GOC, "
+                   "default 32)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance while calibrating (ICC default 1 = none, as the authors; GOC default: the "
+                        "model's recommended)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    g = p.add_argument_group("ICC")
+    g.add_argument("--data", default="fashion-mnist", help="fashion-mnist, an image folder or an .npz (arr_0 images)")
+    g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    g.add_argument("--svd", choices=("cd", "ca", "plain"), default="cd",
+                   help="cd: channel-difference (the paper's best), ca: channel-activation, plain: unscaled")
+    g.add_argument("--scale", choices=SCALES, default="both", help="which side the CA/CD scaling weighs")
+    g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
+    g.add_argument("--rank-budget", type=float, default=None,
+                   help="per-layer ranks instead: a calibrated call costs at most this share (0-1) of a full call")
+    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
+    g = p.add_argument_group("GOC")
+    g.add_argument("--threshold", type=float, default=0.0, help="GOC inflection threshold")
+    g.add_argument("--period", type=int, default=2, help="FORA period GOC's compensation runs on")
+
+
+def _rank(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError as e:
+        raise ValueError(f"--rank must be an integer or 'full', got {text!r}") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    setup(args)
+    model = load_model(args.model, parse_arch(args.arch))
+    defaults = model_defaults(model)
+    steps = args.steps or defaults.get("steps", 50)
+    t0 = time.perf_counter()
+    if args.method == "goc":
+        try:
+            from ..calibrate.goc import find_goc_steps
+        except ImportError as e:
+            raise RuntimeError("GOC calibration needs calicache.calibrate.goc, which this installation lacks; "
+                               "update calicache") from e
+
+        cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
+        find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num or 32,
+                       cfg_scale=cfg_scale, seed=args.seed, threshold=args.threshold, period=args.period,
+                       batch_size=args.batch_size, progress=True).save(args.out)
+        report = {"method": "goc", "model": str(args.model), "out": args.out, "steps": steps,
+                  "cfg_scale": cfg_scale, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        print(json.dumps(report, indent=2) if args.json else f"wrote GOC steps to {args.out}")
+        return 0
+
+    from ..cache.config import CacheConfig
+    from ..calibrate.calibrate import calibrate
+    from ..metrics.macs import count_macs
+
+    cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
+    factors = calibrate(model, args.data, svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
+                        batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
+                        scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
+                        rank_budget=args.rank_budget, progress=True, data_dir=args.data_dir)
+    wall = time.perf_counter() - t0
+    factors.save(args.out)
+    macs = count_macs(model, CacheConfig(method="icc", svd=args.svd, factors=factors), steps=2)
+    ranks = list(factors.ranks().values())
+    report = {
+        "method": "icc", "model": str(args.model), "out": args.out, "svd": args.svd, "scale": args.scale,
+        "data": factors.meta["data"], "num": factors.meta["num"], "steps": steps, "sampler": args.sampler,
+        "spacing": args.spacing, "seed": args.seed, "cfg_scale": cfg_scale, "rank_budget": args.rank_budget,
+        "rank_min": min(ranks), "rank_max": max(ranks), "rank_mean": round(sum(ranks) / len(ranks), 2),
+        "calibrated_call_macs": macs["per_call"][1], "full_call_macs": macs["full_call"],
+        "calibrated_call_share": round(macs["per_call"][1] / macs["full_call"], 4),
+        "wall_seconds": round(wall, 2),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {args.svd.upper()} factors (ranks {min(ranks)}-{max(ranks)}, a calibrated call costs "
+              f"{report['calibrated_call_share']:.1%} of a full call) to {args.out} in {wall:.1f}s")
+    return 0
