@@ -294,8 +294,9 @@ def test_icc_with_unequal_qkv_ranks_takes_the_loop_and_is_right():
     qkv = [ranks[s.name] for s in lin.specs]
     assert len(set(qkv)) > 1 and lin.a_batched is None, qkv
     dx = torch.randn(2, 5, lin.module.in_features)
-    expected = torch.cat([dx @ f.tensors[s.name][1].T @ f.tensors[s.name][0].T for s in lin.specs], dim=-1)
-    assert torch.allclose(lin.delta(dx), expected, atol=1e-5)
+    y_ref = torch.randn(2, 5, lin.module.out_features)
+    expected = y_ref + torch.cat([dx @ f.tensors[s.name][1].T @ f.tensors[s.name][0].T for s in lin.specs], dim=-1)
+    assert torch.allclose(lin.calibrate(y_ref, dx), expected, atol=1e-5)
     x = sample(model, 2, STEPS, seed=0)
     remove_cache(model)
     assert torch.isfinite(x).all()

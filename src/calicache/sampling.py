@@ -59,12 +59,16 @@ def sample(
     eta: float = 0.0,
     cfg_channels: int | None = None,
     progress: bool = False,
+    clip_denoised: bool | None = None,
 ) -> torch.Tensor:
     """Sample `num` images (N, C, H, W) in model space.
 
     Sample i has class `classes[i]` (default i % num_classes) and noise drawn from its own
     generator seeded by (seed, i), so it depends only on (seed, i) and not on the batching.
     `noise` gives x_T for all N instead. Each batch is one cache run of `steps` model calls.
+
+    `clip_denoised=None` follows the model's recommended settings (the shipped pixel-space model
+    clips x0 to [-1, 1] as ADM does; DiT's latent models do not).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -85,6 +89,8 @@ def sample(
     if noise is not None and not torch.isfinite(noise).all():
         raise ValueError("noise contains NaN or infinite values")
     schedule = Schedule.create(steps, spacing)
+    clip = bool(getattr(model, "calicache_defaults", {}).get("clip_denoised", False)
+                if clip_denoised is None else clip_denoised)
     labels = _class_labels(classes, num, cfg.num_classes)
     batch_size = batch_size or num
     device = next(model.parameters()).device
@@ -109,6 +115,7 @@ def sample(
             y = labels[start : start + len(idx)].to(device)
             fn = guided_model_fn(model, y, cfg.num_classes, cfg_scale, cfg_channels)
             extra = {"eta": eta} if sampler == "ddim" else {}
+            extra["clip_denoised"] = clip
             with cache_run(model, model_calls(steps, sampler)):
                 x = sampler_fn(fn, x, schedule, noise_fn=noise_fn, **extra)
             out.append(x.cpu())

@@ -31,6 +31,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-channels", type=int, default=None,
                    help="guide only the first K eps channels (3 reproduces DiT's ImageNet numbers)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
+                   help="clamp x0 predictions to [-1, 1] (ADM's pixel-space sampling); auto: the model's recommended")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -48,6 +50,10 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(seed)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+
+
+def clip_flag(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[getattr(args, "clip_denoised", "auto")]
 
 
 def model_defaults(model: torch.nn.Module) -> dict:

@@ -27,6 +27,7 @@ from .common import (
     add_model_arguments,
     add_sampling_arguments,
     cache_config_from_args,
+    clip_flag,
     model_defaults,
     parse_arch,
     setup,
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     x = sample(model, args.num, steps, sampler=args.sampler, cfg_scale=cfg_scale, classes=classes,
                seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, eta=args.eta,
-               cfg_channels=args.cfg_channels, progress=True)
+               cfg_channels=args.cfg_channels, progress=True,
+               clip_denoised=clip_flag(args))
     wall = time.perf_counter() - t0
     if args.vae:
         x = decode_latents(x, args.vae)

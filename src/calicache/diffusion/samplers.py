@@ -1,8 +1,10 @@
 """Samplers: plain functions over `model_fn(x, t) -> model output`; they know nothing of caching.
 
-Every sampler has the signature `(model_fn, x, schedule, noise_fn=None, progress=False, **opts)`
-and calls `model_fn` once per step, from the noisiest kept step down to step 0. `noise_fn(x)`
-returns fresh Gaussian noise shaped like x (per-sample generators live with the caller).
+Every sampler has the signature `(model_fn, x, schedule, noise_fn=None, progress=False,
+clip_denoised=False, **opts)` and calls `model_fn` once per step, from the noisiest kept step down
+to step 0. `noise_fn(x)` returns fresh Gaussian noise shaped like x (per-sample generators live
+with the caller). `clip_denoised` clamps each x0 prediction to [-1, 1] as ADM does for pixel-space
+models (DiT's latent models sample without it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def _steps(schedule: Schedule, progress: bool, desc: str):
     return tqdm(list(reversed(range(len(schedule)))), desc=desc, disable=not progress, leave=False)
 
 
+def _x0(x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 predicted from eps; with clipping, x0 is clamped and eps re-derived from it (ADM)."""
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    if not clip:
+        return x0, eps
+    x0 = x0.clamp(-1, 1)
+    return x0, (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
 def _timestep(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
 
@@ -51,16 +62,17 @@ def ddim(
     schedule: Schedule,
     noise_fn: NoiseFn | None = None,
     progress: bool = False,
+    clip_denoised: bool = False,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, arXiv 2010.02502), as ADM's ddim_sample_loop without clipping."""
+    """DDIM (Song et al. 2021, arXiv 2010.02502), as ADM's ddim_sample_loop."""
     if eta > 0 and noise_fn is None:
         raise ValueError("DDIM with eta > 0 needs a noise_fn")
     abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
     for i in _steps(schedule, progress, "ddim"):
         eps, _ = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
         a, ap = _coef(abar, i, x), _coef(abar_prev, i, x)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0, eps = _x0(x, eps, a, clip_denoised)
         sigma = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
         x = ap.sqrt() * x0 + (1 - ap - sigma**2).sqrt() * eps
         if eta > 0 and i > 0:
@@ -74,6 +86,7 @@ def ddpm(
     schedule: Schedule,
     noise_fn: NoiseFn | None = None,
     progress: bool = False,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020) with ADM's learned-range variance (Nichol & Dhariwal 2021)."""
     if noise_fn is None:
@@ -83,7 +96,7 @@ def ddpm(
     for i in _steps(schedule, progress, "ddpm"):
         eps, v = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
         a, ap, b = _coef(abar, i, x), _coef(abar_prev, i, x), _coef(betas, i, x)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0, _ = _x0(x, eps, a, clip_denoised)
         mean = b * ap.sqrt() / (1 - a) * x0 + (1 - ap) * (1 - b).sqrt() / (1 - a) * x
         if i == 0:
             x = mean
@@ -104,6 +117,7 @@ def dpmpp_2m(
     schedule: Schedule,
     noise_fn: NoiseFn | None = None,
     progress: bool = False,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2): multistep, data prediction from eps.
 
@@ -122,6 +136,8 @@ def dpmpp_2m(
     for i in _steps(schedule, progress, "dpm++2m"):
         eps, _ = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
         x0 = (x - _coef(sigma, i, x) * eps) / _coef(alpha, i, x)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
         d = x0
         if x0_prev is not None and i > 0:
             r = h[i + 1] / h[i]

@@ -175,8 +175,16 @@ def _download(name: str) -> Path:
     return target
 
 
+def shipped_asset(filename: str) -> Path:
+    """A file shipped in calicache/assets; a missing one is a clear error."""
+    path = Path(str(resources.files("calicache") / "assets" / filename))
+    if not path.exists():
+        raise FileNotFoundError(f"shipped asset {filename} is missing from {path.parent}; reinstall calicache")
+    return path
+
+
 def shipped_path(name: str) -> Path:
-    return Path(str(resources.files("calicache") / "assets" / SHIPPED[name]))
+    return shipped_asset(SHIPPED[name])
 
 
 def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) -> DiT:
