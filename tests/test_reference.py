@@ -95,15 +95,16 @@ def test_dit_matches_diffusers_reference(original_checkpoint):
 
 @torch.no_grad()
 def test_diffusers_default_settings_differ_from_original(original_checkpoint):
-    """diffusers' own DiT settings (shift 1, eps 1e-5) are not the original: the test above is not vacuous."""
+    """diffusers' time-projection shift 1 is not the original: the test above is not vacuous.
+
+    (eps 1e-5 vs 1e-6 is a ~1e-6 relative effect that float32 often rounds away on these inputs.)
+    """
     path, cfg = original_checkpoint
     state = torch.load(path, weights_only=True)
     x, t, y = _inputs(cfg)
     ours = load_model(path, {"num_heads": cfg.num_heads})(x, t, y)
     shifted = reference_diffusers(state, cfg, time_shift=1, norm_eps=1e-6)(x, t, y).sample
     assert rel_err(shifted, ours) > 1e-3
-    eps5 = reference_diffusers(state, cfg, time_shift=0, norm_eps=1e-5)(x, t, y).sample
-    assert rel_err(eps5, ours) > 0
 
 
 def _model_fn(model, labels):
