@@ -19,7 +19,7 @@ from calicache.models.io import shipped_asset
 m = calicache.load_model('fmnist-dit')
 d = calicache.count_macs(m, calicache.CacheConfig('icc', svd='cd', factors=str(shipped_asset('fmnist-dit-cd.safetensors'))), 2)
 print(round(d['per_call'][1] / d['full_call'], 4))")
-calicache calibrate --model fmnist-dit --svd cd --rank 96 --rank-budget "$share" --steps 20 --num 256 --threads 2 \
+calicache calibrate --model fmnist-dit --svd cd --rank-budget "$share" --steps 20 --num 256 --threads 2 \
     --out $a/fmnist-dit-cd-budget.safetensors
 # GOC compensation steps for 20 adm-spaced DDIM steps at period 2, found from uncached runs.
 calicache calibrate --method goc --model fmnist-dit --steps 20 --num 40 --period 2 --threads 2 \
