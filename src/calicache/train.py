@@ -76,6 +76,7 @@ def train(
     resume: bool = False,
     model_overrides: dict | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train and return a summary dict (also written to OUT/train.json)."""
     out = Path(out)
@@ -111,6 +112,11 @@ def train(
         opt.load_state_dict(st["opt"])
         torch.set_rng_state(st["rng"])
         step, losses, elapsed = int(st["step"]), list(st["losses"]), float(st["elapsed"])
+    elif init_from is not None:
+        # Fine-tuning: model and EMA weights from another run's state, a fresh optimiser and schedule.
+        st = torch.load(init_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
     model.train()
 
     def checkpoint() -> None:
@@ -147,7 +153,8 @@ def train(
             elapsed = time.perf_counter() - t0
             checkpoint()
     bar.close()
-    summary = {"config": asdict(cfg), "model_config": model.config.to_dict(), "steps_done": step,
+    summary = {"config": asdict(cfg), "init_from": None if init_from is None else str(init_from),
+               "model_config": model.config.to_dict(), "steps_done": step,
                "wall_seconds": round(time.perf_counter() - t0, 1),
                "final_loss_mean100": float(np.mean(losses[-100:])), "images": len(data)}
     with atomic_path(out / "train.json") as tmp:

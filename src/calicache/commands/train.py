@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--init-from", default=None,
+                   help="fine-tune: start from another run's state.pt (model and EMA; fresh optimiser)")
     p.add_argument("--out", required=True)
 
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("input_size", images.shape[1])
     overrides.setdefault("in_channels", 1 if images.ndim == 3 else images.shape[3])
     overrides.setdefault("num_classes", int(labels.max()) + 1)
-    summary = train(cfg, images, labels, args.out, resume=args.resume, model_overrides=overrides)
+    summary = train(cfg, images, labels, args.out, resume=args.resume, init_from=args.init_from,
+                    model_overrides=overrides)
     print(json.dumps(summary, indent=2))
     return 0
