@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "sample": "sample",
     "train": "train",
+    "eval": "eval",
 }
 
 
