@@ -23,7 +23,7 @@ def classifier_input(images: np.ndarray) -> torch.Tensor:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"in-domain metrics take uint8 images, got {images.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = torch.from_numpy(images.astype(np.float32))  # a copy: inputs may be read-only
     if x.ndim == 4:
         x = x.mean(dim=-1)
     if x.ndim != 3 or tuple(x.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):

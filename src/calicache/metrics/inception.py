@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,9 @@ def load_inception_net(path: str | os.PathLike) -> tuple[InceptionV3, str]:
             raise ValueError(f"{path}: corrupt weights file ({e}); {HOW_TO_GET}") from e
         if scripted:
             try:
-                jit = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch 2.10+ deprecates TorchScript; the file is one
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    jit = torch.jit.load(str(path), map_location="cpu")
             except RuntimeError as e:
                 raise ValueError(f"{path}: unreadable TorchScript file ({e}); {HOW_TO_GET}") from e
             state = {k.split("layers.", 1)[-1]: v for k, v in jit.state_dict().items()}
@@ -131,7 +134,7 @@ def resize_tf_bilinear(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
 
 def to_inception_input(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 1|3) -> float (N, 3, 299, 299) in the network's input scale; gray is replicated."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2)  # a copy: inputs may be read-only
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
