@@ -165,12 +165,15 @@ class InceptionExtractor:
     def __call__(self, images: np.ndarray, batch_size: int = 64, desc: str = "inception") -> Activations:
         pools, spatials, logits = [], [], []
         t0 = time.perf_counter()
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        bar = tqdm(total=len(images), desc=desc, unit="img", leave=False)
+        for start in range(0, len(images), batch_size):
             pool, spatial, logit = self.net(to_inception_input(images[start : start + batch_size]))
+            bar.update(len(pool))
             pools.append(pool.numpy())
             spatials.append(spatial.numpy())
             if logit is not None:
                 logits.append(logit.numpy())
+        bar.close()
         self.last_seconds = time.perf_counter() - t0
         return Activations(np.concatenate(pools), np.concatenate(spatials),
                            np.concatenate(logits) if logits else None)
