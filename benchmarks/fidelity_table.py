@@ -1,0 +1,87 @@
+"""PSNR against the uncached samples for every cache method on one model (the issue tables).
+
+    python benchmarks/fidelity_table.py --model fmnist-dit --num 100 --out docs/benchmarks/fidelity.json
+
+Factor files are made on the fly with calicache.calibrate (Fashion-MNIST, 256 images) for plain,
+CA and CD SVD at two ranks and a budget; GOC runs with the published steps (20 steps only) and
+with steps found by calicache's finder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import calicache
+from calicache.cache import CacheConfig
+from calicache.calibrate.goc import find_goc_steps
+from calicache.commands.common import model_defaults
+from calicache.compare import Variant, markdown_table, run_variant, score
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fmnist-dit")
+    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--runs", default="20:2,20:3,50:3", help="steps:period pairs")
+    p.add_argument("--ranks", default="16,32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default="runs/fidelity", help="folder for factor and steps files")
+    p.add_argument("--out", default="docs/benchmarks/fidelity.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = calicache.load_model(args.model)
+    cfg_scale = model_defaults(model).get("cfg_scale", 1.0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    tables = {}
+    for run in args.runs.split(","):
+        steps, period = (int(v) for v in run.split(":"))
+        factors = {}
+        for svd in ("plain", "ca", "cd"):
+            for r in ranks:
+                f = work / f"{svd}-r{r}-s{steps}.safetensors"
+                if not f.exists():
+                    calicache.calibrate(model, "fashion-mnist", svd=svd, rank=r, num=256, steps=steps).save(f)
+                factors[(svd, r)] = str(f)
+        variants = [Variant("no cache", CacheConfig("none"), steps, "uncached"),
+                    Variant(f"FORA p={period}", CacheConfig("fora", period=period), steps, "fora")]
+        for (svd, r), f in factors.items():
+            variants.append(Variant(f"ICC {svd} r{r}", CacheConfig("icc", period=period, svd=svd, factors=f), steps,
+                                    "icc"))
+        icc_share = calicache.count_macs(model, CacheConfig("icc", period=period, svd="cd",
+                                                            factors=factors[("cd", ranks[0])]), 2)
+        budget = round(icc_share["per_call"][1] / icc_share["full_call"], 4)
+        fb = work / f"cd-budget{budget}-s{steps}.safetensors"
+        if not fb.exists():
+            calicache.calibrate(model, "fashion-mnist", svd="cd", rank_budget=budget, num=256, steps=steps).save(fb)
+        variants.append(Variant(f"ICC cd budget={budget}", CacheConfig("icc", period=period, svd="cd", factors=str(fb)),
+                                steps, "icc"))
+        for (svd, r), f in factors.items():
+            variants.append(Variant(f"forecast {svd} r{r}", CacheConfig("forecast", period=period, svd=svd,
+                                                                         factors=f), steps, "forecast"))
+        variants.append(Variant("forecast rank 0 (TaylorSeer-1)", CacheConfig("forecast", period=period, rank=0),
+                                steps, "forecast"))
+        if period == 2 and steps == 20:
+            variants.append(Variant("GOC published steps", CacheConfig("goc", period=2), steps, "goc"))
+        gf = work / f"goc-s{steps}-p{period}.json"
+        if not gf.exists():
+            find_goc_steps(model, steps, num=40, cfg_scale=cfg_scale, period=period).save(gf)
+        variants.append(Variant("GOC found steps", CacheConfig("goc", period=period, goc_file=str(gf)), steps, "goc"))
+        results = [run_variant(model, v, args.num, cfg_scale, progress=False) for v in variants]
+        score(results, results[0])
+        rows = [r.row() for r in results]
+        tables[run] = rows
+        print(f"\n## {steps} steps, period {period} ({args.num} samples, guidance {cfg_scale})\n")
+        print(markdown_table(rows, [("name", "configuration", ""), ("macs_speedup", "MACs speed-up", ".2f"),
+                                    ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f")]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "num": args.num, "tables": tables}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

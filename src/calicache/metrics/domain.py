@@ -1,0 +1,76 @@
+"""In-domain metrics with a Fashion-MNIST classifier in the role Inception-v3 plays for ImageNet.
+
+The classifier is any nn.Module with `model(x) -> logits (N, K)` and `model.features(x) -> (N, D)`
+for x float (N, 1, 28, 28) in [-1, 1] (calicache.classifier.load_classifier() gives the shipped
+one). Metrics: class agreement with the labels the samples were drawn for, the Frechet distance
+of classifier features to a reference set, and the Inception-Score analogue of its logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adm import inception_score
+from .frechet import frechet_distance, gaussian_stats
+
+IMAGE_SIZE = 28
+
+
+def classifier_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W[, C]) -> float (N, 1, H, W) in [-1, 1]; channels averaged (replicated gray stays exact)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"in-domain metrics take uint8 images, got {images.dtype}")
+    x = torch.from_numpy(images.astype(np.float32))  # a copy: inputs may be read-only
+    if x.ndim == 4:
+        x = x.mean(dim=-1)
+    if x.ndim != 3 or tuple(x.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"the Fashion-MNIST classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images, got shape "
+                         f"{tuple(images.shape)}")
+    return (x / 127.5 - 1.0)[:, None]
+
+
+@torch.inference_mode()
+def classifier_outputs(model: torch.nn.Module, images: np.ndarray, batch_size: int = 500,
+                       desc: str = "classifier") -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, K), features (N, D)) as float64 numpy arrays."""
+    x = classifier_input(images)
+    logits, feats = [], []
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
+        xb = x[start : start + batch_size]
+        logits.append(model(xb).double())
+        feats.append(model.features(xb).flatten(1).double())
+    return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+
+
+def class_agreement(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Share of samples the classifier puts in the class they were generated for."""
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(logits):
+        raise ValueError(f"{len(labels)} labels for {len(logits)} images")
+    return float((np.asarray(logits).argmax(axis=1) == labels).mean())
+
+
+def domain_metrics(model: torch.nn.Module, samples: np.ndarray, labels: np.ndarray | None = None,
+                   reference: np.ndarray | None = None, fd_method: str = "sqrtm") -> dict:
+    """{"class_agreement", "fd", "is", "num_reference", "notes"} for uint8 sample images.
+
+    `labels` (the classes the samples were drawn for) and `reference` (uint8 images) are optional;
+    a metric that cannot be computed is None with a note saying why.
+    """
+    logits, feats = classifier_outputs(model, samples, desc="classifier (samples)")
+    out: dict = {"class_agreement": None, "fd": None, "is": inception_score(logits), "num_reference": None,
+                 "notes": []}
+    if labels is not None:
+        out["class_agreement"] = class_agreement(logits, labels)
+    else:
+        out["notes"].append("class agreement needs the sampled labels (arr_1 in the samples npz)")
+    if reference is not None:
+        _, ref_feats = classifier_outputs(model, reference, desc="classifier (reference)")
+        out["fd"] = frechet_distance(*gaussian_stats(feats), *gaussian_stats(ref_feats), method=fd_method)
+        out["num_reference"] = int(len(reference))
+    else:
+        out["notes"].append("feature Frechet distance needs 28x28 reference images (--ref)")
+    return out
