@@ -47,6 +47,7 @@ def test_input_scaling_and_gray_replication():
     assert torch.allclose(x, torch.full_like(x, (255 - 128) / 128))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load, the file's own forward
 def test_real_inception_gives_2048_pool3_and_matches_the_torchscript_forward():
     path = _real_file()
     ext = InceptionExtractor()

@@ -24,9 +24,10 @@ from ..metrics.frechet import METHODS
 from ..metrics.npz import ImageBatch, load_batch
 from .common import setup
 
-# Measured on the 2-core development machine under load (average 7): 645 s (sqrtm), 84 s (eigh) per distance.
-FD_NOTE = {"sqrtm": "of minutes each with sqrtm (--fd-method eigh gives the same value ~8x faster)",
-           "eigh": "of about a minute each with eigh"}
+# Measured per 2048-d distance on the 2-core development machine: 24 s (sqrtm) and 8.5 s (eigh) with one core
+# free; 645 s and 84 s when it was shared with several jobs (load average 7).
+FD_NOTE = {"sqrtm": "~25s each with sqrtm (--fd-method eigh gives the same value ~3x faster)",
+           "eigh": "~10s each with eigh"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="text file, one prompt per sample (else `prompts` in the npz)")
     p.add_argument("--fd-method", choices=METHODS, default="sqrtm",
                    help="sqrtm: ADM's scipy.linalg.sqrtm; eigh: the same value from symmetric eigendecompositions, "
-                        "several times faster")
+                        "~3x faster")
     p.add_argument("--batch-size", type=int, default=64, help="Inception batch size (ADM: 64)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (for fashion-mnist-test)")
     p.add_argument("--cache-dir", default=None,
@@ -69,7 +70,7 @@ def _adm(args: argparse.Namespace, samples: ImageBatch) -> dict:
 
     extractor = InceptionExtractor(args.inception)
     fd = FD_NOTE[args.fd_method]
-    _note(f"estimate for an idle 2-core CPU (a loaded one is several times slower; the bars show the real rate): "
+    _note(f"estimate for a 2-core CPU with one core free (a loaded one is slower; the bars show the real rate): "
           f"Inception-v3 on {samples.num} samples ~{samples.num * SECONDS_PER_IMAGE:.0f}s at ~{SECONDS_PER_IMAGE}"
           f"s/image, the same per reference image unless its statistics are cached; then 2 Frechet distances "
           f"(~2048 dims) {fd}. Images are resized to 299x299 bilinearly as the ADM evaluator does.")
