@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m calicache -- sample --num N`: `--` keeps torchrun off our flags
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -25,14 +27,19 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-@torch.inference_mode()
-def decode_latents(latents: torch.Tensor, vae: str, batch_size: int = 8) -> torch.Tensor:
-    """SD-VAE decoding of DiT latents (scaled by 0.18215) with diffusers' AutoencoderKL."""
+@functools.lru_cache(maxsize=1)  # sharded sampling decodes shard after shard with one VAE
+def _load_vae(vae: str) -> torch.nn.Module:
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as e:
         raise RuntimeError("decoding latents needs diffusers: pip install diffusers") from e
-    model = AutoencoderKL.from_pretrained(vae).eval()
+    return AutoencoderKL.from_pretrained(vae).eval()
+
+
+@torch.inference_mode()
+def decode_latents(latents: torch.Tensor, vae: str, batch_size: int = 8) -> torch.Tensor:
+    """SD-VAE decoding of DiT latents (scaled by 0.18215) with diffusers' AutoencoderKL."""
+    model = _load_vae(vae)
     out = [model.decode(z / LATENT_SCALE).sample for z in latents.split(batch_size)]
     return torch.cat(out)
 
@@ -55,7 +62,13 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez's format (one stored .npy member per array), but with fixed zip timestamps:
+    equal arrays give equal file bytes, so sharded and single-process runs can be compared."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())

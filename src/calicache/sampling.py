@@ -60,12 +60,14 @@ def sample(
     cfg_channels: int | None = None,
     progress: bool = False,
     clip_denoised: bool | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Sample `num` images (N, C, H, W) in model space.
+    """Sample `num` images (N, C, H, W) in model space: the global indices start..start+num-1.
 
     Sample i has class `classes[i]` (default i % num_classes) and noise drawn from its own
     generator seeded by (seed, i), so it depends only on (seed, i) and not on the batching.
     `noise` gives x_T for all N instead. Each batch is one cache run of `steps` model calls.
+    `start` lets several processes sample disjoint index ranges of one job (calicache.shards).
 
     `clip_denoised=None` follows the model's recommended settings (the shipped pixel-space model
     clips x0 to [-1, 1] as ADM does; DiT's latent models do not).
@@ -76,6 +78,8 @@ def sample(
         raise ValueError(f"num must be >= 1, got {num}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (or None for one batch), got {batch_size}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0 (the first global sample index), got {start}")
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     cfg = model.config
@@ -91,7 +95,7 @@ def sample(
     schedule = Schedule.create(steps, spacing)
     clip = bool(getattr(model, "calicache_defaults", {}).get("clip_denoised", False)
                 if clip_denoised is None else clip_denoised)
-    labels = _class_labels(classes, num, cfg.num_classes)
+    labels = _class_labels(classes, start + num, cfg.num_classes)[start:]  # classes follow the global index
     batch_size = batch_size or num
     device = next(model.parameters()).device
     sampler_fn = SAMPLERS[sampler]
@@ -100,19 +104,19 @@ def sample(
     out = []
     bar = tqdm(total=num, desc=f"sampling ({sampler}, {steps} steps)", disable=not progress)
     try:
-        for start in range(0, num, batch_size):
-            idx = range(start, min(num, start + batch_size))
-            gens = [sample_generator(seed, i) for i in idx]
+        for first in range(0, num, batch_size):
+            idx = range(first, min(num, first + batch_size))
+            gens = [sample_generator(seed, start + i) for i in idx]
             if noise is None:
                 x = torch.stack([torch.randn(shape, generator=g) for g in gens])
             else:
-                x = noise[start : start + len(idx)].float().clone()
+                x = noise[first : first + len(idx)].float().clone()
             x = x.to(device)
 
             def noise_fn(like: torch.Tensor, gens=gens) -> torch.Tensor:
                 return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like)
 
-            y = labels[start : start + len(idx)].to(device)
+            y = labels[first : first + len(idx)].to(device)
             fn = guided_model_fn(model, y, cfg.num_classes, cfg_scale, cfg_channels)
             extra = {"eta": eta} if sampler == "ddim" else {}
             extra["clip_denoised"] = clip

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..cache import apply_cache, get_engine
 from ..images import decode_latents, grid, save_npz, save_png, to_uint8
 from ..metrics.macs import count_macs
@@ -45,11 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a collective waits for a missing rank "
+                        f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")
 
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
-    model = load_model(args.model, parse_arch(args.arch))
+    model = load_model(args.model, parse_arch(args.arch)).to(distributed.device())  # CPU outside torchrun
     defaults = model_defaults(model)
     steps = args.steps if args.steps is not None else defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
@@ -61,22 +65,31 @@ def run(args: argparse.Namespace) -> int:
     apply_cache(model, config)
     macs = count_macs(model, None, steps, cfg_scale)
     out = Path(args.out)
-    t0 = time.perf_counter()
-    x = sample(model, args.num, steps, sampler=args.sampler, cfg_scale=cfg_scale, classes=classes,
-               seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, eta=args.eta,
-               cfg_channels=args.cfg_channels, progress=True,
-               clip_denoised=clip_flag(args))
-    wall = time.perf_counter() - t0
-    if args.vae:
-        x = decode_latents(x, args.vae)
-    images = to_uint8(x)
-    labels = _class_labels(classes, args.num, model.config.num_classes).numpy()
+    kwargs = dict(steps=steps, sampler=args.sampler, cfg_scale=cfg_scale, classes=classes, seed=args.seed,
+                  spacing=args.spacing, eta=args.eta, cfg_channels=args.cfg_channels,
+                  clip_denoised=clip_flag(args))
+    if distributed.launched():  # torchrun: every rank samples its batches as shards, rank 0 merges them
+        from ..shards import sample_command
+
+        result = sample_command(args, model, steps, cfg_scale, kwargs)
+        if result is None:
+            return 0  # only rank 0 writes the outputs
+        images, labels, world, wall = result
+    else:
+        t0 = time.perf_counter()
+        x = sample(model, args.num, batch_size=args.batch_size, progress=True, **kwargs)
+        wall = time.perf_counter() - t0
+        if args.vae:
+            x = decode_latents(x, args.vae)
+        images = to_uint8(x)
+        labels = _class_labels(classes, args.num, model.config.num_classes).numpy()
+        world = 1
     report = {
         "model": str(args.model), "num": args.num, "steps": steps, "sampler": args.sampler,
         "spacing": args.spacing, "cfg_scale": cfg_scale, "cfg_channels": args.cfg_channels, "eta": args.eta,
         "seed": args.seed, "batch_size": args.batch_size or args.num, "vae": args.vae,
         "model_calls_per_batch": steps, "wall_seconds": round(wall, 3),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "world_size": world,
         "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
         "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
         "goc_weight": args.goc_weight if args.method == "goc" else None,
