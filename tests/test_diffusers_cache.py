@@ -389,3 +389,88 @@ def test_unsupported_variants_are_clear_errors():
     pipe.transformer = tiny_dit(1)
     with pytest.raises(RuntimeError, match="replaced"):
         run(pipe)
+
+
+# -- CLI: calicache sample --pipeline, calicache macs --pipeline ------------------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    pixart_pipe().save_pretrained(root / "pixart")  # tokenizer and text encoder None: embeddings only
+    dit_pipe().save_pretrained(root / "dit")
+    p = prompts(2)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in p.items() if v is not None}, str(root / "embeds.safetensors"))
+    torch.save({k: p[k] for k in ("prompt_embeds", "prompt_attention_mask")}, root / "cond-only.pt")
+    return root
+
+
+def cli(*argv):
+    from calicache.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_samples_through_pipelines(folders, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "pix"
+    assert cli("sample", "--pipeline", folders / "pixart", "--prompt-embeds", folders / "embeds.safetensors",
+               "--num", 3, "--steps", 4, "--method", "fora", "--period", 2, "--out", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pipeline_class"] == "PixArtAlphaPipeline" and report["scheduler"] == "DPMSolverMultistepScheduler"
+    assert report["model_calls_per_batch"] == 4 and report["cached_ratio"] == 0.5
+    assert (report["tokens"], report["text_tokens"], report["cfg_scale"]) == (16, TEXT_TOKENS, 4.5)
+    expected = count_macs(pixart_pipe(), CacheConfig("fora", period=2), 4, 4.5, text_tokens=TEXT_TOKENS)
+    assert report["macs"] == expected and report["cache_bytes"] > 0
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_1"].tolist() == [0, 1, 0]
+        first = f["arr_0"]
+    assert (out / "grid.png").is_file() and json.loads((out / "report.json").read_text()) == report
+
+    assert cli("sample", "--pipeline", folders / "pixart", "--prompt-embeds", folders / "embeds.safetensors",
+               "--num", 3, "--steps", 4, "--scheduler", "ddim", "--out", tmp_path / "ddim", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["scheduler"] == "DDIMScheduler" and report["macs"]["speedup"] == 1.0
+    with np.load(tmp_path / "ddim" / "samples.npz") as f:
+        assert not np.array_equal(f["arr_0"], first)
+
+    assert cli("sample", "--pipeline", folders / "dit", "--classes", "3,5", "--num", 2, "--steps", 4,
+               "--method", "icc", "--rank", 2, "--batch-size", 1, "--out", tmp_path / "dit", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pipeline_class"] == "DiTPipeline" and report["classes"] == [3, 5] and report["macs"]["speedup"] > 1
+    with np.load(tmp_path / "dit" / "samples.npz") as f:
+        assert f["arr_1"].tolist() == [3, 5]
+
+
+def test_cli_pipeline_errors(folders, tmp_path, capsys):
+    out = tmp_path / "never"
+    cases = [
+        (["--pipeline", folders / "pixart", "--prompt", "a cat"], "no text encoder"),
+        (["--pipeline", folders / "pixart", "--prompt-embeds", folders / "cond-only.pt"], "negative_prompt_embeds"),
+        (["--pipeline", folders / "pixart", "--prompt-embeds", tmp_path / "missing.pt"], "no such file"),
+        (["--pipeline", folders / "pixart"], "needs --prompt"),
+        (["--pipeline", folders / "dit", "--prompt-embeds", folders / "embeds.safetensors"], "class-conditional"),
+        (["--prompt", "a cat"], "need --pipeline"),
+        (["--pipeline", tmp_path], "model_index.json"),
+    ]
+    for argv, match in cases:
+        assert cli("sample", *argv, "--steps", 2, "--out", out) == 2
+        assert match in capsys.readouterr().err
+    assert not out.exists()
+    # without guidance the conditional embeddings alone are enough
+    assert cli("sample", "--pipeline", folders / "pixart", "--prompt-embeds", folders / "cond-only.pt",
+               "--cfg-scale", 1, "--steps", 2, "--num", 1, "--out", out) == 0
+
+
+def test_cli_macs_of_diffusers_folders(folders, capsys):
+    import json
+
+    for flag in ("--pipeline", "--model"):  # a PixArt folder cannot be a calicache DiT: --model counts it too
+        assert cli("macs", flag, folders / "pixart", "--steps", 4, "--method", "icc", "--rank", 3,
+                   "--text-tokens", TEXT_TOKENS, "--json") == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got == count_macs(tiny_pixart(), CacheConfig("icc", rank=3), 4, text_tokens=TEXT_TOKENS)
+    assert cli("macs", "--pipeline", folders / "dit", "--steps", 4, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == count_macs(tiny_dit(), CacheConfig(), 4)
