@@ -15,7 +15,9 @@ class LinearSpec:
 
     q, k and v of DiT's fused qkv are three specs on one module. `input_from` names another linear
     of the same branch whose cached *output*, passed through `input_fn`, is this linear's cached
-    input (fc2's input is GELU(fc1's output): recomputed, never stored).
+    input (fc2's input is GELU(fc1's output): recomputed, never stored). `input_shared_with` names
+    another linear fed the very same input tensor (diffusers' separate to_q, to_k, to_v): its
+    stored input is used, so the input is stored once.
     """
 
     name: str
@@ -23,6 +25,7 @@ class LinearSpec:
     rows: slice | None = None
     input_from: str | None = None
     input_fn: Callable | None = None
+    input_shared_with: str | None = None
 
     @property
     def in_features(self) -> int:
@@ -78,3 +81,17 @@ class Adapter:
     def base_macs(self, model: nn.Module) -> int:
         """MACs per sample outside the branches, paid by every call (embeddings, adaLN, final layer)."""
         raise NotImplementedError
+
+    # Run constants: modules whose output depends only on conditioning that is fixed through a run
+    # (the prompt: cross-attention keys/values, a caption projection). Models without any keep these defaults.
+    def constant_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules whose output depends only on `text_input`: computed once per run and reused exactly."""
+        return []
+
+    def text_input(self, args: tuple, kwargs: dict):
+        """The tensor the constant modules depend on, of a top-level call (None: nothing to reuse)."""
+        return None
+
+    def constant_macs(self, model: nn.Module) -> int:
+        """MACs per sample of `constant_modules`: paid once per run when reused, at every call otherwise."""
+        return 0

@@ -3,7 +3,7 @@ and detaches without a trace.
 
 Hooks replace `forward` on module instances (an instance attribute shadows the class method), so
 `remove_cache` deleting the attribute restores the original forward bit-exactly. The model code
-never learns about caching.
+never learns about caching. `apply_cache` also takes a diffusers pipeline (see `cache/pipeline.py`).
 """
 
 from __future__ import annotations
@@ -14,20 +14,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import Adapter, get_adapter
 from .config import CacheConfig
+from .constants import RunConstants
+from .pipeline import is_pipeline, unwrap_pipeline, wrap_pipeline
 from .state import ENGINE_ATTR, get_engine
 
 
 class CacheEngine:
     """Per-model run state: which call of the run this is and which layers are full at it."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig):
+    def __init__(self, model: nn.Module, config: CacheConfig, adapter: Adapter | None = None):
         from .methods import METHODS
 
         self.model = model
         self.config = config
-        self.adapter = get_adapter(model)
+        self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
         self.schedule = config.cache_schedule
         if self.schedule.num_calls is not None:
@@ -43,6 +45,9 @@ class CacheEngine:
         self.peak_cache_bytes = 0
         self.full_flags: list[np.ndarray] = []  # one row per call of the current/last run
         self.method = METHODS[config.method](self, config)
+        # Prompt-only modules (cross-attention K/V) computed once per run; "none" stays the plain model.
+        constant = self.adapter.constant_modules(model) if config.method != "none" else []
+        self.constants = RunConstants(self, constant) if constant else None
         self._patch(model, self._wrap_model(model.forward))
 
     # -- hooks -------------------------------------------------------------------------------
@@ -60,7 +65,16 @@ class CacheEngine:
         for module in self._patched:
             del module.forward
         self._patched.clear()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every cached tensor: the method's and the run constants."""
         self.method.reset()
+        if self.constants is not None:
+            self.constants.reset()
+
+    def cache_bytes(self) -> int:
+        return self.method.cache_bytes() + (self.constants.cache_bytes() if self.constants is not None else 0)
 
     def _wrap_model(self, forward: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -75,20 +89,22 @@ class CacheEngine:
             try:
                 self.full = self.schedule.row(self.call, len(self.branches))
                 self.full_flags.append(self.full)
+                if self.constants is not None:
+                    self.constants.begin_call(self.adapter.text_input(args, kwargs))
                 out = forward(*args, **kwargs)
             except BaseException:
                 if not self.explicit:
                     self.active = False  # the next call starts a fresh run
                 raise
             self.prev_t = t
-            self.peak_cache_bytes = max(self.peak_cache_bytes, self.method.cache_bytes())
+            self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
             return out
 
         return run
 
     # -- runs --------------------------------------------------------------------------------
     def _start_run(self) -> None:
-        self.method.reset()
+        self._reset()
         self.call = -1
         self.prev_t = None
         self.active = True
@@ -104,7 +120,7 @@ class CacheEngine:
         self.num_calls = num_calls
 
     def end_run(self) -> None:
-        self.method.reset()
+        self._reset()
         self.explicit = False
         self.active = False
 
@@ -119,9 +135,19 @@ class CacheEngine:
 
 
 def apply_cache(model: nn.Module, config: CacheConfig) -> nn.Module:
-    """Attach caching to `model` (in place) and return it. `remove_cache` undoes it exactly."""
+    """Attach caching to `model` (in place) and return it. `remove_cache` undoes it exactly.
+
+    `model` may also be a diffusers pipeline (DiTPipeline, PixArtAlphaPipeline): the cache goes on
+    `pipe.transformer` and every call of the pipeline is one run of known length.
+    """
     if not isinstance(config, CacheConfig):
         raise TypeError("config must be a calicache.CacheConfig")
+    if is_pipeline(model):
+        if get_engine(model) is not None:
+            raise ValueError("this pipeline already has a cache; call remove_cache(pipe) first")
+        apply_cache(model.transformer, config)
+        wrap_pipeline(model, get_engine(model.transformer))
+        return model
     if get_engine(model) is not None:
         raise ValueError("this model already has a cache; call remove_cache(model) first")
     engine = CacheEngine(model, config)
@@ -131,6 +157,11 @@ def apply_cache(model: nn.Module, config: CacheConfig) -> nn.Module:
 
 def remove_cache(model: nn.Module) -> nn.Module:
     """Detach caching: every patched forward is restored and all cached tensors are dropped."""
+    if is_pipeline(model):
+        transformer = unwrap_pipeline(model)  # the module the cache was attached to
+        if transformer is not None:
+            remove_cache(transformer)
+        return model
     engine = get_engine(model)
     if engine is not None:
         engine.remove()

@@ -1,4 +1,4 @@
-"""Sample images from a DiT and write samples.npz, grid.png and report.json.
+"""Sample images from a DiT (or a diffusers pipeline, --pipeline) and write samples.npz, grid.png and report.json.
 
 samples.npz holds `arr_0` (uint8 NHWC, 3 channels, as the ADM evaluator reads it) and `arr_1`
 (class labels). Every file is written under a temporary name and renamed, so a failed run
@@ -23,6 +23,7 @@ from ..metrics.macs import count_macs
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
 from ..utils import atomic_path
+from . import sample_pipeline
 from .common import (
     add_cache_arguments,
     add_model_arguments,
@@ -49,9 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a collective waits for a missing rank "
                         f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")
+    sample_pipeline.add_arguments(p)  # --pipeline DIR --prompt/--prompt-embeds: sampling through diffusers
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        return sample_pipeline.run(args)
+    if args.prompt is not None or args.prompt_embeds is not None:
+        raise ValueError("--prompt and --prompt-embeds need --pipeline DIR (a PixArt pipeline folder)")
     setup(args)
     model = load_model(args.model, parse_arch(args.arch)).to(distributed.device())  # CPU outside torchrun
     defaults = model_defaults(model)

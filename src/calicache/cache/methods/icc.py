@@ -42,6 +42,7 @@ class CalibratedLinear:
         self.ranks = ranks
         self.input_from = specs[0].input_from
         self.input_fn = specs[0].input_fn
+        self.input_shared = specs[0].input_shared_with  # diffusers' to_k/to_v: to_q stores the input
         # (position, input or None when derived from another linear, output) of the last full calls.
         self.history: list[tuple[float, torch.Tensor | None, torch.Tensor]] = []
 
@@ -51,6 +52,8 @@ class CalibratedLinear:
         """The stored input of history entry j (fc2's is recomputed from fc1's output)."""
         if self.input_from is not None:
             return self.input_fn(self.method.linears_by_name[self.input_from].history[j][2])
+        if self.input_shared is not None:
+            return self.method.linears_by_name[self.input_shared].input_at(j)
         return self.history[j][1]
 
     def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +61,7 @@ class CalibratedLinear:
         return self.input_at(-1), self.history[-1][2]
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        stored_x = None if self.input_from is not None else self.method.store(x)
+        stored_x = None if self.input_from is not None or self.input_shared is not None else self.method.store(x)
         self.history = (self.history + [(self.method.position(), stored_x, self.method.store(y))])[-self.history_len:]
 
     def calibrate(self, y_ref: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,241 @@
+"""Sampling through a diffusers pipeline (`calicache sample --pipeline DIR`) with calicache's caching.
+
+DiTPipeline takes `--classes`; PixArt-alpha/Sigma pipelines take `--prompt` (their T5 text encoder
+must be in the folder) or `--prompt-embeds FILE` with precomputed embeddings, in which case the text
+encoder is not loaded at all. Sample i has its own noise generator seeded by (seed, i), as in
+`calicache.sample`. The outputs are those of `calicache sample`: samples.npz (`arr_0` uint8 NHWC,
+`arr_1` class labels or prompt indices), grid.png and report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import apply_cache, get_engine
+from ..images import grid, save_npz, save_png
+from ..metrics.macs import count_macs
+from ..sampling import _class_labels, sample_generator
+from ..utils import atomic_path
+from .common import cache_config_from_args, setup
+
+EMBED_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusers pipelines")
+    g.add_argument("--pipeline", default=None,
+                   help="diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline): sample "
+                        "through it instead of --model; --sampler/--spacing do not apply, see --scheduler")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="PixArt prompt (repeat the flag for several; cycled over --num); needs the text encoder")
+    g.add_argument("--prompt-embeds", default=None,
+                   help="PixArt: .safetensors or .pt holding prompt_embeds (P, T, D) and prompt_attention_mask (P, T), "
+                        "and for guidance negative_prompt_embeds / negative_prompt_attention_mask (1 or P rows); "
+                        "the text encoder is then not loaded")
+    g.add_argument("--scheduler", choices=["pipeline", *SCHEDULERS], default="pipeline",
+                   help="the folder's scheduler, or DDIM / DPM-Solver++(2M) built from its config")
+
+
+def diffusers_transformer_on_meta(folder: str | Path) -> torch.nn.Module:
+    """The transformer of a diffusers model or pipeline folder, built from its config on the meta device
+    (no weights read): enough to count MACs."""
+    import diffusers
+
+    folder = Path(folder)
+    for sub in ("", "transformer"):
+        config_path = folder / sub / "config.json"
+        if config_path.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: no config.json (nor transformer/config.json); not a diffusers folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: unreadable config ({e})") from e
+    name = config.get("_class_name")
+    if name == "Transformer2DModel":  # diffusers' legacy name of both; it remaps by the norm type
+        name = "PixArtTransformer2DModel" if config.get("norm_type") == "ada_norm_single" else "DiTTransformer2DModel"
+    if name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        raise ValueError(f"{config_path}: {name} is not a DiT or PixArt transformer")
+    with torch.device("meta"):
+        return getattr(diffusers, name).from_config(config)
+
+
+def load_pipeline(folder: str | Path, text_encoder: bool):
+    """A pipeline in eval mode on the CPU; without `text_encoder`, tokenizer and text encoder are not loaded."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError as e:
+        raise RuntimeError("--pipeline needs diffusers: pip install diffusers") from e
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json; give a pipeline folder written by save_pretrained "
+                                "(or downloaded from the hub)")
+    kind = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    extra = {} if text_encoder or not kind.startswith("PixArt") else {"text_encoder": None, "tokenizer": None}
+    try:
+        # low_cpu_mem_usage=False: the plain load path, which needs no `accelerate`.
+        pipe = DiffusionPipeline.from_pretrained(str(folder), low_cpu_mem_usage=False, **extra)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{folder}: diffusers cannot load this pipeline ({e})") from e
+    if not hasattr(pipe, "transformer"):
+        raise ValueError(f"{folder} holds a {type(pipe).__name__}, which has no transformer; calicache caches "
+                         "DiTPipeline and PixArt pipelines")
+    return pipe
+
+
+def load_prompt_embeds(path: str | Path, guidance: bool, width: int) -> dict[str, torch.Tensor]:
+    """Prompt embeddings from a safetensors or torch file, checked against the pipeline's needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; save a dict with prompt_embeds and prompt_attention_mask "
+                                "(safetensors.torch.save_file or torch.save)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load objects other than tensors ({e}); save plain tensors") from e
+    except Exception as e:  # safetensors and torch raise several types for damaged files
+        raise ValueError(f"{path}: cannot read prompt embeddings ({e})") from e
+    if not isinstance(data, dict) or "prompt_embeds" not in data or "prompt_attention_mask" not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} must hold prompt_embeds and prompt_attention_mask (found {found})")
+    out = {k: data[k] for k in EMBED_KEYS if k in data}
+    if guidance and ("negative_prompt_embeds" not in out or "negative_prompt_attention_mask" not in out):
+        raise ValueError(f"{path} has no negative_prompt_embeds / negative_prompt_attention_mask, which guidance "
+                         "needs (PixArt-alpha: the T5 embeddings of the empty prompt \"\"); add them or use "
+                         "--cfg-scale 1")
+    pe, pm = out["prompt_embeds"], out["prompt_attention_mask"]
+    if pe.dim() != 3 or pe.shape[-1] != width or tuple(pm.shape) != tuple(pe.shape[:2]):
+        raise ValueError(f"{path}: prompt_embeds {tuple(pe.shape)} and prompt_attention_mask {tuple(pm.shape)} must be "
+                         f"(P, T, {width}) and (P, T) for this transformer")
+    if "negative_prompt_embeds" in out:
+        ne, nm = out["negative_prompt_embeds"], out.get("negative_prompt_attention_mask")
+        if ne.dim() != 3 or ne.shape[0] not in (1, pe.shape[0]) or ne.shape[1:] != pe.shape[1:] or nm is None \
+                or tuple(nm.shape) != tuple(ne.shape[:2]):
+            raise ValueError(f"{path}: negative_prompt_embeds must be (1 or {pe.shape[0]}, {pe.shape[1]}, {width}) "
+                             "with a matching negative_prompt_attention_mask")
+    for k, v in out.items():
+        if not torch.isfinite(v.float()).all():
+            raise ValueError(f"{path}: {k} contains NaN or infinite values")
+    return {k: v.float() if "embeds" in k else v.long() for k, v in out.items()}
+
+
+def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Rows `idx` (cycled) of a per-prompt tensor; a single row serves every sample."""
+    return t[[i % t.shape[0] for i in idx]]
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusers import DiTPipeline
+
+    setup(args)
+    if args.vae is not None or args.cfg_channels is not None:
+        raise ValueError("--vae and --cfg-channels do not apply to --pipeline: it has its own VAE and guidance")
+    text = args.prompt is not None or args.prompt_embeds is not None
+    if args.prompt is not None and args.prompt_embeds is not None:
+        raise ValueError("give --prompt or --prompt-embeds, not both")
+    pipe = load_pipeline(args.pipeline, text_encoder=args.prompt_embeds is None)
+    is_dit = isinstance(pipe, DiTPipeline)
+    if is_dit and text:
+        raise ValueError("DiTPipeline is class-conditional: give --classes, not prompts")
+    if not is_dit and not text:
+        raise ValueError(f"{type(pipe).__name__} needs --prompt TEXT or --prompt-embeds FILE")
+    if not is_dit and args.classes:
+        raise ValueError("--classes applies to DiTPipeline; text pipelines take --prompt / --prompt-embeds")
+    if args.prompt is not None and getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"{args.pipeline} has no text encoder; pass precomputed --prompt-embeds FILE instead")
+    if is_dit and args.eta:
+        raise ValueError("DiTPipeline has no eta; DDIM there is deterministic")
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    steps = args.steps or defaults["num_inference_steps"].default
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults["guidance_scale"].default
+    if args.scheduler != "pipeline":
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    model = pipe.transformer
+    embeds = None
+    if args.prompt_embeds is not None:
+        width = model.config.caption_channels or model.config.cross_attention_dim
+        embeds = load_prompt_embeds(args.prompt_embeds, cfg_scale > 1, width)
+    if is_dit:
+        classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+        labels = _class_labels(classes, args.num, model.config.num_embeds_ada_norm).tolist()
+    else:
+        count = len(args.prompt) if args.prompt is not None else embeds["prompt_embeds"].shape[0]
+        labels = [i % count for i in range(args.num)]  # prompt index per sample
+    apply_cache(pipe, cache_config_from_args(args))
+    seen: dict[str, int] = {}
+
+    def observe(module, a, kw):  # image and prompt tokens of the real calls, for the MACs report
+        x = a[0] if a else kw["hidden_states"]
+        seen["tokens"] = x.shape[-2] * x.shape[-1] // module.config.patch_size ** 2
+        if kw.get("encoder_hidden_states") is not None:
+            seen["text_tokens"] = kw["encoder_hidden_states"].shape[1]
+
+    handle = model.register_forward_pre_hook(observe, with_kwargs=True)
+    pipe.set_progress_bar_config(leave=False)
+    batch_size = args.batch_size or args.num
+    use_binning = model.config.sample_size in (32, 64, 128)  # PixArt's aspect-ratio bins exist for these sizes
+    images, t0 = [], time.perf_counter()
+    try:
+        with tqdm(total=args.num, desc=f"sampling ({type(pipe).__name__}, {steps} steps)") as bar:
+            for start in range(0, args.num, batch_size):
+                idx = list(range(start, min(args.num, start + batch_size)))
+                common = dict(num_inference_steps=steps, guidance_scale=cfg_scale, output_type="np",
+                              generator=[sample_generator(args.seed, i) for i in idx])
+                if is_dit:
+                    out = pipe(class_labels=[labels[i] for i in idx], **common)
+                elif args.prompt is not None:
+                    out = pipe(prompt=[args.prompt[labels[i]] for i in idx], eta=args.eta,
+                               use_resolution_binning=use_binning, **common)
+                else:
+                    rows = [labels[i] for i in idx]
+                    given = {k: _rows(v, rows) for k, v in embeds.items()}
+                    out = pipe(negative_prompt=None, eta=args.eta, use_resolution_binning=use_binning,
+                               **given, **common)
+                images.append(np.asarray(out.images))
+                bar.update(len(idx))
+    finally:
+        handle.remove()
+    wall = time.perf_counter() - t0
+    images = (np.concatenate(images).clip(0, 1) * 255).round().astype(np.uint8)
+    engine = get_engine(pipe)
+    stats = engine.stats()
+    macs = count_macs(pipe, None, stats["calls"], cfg_scale, **seen)
+    report = {
+        "pipeline": str(args.pipeline), "pipeline_class": type(pipe).__name__, "num": args.num, "steps": steps,
+        "model_calls_per_batch": stats["calls"], "scheduler": type(pipe.scheduler).__name__,
+        "cfg_scale": cfg_scale, "eta": args.eta, "seed": args.seed, "batch_size": batch_size,
+        "classes": labels if is_dit else None, "prompt_index": None if is_dit else labels,
+        "prompts": args.prompt, "prompt_embeds": args.prompt_embeds,
+        "tokens": seen.get("tokens"), "text_tokens": seen.get("text_tokens"),
+        "wall_seconds": round(wall, 3), "threads": torch.get_num_threads(),
+        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
+        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
+        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "macs": macs, "cached_ratio": macs["cached_ratio"], "cache_bytes": stats["cache_bytes"],
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_npz(out_dir / "samples.npz", arr_0=images, arr_1=np.asarray(labels))
+    save_png(grid(images[:64]), out_dir / "grid.png")
+    with atomic_path(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2) if args.json else f"wrote {args.num} samples to {out_dir} in {wall:.1f}s")
+    return 0
