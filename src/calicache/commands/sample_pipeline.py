@@ -21,10 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import apply_cache, get_engine
-from ..images import grid, save_npz, save_png
 from ..metrics.macs import count_macs
 from ..sampling import _class_labels, sample_generator
-from ..utils import atomic_path
 from .common import cache_config_from_args, setup
 
 EMBED_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
@@ -143,9 +141,12 @@ def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from diffusers import DiTPipeline
 
+    from .sample import _parse_classes, _write_outputs  # sample.py imports this module: import at call time
+
     setup(args)
-    if args.vae is not None or args.cfg_channels is not None:
-        raise ValueError("--vae and --cfg-channels do not apply to --pipeline: it has its own VAE and guidance")
+    if args.vae is not None or args.cfg_channels is not None or getattr(args, "clip_denoised", "auto") != "auto":
+        raise ValueError("--vae, --cfg-channels and --clip-denoised do not apply to --pipeline: it has its own VAE "
+                         "and guidance, and its scheduler's config decides clipping")
     text = args.prompt is not None or args.prompt_embeds is not None
     if args.prompt is not None and args.prompt_embeds is not None:
         raise ValueError("give --prompt or --prompt-embeds, not both")
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if is_dit and args.eta:
         raise ValueError("DiTPipeline has no eta; DDIM there is deterministic")
     defaults = inspect.signature(type(pipe).__call__).parameters
-    steps = args.steps or defaults["num_inference_steps"].default
+    steps = args.steps if args.steps is not None else defaults["num_inference_steps"].default
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults["guidance_scale"].default
     if args.scheduler != "pipeline":
         import diffusers
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         width = model.config.caption_channels or model.config.cross_attention_dim
         embeds = load_prompt_embeds(args.prompt_embeds, cfg_scale > 1, width)
     if is_dit:
-        classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+        classes = _parse_classes(args.classes)
         labels = _class_labels(classes, args.num, model.config.num_embeds_ada_norm).tolist()
     else:
         count = len(args.prompt) if args.prompt is not None else embeds["prompt_embeds"].shape[0]
@@ -232,10 +233,6 @@ def run(args: argparse.Namespace) -> int:
         "macs": macs, "cached_ratio": macs["cached_ratio"], "cache_bytes": stats["cache_bytes"],
     }
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_npz(out_dir / "samples.npz", arr_0=images, arr_1=np.asarray(labels))
-    save_png(grid(images[:64]), out_dir / "grid.png")
-    with atomic_path(out_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    _write_outputs(out_dir, images, np.asarray(labels), report)
     print(json.dumps(report, indent=2) if args.json else f"wrote {args.num} samples to {out_dir} in {wall:.1f}s")
     return 0
