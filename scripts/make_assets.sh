@@ -8,7 +8,7 @@ run=${1:?training output folder}
 cfg=${2:?guidance scale}
 a=src/calicache/assets
 python scripts/ship_model.py "$run/model.safetensors" $a/fmnist-dit.safetensors --cfg-scale "$cfg" --steps 20 \
-    --clip-denoised --train-json "$run/train.json"
+    --train-json "$run/train.json"
 # CD-SVD factors at rank ~C/9 (192/9), the paper's ratio for DiT-XL/2 (128/1152), 256 training images.
 calicache calibrate --model fmnist-dit --svd cd --rank 21 --steps 20 --num 256 --threads 2 \
     --out $a/fmnist-dit-cd.safetensors
