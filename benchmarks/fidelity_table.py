@@ -43,18 +43,21 @@ def main() -> None:
         steps, period = (int(v) for v in run.split(":"))
         factors = {}
         for svd in ("plain", "ca", "cd"):
+            # one file at the highest rank; lower ranks are exact truncations of it
+            f = work / f"{svd}-r{max(ranks)}-s{steps}.safetensors"
+            if not f.exists():
+                calicache.calibrate(model, "fashion-mnist", svd=svd, rank=max(ranks), num=256, steps=steps).save(f)
             for r in ranks:
-                f = work / f"{svd}-r{r}-s{steps}.safetensors"
-                if not f.exists():
-                    calicache.calibrate(model, "fashion-mnist", svd=svd, rank=r, num=256, steps=steps).save(f)
                 factors[(svd, r)] = str(f)
         variants = [Variant("no cache", CacheConfig("none"), steps, "uncached"),
                     Variant(f"FORA p={period}", CacheConfig("fora", period=period), steps, "fora")]
         for (svd, r), f in factors.items():
-            variants.append(Variant(f"ICC {svd} r{r}", CacheConfig("icc", period=period, svd=svd, factors=f), steps,
+            variants.append(Variant(f"ICC {svd} r{r}", CacheConfig("icc", period=period, svd=svd, factors=f, rank=r),
+                                    steps,
                                     "icc"))
         icc_share = calicache.count_macs(model, CacheConfig("icc", period=period, svd="cd",
-                                                            factors=factors[("cd", ranks[0])]), 2)
+                                                            factors=factors[("cd", ranks[0])],
+                                                            rank=ranks[0]), 2)
         budget = round(icc_share["per_call"][1] / icc_share["full_call"], 4)
         fb = work / f"cd-budget{budget}-s{steps}.safetensors"
         if not fb.exists():
@@ -63,7 +66,7 @@ def main() -> None:
                                 steps, "icc"))
         for (svd, r), f in factors.items():
             variants.append(Variant(f"forecast {svd} r{r}", CacheConfig("forecast", period=period, svd=svd,
-                                                                         factors=f), steps, "forecast"))
+                                                                         factors=f, rank=r), steps, "forecast"))
         variants.append(Variant("forecast rank 0 (TaylorSeer-1)", CacheConfig("forecast", period=period, rank=0),
                                 steps, "forecast"))
         if period == 2 and steps == 20:
