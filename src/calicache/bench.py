@@ -241,7 +241,8 @@ def run_grid(model: nn.Module, grid: Grid, opts: GridOptions) -> list[Result]:
     kw = dict(num=opts.num, cfg_scale=opts.cfg_scale, seed=opts.seed, batch_size=opts.batch_size)
     results = []
     thresholds: dict[float, int] = {}  # FirstBlockCache thresholds already run -> the period they were found for
-    sample(model, 1, 2, cfg_scale=opts.cfg_scale)  # warm-up: first-call costs must not land in the reference's time
+    # Warm-up at the real batch shape: first-call costs (kernel choice, allocations) must not land in the reference.
+    sample(model, min(opts.num, opts.batch_size or opts.num), 1, cfg_scale=opts.cfg_scale)
     bar = tqdm(total=len(grid.variants) + len(grid.peers), desc="bench", unit="config")
     for v in grid.variants:
         bar.set_postfix_str(v.name)

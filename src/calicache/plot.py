@@ -8,7 +8,8 @@ from PIL import Image, ImageDraw
 
 # Distinguishable on white (Tableau 10 and a few more).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#000000")
+           "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#000000",
+           "#3182bd", "#e6550d", "#31a354", "#756bb1")
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -25,7 +26,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+    return f"{v:.6g}"  # enough digits to tell neighbouring ticks apart, float noise dropped
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
@@ -65,7 +66,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.text((4, py - 6), _fmt(v), fill="black")
     draw.rectangle([left, top, left + pw, top + ph], outline="black")
     draw.text((left + pw // 2 - 4 * len(x_label) // 2, top + ph + 20), x_label, fill="black")
-    draw.text((left, top - 14), y_label, fill="black")
+    if y_label not in title:
+        draw.text((left, top - 14), y_label, fill="black")
     for i, (name, pts) in enumerate(clean.items()):
         colour = (colours or {}).get(name, PALETTE[i % len(PALETTE)])
         xy = [at(x, y) for x, y in pts]
