@@ -1,0 +1,352 @@
+"""The benchmark grid: calicache's methods and the peers at matched compute on one model, same seeds.
+
+`plan_grid` lays out the configurations (and makes the factor files and GOC steps they need),
+`run_grid` samples them, `quality_scores` adds the in-domain and Inception metrics, `winners` picks
+the best configuration under each MACs budget. `calicache bench` (commands/bench.py) writes the report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cache import CacheConfig
+from .compare import Result, Variant, run_variant
+from .metrics.macs import count_macs
+from .peers import Peer, fbc_threshold, missing, run_peer
+from .sampling import sample
+
+FAMILIES = ("fewer-steps", "fora", "icc", "icc-budget", "goc", "forecast", "peers")
+CALIBRATED = ("ca", "cd")
+
+
+@dataclass
+class GridOptions:
+    steps: int
+    num: int
+    cfg_scale: float
+    seed: int = 0
+    batch_size: int | None = None
+    quick: bool = False
+    families: tuple[str, ...] = FAMILIES
+    factors_dir: Path | None = None
+    goc_file: str | None = None
+    data_dir: str | None = None
+    out: Path = Path("runs/bench")
+
+
+@dataclass
+class Grid:
+    variants: list[Variant]
+    peers: list[Peer | tuple[str, int]]  # ("fbc", period): a FirstBlockCache whose threshold is searched at run time
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def uniform_ranks(width: int, quick: bool) -> list[int]:
+    """ICC ranks C/18, C/9 and C/4 (the paper's 128 of 1152 is C/9); quick: C/9 only."""
+    return sorted({max(1, round(width / d)) for d in ((9,) if quick else (18, 9, 4))})
+
+
+def fewer_steps(steps: int, quick: bool) -> list[int]:
+    """Uncached step counts with the MACs of S/4, S/3, S/2 and 2S/3 of the S-step run."""
+    fractions = (1 / 2,) if quick else (1 / 4, 1 / 3, 1 / 2, 2 / 3)
+    return sorted({max(1, round(steps * f)) for f in fractions} - {steps})
+
+
+def fora_periods(quick: bool) -> tuple[int, ...]:
+    return (2,) if quick else (2, 3, 4)
+
+
+def cached_call_share(steps: int, period: int) -> float:
+    """Share of FORA's cached calls in a run: calls t with t % period != 0."""
+    return 1 - math.ceil(steps / period) / steps
+
+
+def is_fashion_mnist_model(model: nn.Module) -> bool:
+    """A pixel-space 28x28 one-channel 10-class DiT: Fashion-MNIST data and the shipped classifier fit it."""
+    c = model.config
+    return (c.input_size, c.in_channels, c.num_classes) == (28, 1, 10)
+
+
+def icc_fraction(model: nn.Module, rank: int) -> float:
+    """MACs of an ICC-calibrated call at uniform `rank` as a share of a full call (the budget that matches it)."""
+    macs = count_macs(model, CacheConfig("icc", period=2, rank=rank), 2)
+    return macs["per_call"][1] / macs["full_call"]
+
+
+class FactorSource:
+    """CA/CD factor files: read from `factors_dir`, else calibrated now on Fashion-MNIST (pixel
+    Fashion-MNIST models only) and saved under OUT/factors, so `--factors-dir OUT/factors` reuses them."""
+
+    def __init__(self, model: nn.Module, opts: GridOptions, notes: list[str]):
+        self.model, self.opts, self.notes = model, opts, notes
+        self.seconds = 0.0
+        self._warned: set[str] = set()
+
+    def get(self, svd: str, budget: float | None = None):
+        from .calibrate.calibrate import calibrate
+        from .calibrate.factors import Factors
+
+        name = f"{svd}-full.safetensors" if budget is None else f"{svd}-budget{budget:.4f}.safetensors"
+        if self.opts.factors_dir is not None and (self.opts.factors_dir / name).exists():
+            return Factors.load(self.opts.factors_dir / name)
+        if not is_fashion_mnist_model(self.model):
+            if svd not in self._warned:
+                self._warned.add(svd)
+                where = f"not in --factors-dir {self.opts.factors_dir}" if self.opts.factors_dir else "no --factors-dir"
+                self.notes.append(f"ICC/forecast with {svd.upper()}-SVD skipped: {name} {where}, and only pixel "
+                                  "Fashion-MNIST models are calibrated on the fly (make files with "
+                                  f"`calicache calibrate --svd {svd}` named like {name})")
+            return None
+        t0 = time.perf_counter()
+        factors = calibrate(self.model, "fashion-mnist", svd=svd, rank="full", rank_budget=budget,
+                            num=32 if self.opts.quick else 256, steps=self.opts.steps, seed=self.opts.seed,
+                            data_dir=self.opts.data_dir, progress=True)
+        self.seconds += time.perf_counter() - t0
+        factors.save(self.opts.out / "factors" / name)
+        return factors
+
+
+def _goc_file(model: nn.Module, opts: GridOptions, notes: list[str]) -> str | None:
+    if opts.goc_file is not None:
+        return opts.goc_file
+    if opts.steps < 3:
+        notes.append(f"GOC skipped: a {opts.steps}-call run has no call with two earlier changes")
+        return None
+    from .calibrate.goc import find_goc_steps
+
+    found = find_goc_steps(model, opts.steps, num=min(opts.num, 4 if opts.quick else 32), cfg_scale=opts.cfg_scale,
+                           seed=opts.seed, batch_size=opts.batch_size, period=2, progress=True)
+    path = opts.out / f"goc{opts.steps}.json"
+    found.save(path)
+    return str(path)
+
+
+def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
+    """The configurations to run; makes the factor files and the GOC steps file they need."""
+    s, fam, quick = opts.steps, set(opts.families), opts.quick
+    grid = Grid([Variant(f"no cache, {s} steps", CacheConfig("none"), s, "uncached")], [])
+    if "fewer-steps" in fam:
+        grid.variants += [Variant(f"no cache, {k} steps", CacheConfig("none"), k, "fewer steps")
+                          for k in fewer_steps(s, quick)]
+    if "fora" in fam:
+        grid.variants += [Variant(f"FORA p={p}", CacheConfig("fora", period=p), s, "FORA") for p in fora_periods(quick)]
+    ranks = uniform_ranks(model.config.hidden_size, quick)
+    source = FactorSource(model, opts, grid.notes)
+    full = {"plain": None}
+    if fam & {"icc", "forecast"}:
+        full.update({svd: source.get(svd) for svd in CALIBRATED if not quick or svd == "cd"})
+    if "icc" in fam:
+        for svd, factors in full.items():
+            if svd != "plain" and factors is None:
+                continue
+            grid.variants += [Variant(f"ICC {svd} r={r} p=2", CacheConfig("icc", period=2, rank=r, svd=svd,
+                                                                          factors=factors), s, f"ICC {svd}")
+                              for r in ranks]
+    if "icc-budget" in fam:
+        for svd in (CALIBRATED[1:] if quick else CALIBRATED):
+            for r in ranks:
+                budget = icc_fraction(model, r)
+                factors = source.get(svd, budget)
+                if factors is None:
+                    break
+                grid.variants.append(Variant(f"ICC {svd} budget~r{r} p=2",
+                                             CacheConfig("icc", period=2, svd=svd, factors=factors), s,
+                                             f"ICC {svd} budgeted ranks"))
+    if "goc" in fam:
+        t0 = time.perf_counter()
+        goc_file = _goc_file(model, opts, grid.notes)
+        grid.seconds["goc_steps"] = time.perf_counter() - t0
+        if goc_file is not None:
+            grid.variants.append(Variant("GOC p=2", CacheConfig("goc", period=2, goc_file=goc_file), s, "GOC"))
+    if "forecast" in fam:
+        r = uniform_ranks(model.config.hidden_size, True)[0]
+        for svd, factors in full.items():
+            if svd == "ca" or (svd != "plain" and factors is None):
+                continue
+            grid.variants += [Variant(f"forecast {svd} r={r} p={p}", CacheConfig("forecast", period=p, rank=r, svd=svd,
+                                                                                 factors=factors), s, f"forecast {svd}")
+                              for p in ((2,) if quick else (2, 3))]
+    grid.seconds["calibration"] = source.seconds
+    if "peers" in fam:
+        grid.peers = _plan_peers(model, quick, grid.notes)
+    return grid
+
+
+def _plan_peers(model: nn.Module, quick: bool, notes: list[str]) -> list[Peer | tuple[str, int]]:
+    out: list[Peer | tuple[str, int]] = []
+    for kind in ("none", "dbcache", "dbcache-taylorseer", "fbc", "taylorseer"):
+        why = missing(kind)
+        if why is not None:
+            notes.append(f"peer {kind} skipped: {why}")
+            continue
+        if kind == "none":
+            out.append(Peer("none"))
+            continue
+        if kind == "fbc" and model.config.depth < 2:
+            notes.append("peer FirstBlockCache skipped: it needs at least two blocks (a head and a tail)")
+            continue
+        out += [(kind, p) if kind == "fbc" else Peer(kind, p) for p in fora_periods(quick)]
+    return out
+
+
+class PeakRSS:
+    """Peak growth of this process's resident set while the block runs, sampled from /proc/self/statm
+    every 5 ms (Linux). torch's tensors are invisible to tracemalloc; memory the allocator kept from
+    earlier runs is reused without growing the RSS, so this is a lower bound."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.available = Path("/proc/self/statm").exists()
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakRSS:
+        if self.available:
+            self.start = self.peak = self._rss()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def delta_mb(self) -> float | None:
+        return round((self.peak - self.start) / 2**20, 1) if self.available else None
+
+
+def run_grid(model: nn.Module, grid: Grid, opts: GridOptions) -> list[Result]:
+    """Sample every configuration with the same seeds; peers that fail to attach or run become notes."""
+    kw = dict(num=opts.num, cfg_scale=opts.cfg_scale, seed=opts.seed, batch_size=opts.batch_size)
+    results = []
+    thresholds: dict[float, int] = {}  # FirstBlockCache thresholds already run -> the period they were found for
+    # Warm-up at the real batch shape: first-call costs (kernel choice, allocations) must not land in the reference.
+    sample(model, min(opts.num, opts.batch_size or opts.num), 1, cfg_scale=opts.cfg_scale)
+    bar = tqdm(total=len(grid.variants) + len(grid.peers), desc="bench", unit="config")
+    for v in grid.variants:
+        bar.set_postfix_str(v.name)
+        with PeakRSS() as mem:
+            r = run_variant(model, v, progress=False, **kw)
+        r.scores.update(peak_rss_mb=mem.delta_mb, macs_source="calicache.count_macs")
+        results.append(r)
+        bar.update(1)
+    for p in grid.peers:
+        search = None
+        bar.set_postfix_str(p.name if isinstance(p, Peer) else f"{p[0]} ~p={p[1]}")
+        try:
+            if isinstance(p, tuple):  # FirstBlockCache: its only knob is a threshold, set for FORA's cached calls
+                target = cached_call_share(opts.steps, p[1])
+                threshold, share = fbc_threshold(model, target, opts.steps, min(opts.num, 8 if opts.quick else 16),
+                                                 opts.cfg_scale, opts.seed, iters=4 if opts.quick else 7)
+                if threshold in thresholds:
+                    grid.notes.append(f"peer FirstBlockCache ~p={p[1]}: the threshold search found {threshold:.3g} "
+                                      f"again (as for ~p={thresholds[threshold]}); not run twice")
+                    bar.update(1)
+                    continue
+                thresholds[threshold] = p[1]
+                search = {"target_cached_calls": round(target, 4), "probe_cached_calls": round(share, 4)}
+                p = Peer("fbc", p[1], threshold)
+            with PeakRSS() as mem:
+                r = run_peer(model, p, progress=False, steps=opts.steps, **kw)
+        except Exception as e:  # third-party code: a peer that cannot run here is reported, never faked
+            grid.notes.append(f"peer {p.name if isinstance(p, Peer) else p[0]} failed: {type(e).__name__}: {e}")
+        else:
+            r.scores.update(peak_rss_mb=mem.delta_mb, macs_source=r.macs["source"],
+                            cached_calls=round(r.macs["cached_calls"], 4), **(search or {}))
+            results.append(r)
+        bar.update(1)
+    bar.close()
+    return results
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of Gaussians fitted to two feature sets."""
+    try:
+        from .metrics.frechet import frechet_distance, gaussian_stats
+    except ImportError:  # calicache.metrics.frechet not in this build: the same formula with scipy's sqrtm
+        from scipy import linalg
+
+        (m1, s1), (m2, s2) = [(f.mean(0), np.cov(f, rowvar=False)) for f in (a, b)]
+        return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+    # eigh: the sqrtm value, stable when there are fewer samples than feature dimensions.
+    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b), method="eigh")
+
+
+def domain_fd(results: list[Result], classifier: nn.Module, reference: np.ndarray) -> None:
+    """Frechet distance of classifier features of each result to those of `reference` images (`fd`)."""
+    from .classifier import features_uint8
+
+    ref = features_uint8(classifier, reference)
+    for r in tqdm(results, desc="classifier features", leave=False):
+        r.scores["fd"] = round(frechet(features_uint8(classifier, r.images), ref), 3)
+
+
+def inception_fid(results: list[Result], ref: str, inception: str | None, data_dir: str | None) -> str | None:
+    """Inception FID of each result against `ref` (`fid`); returns why it was skipped, or None."""
+    try:
+        from .metrics.frechet import frechet_distance, gaussian_stats
+        from .metrics.inception import InceptionExtractor
+        from .metrics.reference import reference_stats
+    except ImportError as e:
+        return f"--fid skipped: calicache.metrics' Inception FID is not available in this build ({e})"
+    try:
+        extractor = InceptionExtractor(inception)
+        stats = reference_stats(ref, extractor, data_dir=data_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        return f"--fid skipped: {e}"
+    for r in results:
+        acts = extractor(r.images, desc=f"inception ({r.variant.name})")
+        r.scores["fid"] = round(frechet_distance(*gaussian_stats(acts.pool), stats.mu, stats.sigma, method="eigh"), 3)
+    return None
+
+
+def winners(rows: list[dict], levels: list[tuple[str, int]]) -> list[dict]:
+    """For each MACs budget, the configuration with the best PSNR to the uncached run, and with the
+    lowest in-domain FD, among those that cost at most the budget (the reference itself excluded)."""
+    out = []
+    for label, budget in levels:
+        fits = [r for r in rows if r["family"] != "uncached" and r["macs_per_sample"] <= budget]
+        entry: dict = {"level": label, "macs": budget, "candidates": len(fits)}
+        psnr = [r for r in fits if r.get("psnr") is not None and not math.isnan(r["psnr"])]  # inf: identical
+        if psnr:
+            best = max(psnr, key=lambda r: r["psnr"])
+            entry.update(by_psnr=best["name"], psnr=best["psnr"], ssim=best.get("ssim"))
+        fd = [r for r in fits if r.get("fd") is not None]
+        if fd:
+            best = min(fd, key=lambda r: r["fd"])
+            entry.update(by_fd=best["name"], fd=best["fd"])
+        out.append(entry)
+    return out
+
+
+def pick_level(results: list[Result], level: int) -> list[Result]:
+    """The reference, then per family the result whose MACs are closest to `level` (within 25%)."""
+    chosen: dict[str, Result] = {}
+    for r in results[1:]:
+        gap = abs(r.macs["total"] - level) / level
+        old = chosen.get(r.variant.family)
+        if gap <= 0.25 and (old is None or gap < abs(old.macs["total"] - level) / level):
+            chosen[r.variant.family] = r
+    return [results[0], *chosen.values()]
+
