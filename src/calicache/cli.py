@@ -13,6 +13,7 @@ COMMANDS = {
     "calibrate": "calibrate",
     "macs": "macs",
     "eval": "eval",
+    "bench": "bench",
     "train": "train",
     "train-classifier": "train_classifier",
     "convert": "convert",
