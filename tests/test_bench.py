@@ -3,8 +3,6 @@ the report helpers."""
 
 import importlib.util
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -21,26 +19,9 @@ from conftest import randomize, tiny_model
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
 
-@pytest.fixture(autouse=True)
-def fidelity_module(monkeypatch):
-    """calicache.metrics.fidelity comes from another branch; until it is merged, a plain PSNR/MSE stand-in."""
-    if importlib.util.find_spec("calicache.metrics.fidelity") is not None:
-        return
-
-    def fidelity(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        mse = float(((a - b) ** 2).mean())
-        return {"psnr": float("inf") if mse == 0 else 10 * np.log10(255**2 / mse), "ssim": 1 - mse / 255**2,
-                "mse": mse}
-
-    module = types.ModuleType("calicache.metrics.fidelity")
-    module.fidelity = fidelity
-    monkeypatch.setitem(sys.modules, "calicache.metrics.fidelity", module)
-
-
 def test_bench_quick_end_to_end(tmp_path):
     path = tmp_path / "tiny.safetensors"
-    save_model(randomize(tiny_model(), std=0.05), path)
+    save_model(randomize(tiny_model(input_size=12), std=0.05), path)  # SSIM needs >= 11x11 images
     out = tmp_path / "out"
     assert main(["bench", "--model", str(path), "--quick", "--steps", "4", "--num", "4", "--out", str(out),
                  "--threads", "1"]) == 0
@@ -113,7 +94,7 @@ def test_dbcache_static_mask_caches_foras_calls_in_every_run():
 def test_missing_peer_is_a_note(monkeypatch, tmp_path):
     monkeypatch.setattr("calicache.bench.missing", lambda kind: f"{kind} not here")
     path = tmp_path / "tiny.safetensors"
-    save_model(tiny_model(), path)
+    save_model(tiny_model(input_size=12), path)
     out = tmp_path / "out"
     assert main(["bench", "--model", str(path), "--quick", "--steps", "3", "--num", "2", "--out", str(out),
                  "--families", "fora,peers", "--json"]) == 0
@@ -125,7 +106,7 @@ def test_missing_peer_is_a_note(monkeypatch, tmp_path):
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "tiny.safetensors"
-    save_model(tiny_model(), path)
+    save_model(tiny_model(input_size=12), path)
     assert main(["bench", "--model", str(path), "--families", "fora,speed", "--out", str(tmp_path)]) == 2
     assert "unknown --families ['speed']" in capsys.readouterr().err
     assert main(["bench", "--model", str(path), "--factors-dir", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
