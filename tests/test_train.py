@@ -9,7 +9,7 @@ from PIL import Image
 
 from calicache.cli import main
 from calicache.models.io import load_model, read_metadata
-from calicache.train import TrainConfig, train
+from calicache.train import TrainConfig, learning_rate, train
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 TINY_JSON = json.dumps({k: v for k, v in TINY.items() if k not in ("input_size", "num_classes")})
@@ -58,6 +58,17 @@ def test_resume_is_bit_exact(tmp_path):
     for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a["rng"], b["rng"])
+
+
+def test_learning_rate_schedules():
+    const = TrainConfig(steps=100, lr=2.0, warmup=10)
+    assert [learning_rate(const, s) for s in (0, 4, 9, 50, 99)] == [0.2, 1.0, 2.0, 2.0, 2.0]
+    cos = TrainConfig(steps=100, lr=2.0, warmup=1, lr_decay="cosine")
+    assert learning_rate(cos, 0) == 2.0 and learning_rate(cos, 50) == pytest.approx(1.0)
+    assert learning_rate(cos, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(learning_rate(cos, s) > learning_rate(cos, s + 1) for s in range(99))
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        TrainConfig(lr_decay="linear")
 
 
 def test_resume_errors(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from .models.dit import DiT, create_model
 from .models.io import save_model
 from .utils import atomic_path
 
+LR_DECAYS = ("constant", "cosine")
+
 
 @dataclass
 class TrainConfig:
@@ -36,8 +39,11 @@ class TrainConfig:
     seed: int = 0
     flip: bool = True
     warmup: int = 200
+    lr_decay: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         for name in ("steps", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -50,6 +56,14 @@ def to_model_space(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.array(images, dtype=np.float32))
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     return x / 127.5 - 1.0
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate at 0-based `step`: linear warm-up, then constant or cosine decay to 0 at `cfg.steps`."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_decay == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    return lr
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -140,7 +154,7 @@ def train(
         x_t = schedule.q_sample(x0, t, noise)
         loss = training_loss(model(x_t, t, y), x0, x_t, t, noise, schedule).mean()
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            g["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

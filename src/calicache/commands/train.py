@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from ..data import load_dataset
-from ..train import TrainConfig, train
+from ..train import LR_DECAYS, TrainConfig, train
 from .common import setup
 
 
@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default=d.lr_decay,
+                   help="after warm-up: constant, or cosine decay to 0 at the last of --steps")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     images, labels = load_dataset(args.data, "train", args.data_dir, size=args.image_size)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
-                      seed=args.seed, flip=not args.no_flip, warmup=args.warmup)
+                      seed=args.seed, flip=not args.no_flip, warmup=args.warmup, lr_decay=args.lr_decay)
     overrides = json.loads(args.model_overrides) if args.model_overrides else {}
     if labels is None:  # unlabelled images: one class, i.e. an unconditional model
         labels = np.zeros(len(images), dtype=np.int64)
