@@ -11,7 +11,7 @@ from calicache.cache import get_engine
 from calicache.calibrate.calibrate import gather_statistics
 from calicache.calibrate.factors import Factors
 from calicache.calibrate.ranks import RankCandidate, allocate_ranks
-from calicache.calibrate.stats import finalise, minmax_normalise
+from calicache.calibrate.stats import ChannelStatistics, channel_magnitude, finalise, minmax_normalise
 from calicache.calibrate.svd import scaled_decomposition, scaled_svd
 from conftest import tiny_model
 
@@ -86,11 +86,16 @@ def test_normalisation_as_the_authors():
 
 
 # -- statistics ---------------------------------------------------------------------------------
-def test_ca_cd_statistics_finite_positive_deterministic():
+def test_ca_cd_cf_statistics_finite_positive_deterministic():
     model = tiny_model()
     ca1, ca2 = stats_means(model, "ca"), stats_means(model, "ca")
     cd1, cd2 = stats_means(model, "cd"), stats_means(model, "cd")
-    assert set(ca1) == set(cd1)
+    cf1, cf2 = stats_means(model, "cf"), stats_means(model, "cf")
+    assert set(ca1) == set(cd1) == set(cf1)
+    for key in cf1:
+        assert torch.isfinite(cf1[key]).all() and (cf1[key] > 0).all() and (cf1[key] <= 1).all()
+        assert torch.equal(cf1[key], cf2[key])
+    assert max(rel(cf1[k], cd1[k]) for k in cd1) > 0.05
     # One statistic per (module, side): qkv, proj, fc1, fc2 per block.
     assert {name for name, _ in ca1} == {f"blocks.{i}.{m}" for i in range(2)
                                          for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
@@ -103,11 +108,46 @@ def test_ca_cd_statistics_finite_positive_deterministic():
     assert any(not torch.equal(other[k], cd1[k]) for k in cd1)
 
 
-def test_statistics_do_not_depend_on_batching():
+@pytest.mark.parametrize("kind", ["cd", "cf"])
+def test_statistics_do_not_depend_on_batching(kind):
     model = tiny_model()
-    a, b = stats_means(model, "cd", batch_size=24), stats_means(model, "cd", batch_size=5)
+    a, b = stats_means(model, kind, batch_size=24), stats_means(model, kind, batch_size=5)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("module", ["mlp.fc1", "mlp.fc2", "attn.qkv"])
+def test_cf_statistic_is_the_forecast_residual(module):
+    """CF records |v_s - (v_f1 + k (v_f1 - v_f0))| per channel, for inputs (fc2's from GELU(fc1)) and outputs."""
+    model, k = tiny_model(), 0.7
+    seen = []
+    linear = model.get_submodule(f"blocks.1.{module}")
+    handle = linear.register_forward_hook(lambda m, a, o: seen.append((a[0].detach().clone(), o.detach().clone())))
+    stats = ChannelStatistics(model, specs_of(model), "cf", forecast_k=k)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 3])
+    calls = [torch.randn(2, 1, 8, 8, generator=gen) for _ in range(4)]
+    with torch.no_grad(), stats.collect():
+        stats.reference()
+        model(calls[0], torch.tensor([900, 900]), y)
+        stats.idle()
+        model(calls[1], torch.tensor([800, 800]), y)
+        stats.reference()
+        model(calls[2], torch.tensor([700, 700]), y)
+        stats.measure()
+        model(calls[3], torch.tensor([600, 600]), y)
+        stats.end_measure()
+    handle.remove()
+    (x0, y0), _, (x1, y1), (xs, ys) = seen
+    means = stats.means()
+    for side, (v0, v1, vs) in (("in", (x0, x1, xs)), ("out", (y0, y1, ys))):
+        expect = minmax_normalise(channel_magnitude(vs - (v1 + k * (v1 - v0)))).double().mean(0)
+        assert torch.allclose(means[(f"blocks.1.{module}", side)], expect, rtol=1e-5, atol=1e-7), side
+    with pytest.raises(RuntimeError, match="CF needs 2"), stats.collect():
+        stats.reference()
+        model(calls[0], torch.tensor([900, 900]), y)
+        stats.measure()
+        model(calls[1], torch.tensor([800, 800]), y)
 
 
 def test_hooks_removed_even_after_an_error():
@@ -199,7 +239,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rank_budget"):
         calicache.calibrate(model, svd="plain", rank_budget=1.5)
     with pytest.raises(ValueError, match="unknown svd"):
-        calicache.calibrate(model, svd="cf")
+        calicache.calibrate(model, svd="cx")
+    with pytest.raises(ValueError, match="period must be"):
+        calicache.calibrate(model, fake_data(), svd="cf", period=0)
+    with pytest.raises(ValueError, match="use sampler='ddim'"):
+        calicache.calibrate(model, fake_data(), svd="cf", sampler="ddpm")
+    with pytest.raises(ValueError, match="steps must be >= 4"):
+        calicache.calibrate(model, fake_data(), svd="cf", num=8, steps=3)
     with pytest.raises(ValueError, match="fewer than num"):
         calicache.calibrate(model, fake_data(n=4), num=8)
     with pytest.raises(ValueError, match="model takes"):
@@ -211,13 +257,13 @@ def test_bad_arguments():
 
 
 # -- ICC with calibrated factors ----------------------------------------------------------------
-@pytest.mark.parametrize("svd", ["ca", "cd"])
-def test_icc_full_rank_factors_equal_no_cache(tmp_path, svd):
+@pytest.mark.parametrize("svd, method", [("ca", "icc"), ("cd", "icc"), ("cf", "forecast")])
+def test_full_rank_factors_equal_no_cache(tmp_path, svd, method):
     model = tiny_model()
     path = tmp_path / "f.safetensors"
     calicache.calibrate(model, fake_data(), svd=svd, rank="full", num=16, batch_size=8, steps=STEPS).save(path)
     ref = sample(model, 4, STEPS, seed=1)
-    apply_cache(model, CacheConfig(method="icc", svd=svd, factors=path))
+    apply_cache(model, CacheConfig(method=method, svd=svd, factors=path))
     out = sample(model, 4, STEPS, seed=1)
     remove_cache(model)
     assert rel(out, ref) < 1e-5

@@ -39,6 +39,19 @@ def test_cli_writes_factors_that_sample_uses(setup, capsys):
     assert x.shape == (2, 1, 8, 8)
 
 
+def test_cli_cf_factors_for_the_forecast(setup, capsys):
+    tmp_path, model = setup
+    out = tmp_path / "cf.safetensors"
+    assert run(tmp_path, "--svd", "cf", "--rank", "4", "--period", "3", "--forecast-weight", "0.8",
+               "--out", str(out)) == 0
+    f = Factors.load(out)
+    assert (f.meta["svd"], f.meta["period"], f.meta["forecast_weight"]) == ("cf", 3, 0.8)
+    apply_cache(model, CacheConfig(method="forecast", svd="cf", factors=out, period=3, forecast_weight=0.8))
+    x = sample(model, 2, 10)
+    remove_cache(model)
+    assert x.shape == (2, 1, 8, 8) and bool(x.isfinite().all())
+
+
 def test_cli_rank_budget(setup, capsys):
     tmp_path, model = setup
     out = tmp_path / "b.safetensors"

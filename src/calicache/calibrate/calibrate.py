@@ -1,6 +1,7 @@
 """`calicache.calibrate`: ICC's low-rank factors for one model (paper Sec. 3.4, Alg. 1-2).
 
-Plain SVD needs only the weights. CA-SVD and CD-SVD first gather channel statistics on a
+Plain SVD needs only the weights. CA-SVD, CD-SVD and CF-SVD (forecast residuals, calicache's own,
+for `method="forecast"`) first gather channel statistics on a
 calibration set (paper: 256 clean training images, batch 16, one pass, no guidance, labels dropped
 to the null class with probability 0.1), then factor every calibrated linear with the scaled SVD.
 Ranks are uniform, or chosen per linear under a MACs budget (`rank_budget`).
@@ -26,7 +27,7 @@ from .ranks import RankCandidate, allocate_ranks
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 from .svd import scaled_decomposition, scaled_singular_values, truncate
 
-SVD_METHODS = ("plain", "ca", "cd")
+SVD_METHODS = ("plain", "ca", "cd", "cf")
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
 
 
@@ -69,8 +70,10 @@ def gather_statistics(
     cfg_scale: float = 1.0,
     data_dir=None,
     progress: bool = False,
+    period: int = 2,
+    forecast_weight: float = 1.0,
 ) -> ChannelStatistics:
-    """CA or CD statistics of `specs` on `num` images of `data` (see `calibrate`)."""
+    """CA, CD or CF statistics of `specs` on `num` images of `data` (see `calibrate`)."""
     images, labels = load_images(data, data_dir) if _is_spec(data) else data
     images = np.asarray(images)
     cfg = model.config
@@ -83,13 +86,18 @@ def gather_statistics(
     order = select(len(images), num, seed)
     inputs = ModelSpaceBatches(model, images, vae)
     schedule = Schedule.create(steps, spacing)
-    if kind == "cd" and len(schedule) < 2:
-        raise ValueError("CD statistics need two consecutive sampler steps: steps must be >= 2")
+    # The passes before each measuring call, one sampler step apart: CD's reference at index i
+    # measures at i - 1; CF's references f0 = i and f1 = i - period (idle calls between) measure at
+    # f1 - 1, the first cached call after f1 on a FORA schedule of that period.
+    passes = {"ca": [], "cd": ["reference"], "cf": ["reference"] + ["idle"] * (period - 1) + ["reference"]}[kind]
+    if len(schedule) < len(passes) + 1:
+        raise ValueError(f"{kind.upper()} statistics need {len(passes) + 1} consecutive sampler steps: "
+                         f"steps must be >= {len(passes) + 1}")
     abar = torch.as_tensor(schedule.alphas_cumprod)
     timesteps = torch.as_tensor(schedule.timesteps)
-    low = 1 if kind == "cd" else 0  # CD steps from index i to i - 1
+    low = len(passes)  # step from index i down to i - len(passes), the measured call
     device = next(model.parameters()).device
-    stats = ChannelStatistics(model, specs, kind, sides)
+    stats = ChannelStatistics(model, specs, kind, sides, forecast_k=forecast_weight / period)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), desc=f"calibrating ({kind.upper()} statistics)", disable=not progress)
@@ -108,11 +116,12 @@ def gather_statistics(
                 fn = guided_model_fn(model, y.to(device), cfg.num_classes, cfg_scale)
                 z = schedule.q_sample(x0, index.to(device), noise.to(x0))
                 t = timesteps[index].to(device)
-                if kind == "cd":
-                    stats.reference()
+                for phase in passes:
+                    stats.reference() if phase == "reference" else stats.idle()
                     eps = fn(z, t)[:, : z.shape[1]]
                     z = _ddim_step(z, eps, abar[index], abar[index - 1])
-                    t = timesteps[index - 1].to(device)
+                    index = index - 1
+                    t = timesteps[index].to(device)
                 stats.measure()
                 fn(z, t)
                 stats.end_measure()
@@ -142,7 +151,7 @@ def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[st
     return allocate_ranks(cands, fraction * full_call - fixed)
 
 
-def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampler: str) -> None:
+def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampler: str, period) -> None:
     if svd not in SVD_METHODS:
         raise ValueError(f"unknown svd {svd!r}; choose one of {SVD_METHODS}")
     if scale not in SCALES:
@@ -155,8 +164,10 @@ def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampl
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance, the authors' calibration), got {cfg_scale}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if svd == "cd" and sampler != "ddim":
-        raise ValueError("CD statistics follow one deterministic DDIM step; use sampler='ddim'")
+    if svd in ("cd", "cf") and sampler != "ddim":
+        raise ValueError(f"{svd.upper()} statistics follow deterministic DDIM steps; use sampler='ddim'")
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"period must be an integer >= 1 (the FORA period the forecast runs at), got {period!r}")
 
 
 def calibrate(
@@ -176,13 +187,17 @@ def calibrate(
     rank_budget: float | None = None,
     progress: bool = False,
     data_dir=None,
+    period: int = 2,
+    forecast_weight: float = 1.0,
 ) -> Factors:
     """ICC factors for `model` (save them with `.save(path)`; use with `CacheConfig(method="icc", factors=...)`).
 
     - data: (uint8 images (N, H, W[, C]), labels or None) or a spec ("fashion-mnist", an image
       folder, an .npz); not needed for svd="plain". Latent models encode with `vae` (a diffusers
       AutoencoderKL or its path), latents * 0.18215.
-    - svd: "cd" (channel-difference, the paper's best), "ca" (channel-activation) or "plain".
+    - svd: "cd" (channel-difference, the paper's best), "ca" (channel-activation), "plain", or "cf"
+      (forecast residuals |v_s - v_hat| of `method="forecast"` with `forecast_weight` on a FORA
+      schedule of `period`: references at sampler steps i and i - period, measured at i - period - 1).
     - scale: "both" (default), "input" or "output" (the paper's Table 4 ablation).
     - rank: uniform rank (clamped to each weight's full rank) or "full"; rank_budget F (0 < F < 1)
       instead picks per-linear ranks so that a calibrated call costs at most F of a full call.
@@ -191,7 +206,7 @@ def calibrate(
     """
     from .. import __version__
 
-    _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler)
+    _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler, period)
     if get_engine(model) is not None:
         raise ValueError("this model has a cache attached; call remove_cache(model) before calibrating")
     branches = get_adapter(model).branches(model)
@@ -205,7 +220,7 @@ def calibrate(
                              "or use svd='plain'")
         stats = gather_statistics(model, data, svd, specs, sides, num=num, batch_size=batch_size, steps=steps,
                                   spacing=spacing, seed=seed, vae=vae, cfg_scale=cfg_scale, data_dir=data_dir,
-                                  progress=progress)
+                                  progress=progress, period=period, forecast_weight=forecast_weight)
         scales = stats.scales(specs)
     if rank_budget is not None:
         energies = {}
@@ -228,6 +243,7 @@ def calibrate(
         "num": None if svd == "plain" else num, "batch_size": batch_size, "steps": steps, "sampler": sampler,
         "spacing": spacing, "seed": seed, "cfg_scale": cfg_scale, "label_drop": LABEL_DROP,
         "alpha": ALPHA, "max_ratio": MAX_RATIO, "calicache_version": __version__,
+        **({"period": period, "forecast_weight": forecast_weight} if svd == "cf" else {}),
     }
     return Factors(tensors, meta)
 

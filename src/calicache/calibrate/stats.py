@@ -2,12 +2,14 @@
 
 For every calibrated nn.Linear module, per sample and channel: the mean over tokens of |input| and
 |output| (CA, "activation"), or of |input_t1 - input_t2| and |output_t1 - output_t2| between two
-consecutive sampler steps (CD, "difference"). As the authors' code does, each sample's vector is
+consecutive sampler steps (CD, "difference"), or of |x_s - x_hat| and |y_s - y_hat| with x_hat, y_hat
+the first-order forecasts from two earlier calls (CF, "forecast residual", calicache's statistic for
+`method="forecast"`: what the low-rank term corrects there). As the authors' code does, each sample's vector is
 min-max normalised across channels, `(m - min + 1e-6) / (max - min + 1e-6)`, so every denoising
 step weighs the same; the set average is raised to alpha = 0.5 and clamped from below at max/1000.
 
-Only running sums (one float64 vector per module and side) outlive a batch. CD keeps the reference
-step's inputs/outputs of one batch between its two model calls, as much memory as ICC's own cache
+Only running sums (one float64 vector per module and side) outlive a batch. CD (CF) keeps the one (two)
+reference steps' inputs/outputs of one batch until the measuring call, as much memory as ICC's own cache
 for that batch; fc2's reference input is recomputed as GELU(fc1's reference output), as ICC does.
 """
 
@@ -21,11 +23,14 @@ import torch
 from torch import nn
 
 from ..adapters import LinearSpec
+from ..cache.methods.forecast import first_order
 
 NORM_EPS = 1e-6
 ALPHA = 0.5
 MAX_RATIO = 1000.0
 SIDES = ("in", "out")
+KINDS = ("ca", "cd", "cf")
+REFERENCES = {"ca": 0, "cd": 1, "cf": 2}  # reference passes before each measuring pass
 
 
 def channel_magnitude(t: torch.Tensor) -> torch.Tensor:
@@ -53,8 +58,8 @@ class _Tracked:
     module: nn.Linear
     input_from: str | None = None  # module whose reference output gives this one's reference input
     input_fn: object = None
-    x_ref: torch.Tensor | None = None
-    y_ref: torch.Tensor | None = None
+    x_refs: list[torch.Tensor] = field(default_factory=list)
+    y_refs: list[torch.Tensor] = field(default_factory=list)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -62,16 +67,20 @@ class ChannelStatistics:
     """Hooks on the calibrated linear modules of `specs`; `collect` installs them for one block of work.
 
     kind "ca": every hooked call records |x| and |y|. kind "cd": calls alternate between a
-    reference pass (`phase = "reference"`, stores x_t2 and y_t2) and a measuring pass (records
-    |x_t1 - x_t2| and |y_t1 - y_t2|, then forgets the references).
+    reference pass (`reference()`, stores x_t2 and y_t2) and a measuring pass (records
+    |x_t1 - x_t2| and |y_t1 - y_t2|, then forgets the references). kind "cf": two reference passes
+    (f0, then f1) before each measuring pass s, which records the residual of the first-order
+    forecast `v_f1 + forecast_k (v_f1 - v_f0)`. Calls in the `idle()` phase are not looked at.
     """
 
-    def __init__(self, model: nn.Module, specs: list[LinearSpec], kind: str, sides: tuple[str, ...] = SIDES):
-        if kind not in ("ca", "cd"):
-            raise ValueError(f"unknown statistics kind {kind!r}; choose 'ca' or 'cd'")
+    def __init__(self, model: nn.Module, specs: list[LinearSpec], kind: str, sides: tuple[str, ...] = SIDES,
+                 forecast_k: float = 1.0):
+        if kind not in KINDS:
+            raise ValueError(f"unknown statistics kind {kind!r}; choose one of {KINDS}")
         if not sides or set(sides) - set(SIDES):
             raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {sides}")
         self.kind = kind
+        self.forecast_k = float(forecast_k)
         self.sides = tuple(sides)
         self.phase = "measure"
         self.count = 0
@@ -104,30 +113,35 @@ class ChannelStatistics:
     def _hook(self, t: _Tracked):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
-            if self.kind == "cd" and self.phase == "reference":
+            if self.phase == "idle":
+                return
+            if self.phase == "reference":
                 # Copies: a model that works in place must not change the references under us.
                 if "in" in self.sides and t.input_from is None:
-                    t.x_ref = x.detach().clone()
+                    t.x_refs.append(x.detach().clone())
                 if "out" in self.sides or t.name in self._feeds:
-                    t.y_ref = output.detach().clone()
+                    t.y_refs.append(output.detach().clone())
                 return
             if self.kind == "ca":
                 self._record(t, "in", x)
                 self._record(t, "out", output)
                 return
             if "in" in self.sides:
-                x_ref = self.tracked[t.input_from].y_ref if t.input_from else t.x_ref
-                if x_ref is None:
-                    raise RuntimeError(f"{t.name}: no reference input; run a reference pass before measuring")
+                x_refs = self.tracked[t.input_from].y_refs if t.input_from else t.x_refs
                 if t.input_from:
-                    x_ref = t.input_fn(x_ref)
-                self._record(t, "in", x - x_ref)
+                    x_refs = [t.input_fn(r) for r in x_refs]
+                self._record(t, "in", x - self._predict(t, x_refs, "input"))
             if "out" in self.sides:
-                if t.y_ref is None:
-                    raise RuntimeError(f"{t.name}: no reference output; run a reference pass before measuring")
-                self._record(t, "out", output - t.y_ref)
+                self._record(t, "out", output - self._predict(t, t.y_refs, "output"))
 
         return hook
+
+    def _predict(self, t: _Tracked, refs: list[torch.Tensor], what: str) -> torch.Tensor:
+        """What the cache serves at the measured call: the last reference (CD) or the forecast (CF)."""
+        if len(refs) != REFERENCES[self.kind]:
+            raise RuntimeError(f"{t.name}: {len(refs)} reference {what}s, {self.kind.upper()} needs "
+                               f"{REFERENCES[self.kind]}; run that many reference passes before measuring")
+        return refs[0] if self.kind == "cd" else first_order(refs[1], refs[0], self.forecast_k)
 
     def _record(self, t: _Tracked, side: str, value: torch.Tensor) -> None:
         if side not in self.sides:
@@ -143,12 +157,15 @@ class ChannelStatistics:
     def reference(self) -> None:
         self.phase = "reference"
 
+    def idle(self) -> None:
+        self.phase = "idle"
+
     def measure(self) -> None:
         self.phase = "measure"
         self._pending = 0
 
     def end_measure(self) -> None:
-        """Close one measuring pass: count its samples and forget the CD references."""
+        """Close one measuring pass: count its samples and forget the references."""
         if self._pending == 0:
             raise RuntimeError("no calibrated linear was called in the measuring pass")
         self.count += self._pending
@@ -157,7 +174,7 @@ class ChannelStatistics:
 
     def clear_references(self) -> None:
         for t in self.tracked.values():
-            t.x_ref = t.y_ref = None
+            t.x_refs, t.y_refs = [], []
 
     # -- results -----------------------------------------------------------------------------
     def means(self) -> dict[tuple[str, str], torch.Tensor]:

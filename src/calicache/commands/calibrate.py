@@ -37,16 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ICC")
     g.add_argument("--data", default="fashion-mnist", help="fashion-mnist, an image folder or an .npz (arr_0 images)")
     g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    g.add_argument("--svd", choices=("cd", "ca", "plain"), default="cd",
-                   help="cd: channel-difference (the paper's best), ca: channel-activation, plain: unscaled")
+    g.add_argument("--svd", choices=("cd", "ca", "cf", "plain"), default="cd",
+                   help="cd: channel-difference (the paper's best), ca: channel-activation, cf: forecast residuals "
+                        "(for --method forecast at sampling), plain: unscaled")
+    g.add_argument("--forecast-weight", type=float, default=1.0,
+                   help="CF: the forecast weight w the factors will be used with")
     g.add_argument("--scale", choices=SCALES, default="both", help="which side the CA/CD scaling weighs")
     g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
     g.add_argument("--rank-budget", type=float, default=None,
                    help="per-layer ranks instead: a calibrated call costs at most this share (0-1) of a full call")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
+    p.add_argument("--period", type=int, default=2,
+                   help="the FORA period sampling will use (GOC's compensation; CF's forecast distance)")
     g = p.add_argument_group("GOC")
     g.add_argument("--threshold", type=float, default=0.0, help="GOC inflection threshold")
-    g.add_argument("--period", type=int, default=2, help="FORA period GOC's compensation runs on")
 
 
 def _rank(text: str) -> int | str:
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     factors = calibrate(model, args.data, svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
-                        rank_budget=args.rank_budget, progress=True, data_dir=args.data_dir)
+                        rank_budget=args.rank_budget, progress=True, data_dir=args.data_dir,
+                        period=args.period, forecast_weight=args.forecast_weight)
     wall = time.perf_counter() - t0
     factors.save(args.out)
     macs = count_macs(model, CacheConfig(method="icc", svd=args.svd, factors=factors), steps=2)
