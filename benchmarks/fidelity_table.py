@@ -3,8 +3,10 @@
     python benchmarks/fidelity_table.py --model fmnist-dit --num 100 --out docs/benchmarks/fidelity.json
 
 Factor files are made on the fly with calicache.calibrate (Fashion-MNIST, 256 images) for plain,
-CA and CD SVD at two ranks and a budget; GOC runs with the published steps (20 steps only) and
-with steps found by calicache's finder.
+CA and CD SVD at two ranks and a budget, and CF (forecast residuals, per steps and period) for the
+forecast; GOC runs with the published steps (20 steps only) and with steps found by calicache's
+finder. The peers cache-dit DBCache + TaylorSeer and diffusers' TaylorSeer hook run on the
+converted transformer at the same cached-call share (skipped with a note when not installed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from calicache.cache import CacheConfig
 from calicache.calibrate.goc import find_goc_steps
 from calicache.commands.common import model_defaults
 from calicache.compare import Variant, markdown_table, run_variant, score
+from calicache.peers import Peer, missing, run_peer
 
 
 def main() -> None:
@@ -64,7 +67,11 @@ def main() -> None:
             calicache.calibrate(model, "fashion-mnist", svd="cd", rank_budget=budget, num=256, steps=steps).save(fb)
         variants.append(Variant(f"ICC cd budget={budget}", CacheConfig("icc", period=period, svd="cd", factors=str(fb)),
                                 steps, "icc"))
-        for (svd, r), f in factors.items():
+        fcf = work / f"cf-r{max(ranks)}-s{steps}-p{period}.safetensors"
+        if not fcf.exists():
+            calicache.calibrate(model, "fashion-mnist", svd="cf", rank=max(ranks), num=256, steps=steps,
+                                period=period).save(fcf)
+        for (svd, r), f in list(factors.items()) + [(("cf", r), str(fcf)) for r in ranks]:
             variants.append(Variant(f"forecast {svd} r{r}", CacheConfig("forecast", period=period, svd=svd,
                                                                          factors=f, rank=r), steps, "forecast"))
         variants.append(Variant("forecast rank 0 (TaylorSeer-1)", CacheConfig("forecast", period=period, rank=0),
@@ -76,6 +83,12 @@ def main() -> None:
             find_goc_steps(model, steps, num=40, cfg_scale=cfg_scale, period=period).save(gf)
         variants.append(Variant("GOC found steps", CacheConfig("goc", period=period, goc_file=str(gf)), steps, "goc"))
         results = [run_variant(model, v, args.num, cfg_scale, progress=False) for v in variants]
+        for kind in ("dbcache-taylorseer", "taylorseer"):
+            why = missing(kind)
+            if why:
+                print(f"note: skipped {kind}: {why}")
+                continue
+            results.append(run_peer(model, Peer(kind, period), args.num, steps, cfg_scale, progress=False))
         score(results, results[0])
         rows = [r.row() for r in results]
         tables[run] = rows
