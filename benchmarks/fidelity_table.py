@@ -3,7 +3,8 @@
     python benchmarks/fidelity_table.py --model fmnist-dit --num 100 --out docs/benchmarks/fidelity.json
 
 Factor files are made on the fly with calicache.calibrate (Fashion-MNIST, 256 images) for plain,
-CA and CD SVD at two ranks and a budget, and CF (forecast residuals, per steps and period) for the
+CA and CD SVD at two ranks and a budget (and CA/CD scaled on the input or the output side only,
+the paper's Table 4 ablation), and CF (forecast residuals, per steps and period) for the
 forecast; GOC runs with the published steps (20 steps only) and with steps found by calicache's
 finder. The peers cache-dit DBCache + TaylorSeer and diffusers' TaylorSeer hook run on the
 converted transformer at the same cached-call share (skipped with a note when not installed).
@@ -65,6 +66,15 @@ def main() -> None:
         fb = work / f"cd-budget{budget}-s{steps}.safetensors"
         if not fb.exists():
             calicache.calibrate(model, "fashion-mnist", svd="cd", rank_budget=budget, num=256, steps=steps).save(fb)
+        for svd in ("ca", "cd"):
+            for side in ("input", "output"):
+                f = work / f"{svd}-{side}-r{max(ranks)}-s{steps}.safetensors"
+                if not f.exists():
+                    calicache.calibrate(model, "fashion-mnist", svd=svd, rank=max(ranks), num=256, steps=steps,
+                                        scale=side).save(f)
+                variants += [Variant(f"ICC {svd} {side}-scaled r{r}", CacheConfig("icc", period=period, svd=svd,
+                                                                                  factors=str(f), rank=r),
+                                     steps, "icc") for r in ranks]
         variants.append(Variant(f"ICC cd budget={budget}", CacheConfig("icc", period=period, svd="cd", factors=str(fb)),
                                 steps, "icc"))
         fcf = work / f"cf-r{max(ranks)}-s{steps}-p{period}.safetensors"

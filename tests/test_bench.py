@@ -37,7 +37,7 @@ def test_bench_quick_end_to_end(tmp_path):
     for family in ("fewer steps", "FORA", "ICC plain", "GOC", "forecast plain"):
         assert any(r["family"] == family for r in report["rows"]), family
     # CD factors cannot be made for a non-Fashion-MNIST model and the classifier does not fit it: said, not faked.
-    assert any("CD-SVD skipped" in n for n in report["notes"])
+    assert any("CD-SVD skipped" in n for n in report["notes"]) and any("CF-SVD skipped" in n for n in report["notes"])
     assert any("class agreement" in n for n in report["notes"]) and "class_agreement" not in ref
     # Every peer either has rows (MACs by the flop counter) or a note saying why not.
     for kind in ("dbcache", "dbcache-taylorseer", "fbc", "taylorseer"):

@@ -84,19 +84,21 @@ def icc_fraction(model: nn.Module, rank: int) -> float:
 
 
 class FactorSource:
-    """CA/CD factor files: read from `factors_dir`, else calibrated now on Fashion-MNIST (pixel
-    Fashion-MNIST models only) and saved under OUT/factors, so `--factors-dir OUT/factors` reuses them."""
+    """CA/CD/CF factor files: read from `factors_dir`, else calibrated now on Fashion-MNIST (pixel
+    Fashion-MNIST models only) and saved under OUT/factors, so `--factors-dir OUT/factors` reuses them.
+    CF factors belong to one FORA period (`cf-p2-full.safetensors`)."""
 
     def __init__(self, model: nn.Module, opts: GridOptions, notes: list[str]):
         self.model, self.opts, self.notes = model, opts, notes
         self.seconds = 0.0
         self._warned: set[str] = set()
 
-    def get(self, svd: str, budget: float | None = None):
+    def get(self, svd: str, budget: float | None = None, period: int = 2):
         from .calibrate.calibrate import calibrate
         from .calibrate.factors import Factors
 
-        name = f"{svd}-full.safetensors" if budget is None else f"{svd}-budget{budget:.4f}.safetensors"
+        kind = f"{svd}-p{period}" if svd == "cf" else svd
+        name = f"{kind}-full.safetensors" if budget is None else f"{kind}-budget{budget:.4f}.safetensors"
         if self.opts.factors_dir is not None and (self.opts.factors_dir / name).exists():
             return Factors.load(self.opts.factors_dir / name)
         if not is_fashion_mnist_model(self.model):
@@ -110,7 +112,7 @@ class FactorSource:
         t0 = time.perf_counter()
         factors = calibrate(self.model, "fashion-mnist", svd=svd, rank="full", rank_budget=budget,
                             num=32 if self.opts.quick else 256, steps=self.opts.steps, seed=self.opts.seed,
-                            data_dir=self.opts.data_dir, progress=True)
+                            data_dir=self.opts.data_dir, progress=True, period=period)
         self.seconds += time.perf_counter() - t0
         factors.save(self.opts.out / "factors" / name)
         return factors
@@ -170,12 +172,13 @@ def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
             grid.variants.append(Variant("GOC p=2", CacheConfig("goc", period=2, goc_file=goc_file), s, "GOC"))
     if "forecast" in fam:
         r = uniform_ranks(model.config.hidden_size, True)[0]
-        for svd, factors in full.items():
-            if svd == "ca" or (svd != "plain" and factors is None):
-                continue
-            grid.variants += [Variant(f"forecast {svd} r={r} p={p}", CacheConfig("forecast", period=p, rank=r, svd=svd,
-                                                                                 factors=factors), s, f"forecast {svd}")
-                              for p in ((2,) if quick else (2, 3))]
+        for p in (2,) if quick else (2, 3):
+            # CF factors are calibrated on the forecast's own residuals at this period.
+            for svd, factors in [*full.items(), ("cf", source.get("cf", period=p))]:
+                if svd == "ca" or (svd != "plain" and factors is None):
+                    continue
+                grid.variants.append(Variant(f"forecast {svd} r={r} p={p}", CacheConfig(
+                    "forecast", period=p, rank=r, svd=svd, factors=factors), s, f"forecast {svd}"))
     grid.seconds["calibration"] = source.seconds
     if "peers" in fam:
         grid.peers = _plan_peers(model, quick, grid.notes)
