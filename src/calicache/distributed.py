@@ -22,6 +22,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 TIMEOUT_ENV = "CALICACHE_DIST_TIMEOUT"
@@ -182,6 +183,30 @@ def wait_for(counter: Counter, target: int, on_value: Callable[[int], None] | No
         if value >= target:
             return
         time.sleep(interval)
+
+
+@contextmanager
+def job_progress(total: int, desc: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Progress of work split over the ranks: yields `advance(n)`, which a rank calls for each piece of
+    its own work it finishes; rank 0's bar counts every rank's (a Counter on the store).
+
+    On a normal exit every rank waits (polling the store, no time limit) until all ranks together
+    have done `total`, so that a collective after the block meets ranks that are done, not a rank
+    still busy for longer than the collective's timeout; a peer's failure raises PeerFailed there.
+    """
+    done = Counter(desc)
+    world = world_size()
+    bar = tqdm(total=total, desc=desc if world == 1 else f"{desc} on {world} ranks",
+               disable=not (enabled and is_main()))
+
+    def show(value: int) -> None:
+        bar.update(value - bar.n)
+
+    try:
+        yield lambda n: show(done.add(n))
+        wait_for(done, total, show)
+    finally:
+        bar.close()
 
 
 @contextmanager

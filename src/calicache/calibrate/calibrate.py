@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import BranchSpec, LinearSpec, get_adapter
 from ..cache.config import SCALES
 from ..cache.state import get_engine
@@ -100,10 +101,15 @@ def gather_statistics(
     stats = ChannelStatistics(model, specs, kind, sides, forecast_k=forecast_weight / period)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(order), desc=f"calibrating ({kind.upper()} statistics)", disable=not progress)
+    # Under torchrun batch j goes to rank j % world (same start indices, so the same samples as one
+    # process); the sums are added up over the ranks after every rank has finished its batches.
+    mine = {r.start for r in distributed.split_for_rank(len(order), batch_size)}
+    desc = f"calibrating ({kind.upper()} statistics)"
     try:
-        with stats.collect():
+        with distributed.job_progress(len(order), desc, progress) as advance, stats.collect():
             for start, idx in batches(order, batch_size):
+                if start not in mine:
+                    continue
                 gens = [calibration_generator(seed, start + j) for j in range(len(idx))]
                 x0 = inputs(idx, gens, device)
                 index, drop, noise = _draw(gens, low, len(schedule), tuple(x0.shape[1:]))
@@ -125,9 +131,9 @@ def gather_statistics(
                 stats.measure()
                 fn(z, t)
                 stats.end_measure()
-                bar.update(len(idx))
+                advance(len(idx))
+        stats.all_reduce_()
     finally:
-        bar.close()
         model.train(was_training)
     return stats
 

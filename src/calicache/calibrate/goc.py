@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..utils import atomic_path
 
 FORMAT = "calicache-goc-steps"
@@ -65,6 +66,11 @@ class CosineAccumulator:
             self.sums[call] += float(cos.sum())
             self.counts[call] += cos.numel()
         self._last[key] = (call, value, d)
+
+    def all_reduce_(self) -> None:
+        """Sum the per-call cosine sums and counts over the ranks of a torch.distributed job (no-op in one process)."""
+        tensors = {"sums": torch.from_numpy(self.sums), "counts": torch.from_numpy(self.counts)}
+        distributed.all_reduce_sum_(tensors)  # in place: the tensors share memory with the arrays
 
     def cosines(self) -> list[float | None]:
         """Mean cosine per call; None where it is undefined (calls 0 and 1)."""
@@ -189,6 +195,8 @@ def find_goc_steps(
 
     if get_engine(model) is not None:
         raise ValueError("the model has a cache attached; the finder needs uncached outputs: remove_cache(model) first")
+    if num < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"need num >= 1 and batch_size >= 1 (or None for one batch), got {num} and {batch_size}")
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     if not isinstance(period, int) or isinstance(period, bool) or period < 1:
@@ -210,14 +218,19 @@ def find_goc_steps(
     handles = [model.register_forward_pre_hook(count_call, with_kwargs=True)]
     try:
         handles += [b.module.register_forward_hook(record(i)) for i, b in enumerate(branches)]
-        sample(model, num, steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-               spacing=spacing, progress=progress)
+        # Under torchrun batch j goes to rank j % world; sample(start=) gives it the samples one process draws.
+        mine = distributed.split_for_rank(num, batch_size or num)
+        with distributed.job_progress(num, "finding GOC steps", progress) as advance:
+            for idx in mine:
+                sample(model, len(idx), steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                       spacing=spacing, start=idx.start)
+                advance(len(idx))
     finally:
         for h in handles:
             h.remove()
-    batches = math.ceil(num / (batch_size or num))
-    if seen["calls"] != calls * batches:
-        raise RuntimeError(f"the sampler made {seen['calls']} model calls; expected {calls} per run x {batches} runs")
+    if seen["calls"] != calls * len(mine):
+        raise RuntimeError(f"the sampler made {seen['calls']} model calls; expected {calls} per run x {len(mine)} runs")
+    acc.all_reduce_()
     cosines = acc.cosines()
     meta = {"model_hash": weight_hash(model), "steps": steps, "calls": calls, "sampler": sampler,
             "spacing": spacing, "cfg_scale": cfg_scale, "num": num, "seed": seed, "period": period,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..adapters import LinearSpec
 from ..cache.methods.forecast import first_order
 
@@ -175,6 +176,20 @@ class ChannelStatistics:
     def clear_references(self) -> None:
         for t in self.tracked.values():
             t.x_refs, t.y_refs = [], []
+
+    def all_reduce_(self) -> None:
+        """Sum the running sums and the sample count over the ranks of a torch.distributed job, so that
+        every rank holds the statistics of the whole calibration set (a no-op in one process)."""
+        if distributed.world_size() == 1:
+            return
+        tensors = {"count": torch.tensor(self.count, dtype=torch.int64)}
+        for t in self.tracked.values():
+            for side in self.sides:  # a rank without batches has no sums yet: it adds zeros
+                size = t.module.in_features if side == "in" else t.module.out_features
+                t.sums.setdefault(side, torch.zeros(size, dtype=torch.float64))
+                tensors[f"{t.name}/{side}"] = t.sums[side]
+        distributed.all_reduce_sum_(tensors)
+        self.count = int(tensors["count"])
 
     # -- results -----------------------------------------------------------------------------
     def means(self) -> dict[tuple[str, str], torch.Tensor]:

@@ -4,6 +4,9 @@
 scaled-SVD factors to --out (safetensors, tied to the model's weights); sample with
 `calicache sample --method icc --svd cd --factors OUT`. `--method goc` finds GOC's compensated
 calls from uncached runs and writes them to --out.
+
+Under torchrun every rank computes its share of the batches, the statistics are summed over the
+ranks, and rank 0 writes --out (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ import argparse
 import json
 import time
 
+from .. import distributed
 from ..cache.config import SCALES
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
-from ..models.io import load_model
-from .common import add_model_arguments, model_defaults, parse_arch, setup
+from ..models.io import load_model, weight_hash
+from ..shards import settings_digest
+from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
+
+# Options each rank may set for itself; every other option must be the same on every rank.
+RANK_LOCAL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="guidance while calibrating (ICC default 1 = none, as the authors; GOC default: the "
                         "model's recommended)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_distributed_arguments(p)
     g = p.add_argument_group("ICC")
     g.add_argument("--data", default="fashion-mnist", help="fashion-mnist, an image folder or an .npz (arr_0 images)")
     g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
@@ -64,7 +73,19 @@ def _rank(text: str) -> int | str:
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
-    model = load_model(args.model, parse_arch(args.arch))
+    # Outside torchrun both contexts do nothing; under it an error on any rank ends every rank.
+    with distributed.process_group(args.dist_timeout) as world, distributed.guard():
+        model = load_model(args.model, parse_arch(args.arch)).to(distributed.device())
+        if world > 1:  # statistics of different runs must not be summed
+            options = {k: v for k, v in vars(args).items() if k not in RANK_LOCAL_OPTIONS and not k.startswith("_")}
+            distributed.check_same(settings_digest({"options": options, "weights": weight_hash(model)}),
+                                   "the calibration options and model weights")
+        return _calibrate(args, model, world)
+
+
+def _calibrate(args: argparse.Namespace, model, world: int) -> int:
+    """Every rank gathers its share and gets the same result (the factorisation of the summed
+    statistics is cheap and deterministic, so no rank waits for a broadcast); rank 0 writes it."""
     defaults = model_defaults(model)
     steps = args.steps or defaults.get("steps", 50)
     t0 = time.perf_counter()
@@ -76,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
                                "update calicache") from e
 
         cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
-        find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num or 32,
-                       cfg_scale=cfg_scale, seed=args.seed, threshold=args.threshold, period=args.period,
-                       batch_size=args.batch_size, progress=True).save(args.out)
+        found = find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num or 32,
+                               cfg_scale=cfg_scale, seed=args.seed, threshold=args.threshold, period=args.period,
+                               batch_size=args.batch_size, progress=True)
+        if not distributed.is_main():
+            return 0
+        found.save(args.out)
         report = {"method": "goc", "model": str(args.model), "out": args.out, "steps": steps,
-                  "cfg_scale": cfg_scale, "wall_seconds": round(time.perf_counter() - t0, 2)}
+                  "cfg_scale": cfg_scale, "world_size": world, "wall_seconds": round(time.perf_counter() - t0, 2)}
         print(json.dumps(report, indent=2) if args.json else f"wrote GOC steps to {args.out}")
         return 0
 
@@ -92,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
     factors = calibrate(model, args.data, svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
-                        rank_budget=args.rank_budget, progress=True, data_dir=args.data_dir,
-                        period=args.period, forecast_weight=args.forecast_weight)
+                        rank_budget=args.rank_budget, progress=distributed.is_main(),
+                        data_dir=args.data_dir, period=args.period, forecast_weight=args.forecast_weight)
     wall = time.perf_counter() - t0
+    if not distributed.is_main():
+        return 0
     factors.save(args.out)
     macs = count_macs(model, CacheConfig(method="icc", svd=args.svd, factors=factors), steps=2)
     ranks = list(factors.ranks().values())
@@ -105,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "rank_min": min(ranks), "rank_max": max(ranks), "rank_mean": round(sum(ranks) / len(ranks), 2),
         "calibrated_call_macs": macs["per_call"][1], "full_call_macs": macs["full_call"],
         "calibrated_call_share": round(macs["per_call"][1] / macs["full_call"], 4),
-        "wall_seconds": round(wall, 2),
+        "world_size": world, "wall_seconds": round(wall, 2),
     }
     if args.json:
         print(json.dumps(report, indent=2))

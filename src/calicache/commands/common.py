@@ -36,6 +36,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of commands that also run under torchrun (see docs/distributed.md)."""
+    from .. import distributed
+
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a collective waits for a missing rank "
+                        f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")
+
+
 def parse_arch(text: str | None) -> str | dict | None:
     if text is None or not text.strip().startswith("{"):
         return text

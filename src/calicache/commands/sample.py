@@ -26,6 +26,7 @@ from ..utils import atomic_path
 from . import sample_pipeline
 from .common import (
     add_cache_arguments,
+    add_distributed_arguments,
     add_model_arguments,
     add_sampling_arguments,
     cache_config_from_args,
@@ -47,9 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--dist-timeout", type=float, default=None,
-                   help="under torchrun: seconds a collective waits for a missing rank "
-                        f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")
+    add_distributed_arguments(p)
     sample_pipeline.add_arguments(p)  # --pipeline DIR --prompt/--prompt-embeds: sampling through diffusers
 
 
