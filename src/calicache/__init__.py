@@ -5,6 +5,7 @@ from .cache import CacheConfig, CacheSchedule, apply_cache, remove_cache
 # The function shadows the subpackage's name on purpose: `calicache.calibrate(...)` is the API;
 # import submodules as `from calicache.calibrate.factors import Factors` (sys.modules still has them).
 from .calibrate.calibrate import calibrate
+from .calibrate.text import calibrate_text
 from .metrics.macs import count_macs
 from .models.dit import DIT_MODELS, DiT, DiTConfig, create_model
 from .models.io import load_model, save_model, weight_hash
@@ -16,6 +17,7 @@ __all__ = [
     "apply_cache",
     "remove_cache",
     "calibrate",
+    "calibrate_text",
     "count_macs",
     "DIT_MODELS",
     "DiT",

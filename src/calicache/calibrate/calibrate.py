@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..adapters import BranchSpec, LinearSpec, get_adapter
+from ..adapters.diffusers import diffusers_family
 from ..cache.config import SCALES
 from ..cache.state import get_engine
 from ..diffusion.guidance import guided_model_fn
@@ -157,15 +158,42 @@ def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[st
     return allocate_ranks(cands, fraction * full_call - fixed)
 
 
-def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampler: str, period) -> None:
-    if svd not in SVD_METHODS:
-        raise ValueError(f"unknown svd {svd!r}; choose one of {SVD_METHODS}")
+def factorize(model: nn.Module, branches: list[BranchSpec],
+              scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]], rank: int | str = 128,
+              rank_budget: float | None = None, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Scaled-SVD factors (A, B) of every calibrated linear of `branches`, given its (s_in, s_out) scales:
+    at a uniform `rank` (clamped to each weight; "full") or per linear under `rank_budget` (`budget_ranks`)."""
+    specs = [s for b in branches for s in b.linears]
+    if rank_budget is not None:
+        energies = {}
+        for s in tqdm(specs, desc="singular values", disable=not progress):
+            s_in, s_out = scales[s.name]
+            energies[s.name] = scaled_singular_values(s.weight(), s_in, s_out).cpu() ** 2
+        ranks = budget_ranks(model, branches, energies, rank_budget)
+    else:
+        ranks = {s.name: min(s.in_features, s.out_features) if rank == "full"
+                 else min(rank, s.in_features, s.out_features) for s in specs}
+    tensors = {}
+    for s in tqdm(specs, desc="scaled SVD", disable=not progress):
+        a, _, b = scaled_decomposition(s.weight(), *scales[s.name])
+        tensors[s.name] = tuple(t.cpu() for t in truncate(a, b, ranks[s.name]))
+    return tensors
+
+
+def check_factor_args(svd: str, rank, scale: str, rank_budget, methods: tuple[str, ...] = SVD_METHODS) -> None:
+    """The checks every calibration shares: statistics kind, scaling side, rank or rank budget."""
+    if svd not in methods:
+        raise ValueError(f"unknown svd {svd!r}; choose one of {methods}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
     if rank != "full" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
         raise ValueError(f"rank must be a non-negative integer or 'full', got {rank!r}")
     if rank_budget is not None and not 0 < rank_budget < 1:
         raise ValueError(f"rank_budget is the MACs share of a full call, 0 < F < 1; got {rank_budget}")
+
+
+def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampler: str, period) -> None:
+    check_factor_args(svd, rank, scale, rank_budget)
     if cfg_scale < 1:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance, the authors' calibration), got {cfg_scale}")
     if sampler not in SAMPLERS:
@@ -213,6 +241,9 @@ def calibrate(
     from .. import __version__
 
     _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler, period)
+    if diffusers_family(getattr(model, "transformer", model)) == "pixart":  # images + class labels do not apply
+        raise ValueError("PixArt is calibrated on prompt embeddings: use calicache.calibrate_text(transformer or "
+                         "pipeline, prompt_embeds, latents=..., svd=...) or `calicache calibrate --pipeline DIR`")
     if get_engine(model) is not None:
         raise ValueError("this model has a cache attached; call remove_cache(model) before calibrating")
     branches = get_adapter(model).branches(model)
@@ -228,19 +259,7 @@ def calibrate(
                                   spacing=spacing, seed=seed, vae=vae, cfg_scale=cfg_scale, data_dir=data_dir,
                                   progress=progress, period=period, forecast_weight=forecast_weight)
         scales = stats.scales(specs)
-    if rank_budget is not None:
-        energies = {}
-        for s in tqdm(specs, desc="singular values", disable=not progress):
-            s_in, s_out = scales[s.name]
-            energies[s.name] = scaled_singular_values(s.weight(), s_in, s_out).cpu() ** 2
-        ranks = budget_ranks(model, branches, energies, rank_budget)
-    else:
-        ranks = {s.name: min(s.in_features, s.out_features) if rank == "full"
-                 else min(rank, s.in_features, s.out_features) for s in specs}
-    tensors = {}
-    for s in tqdm(specs, desc="scaled SVD", disable=not progress):
-        a, _, b = scaled_decomposition(s.weight(), *scales[s.name])
-        tensors[s.name] = tuple(t.cpu() for t in truncate(a, b, ranks[s.name]))
+    tensors = factorize(model, branches, scales, rank, rank_budget, progress)
     meta = {
         "method": "icc", "svd": svd, "scale": scale, "model_hash": weight_hash(model),
         "model_config": model.config.to_dict() if hasattr(model.config, "to_dict") else None,

@@ -7,6 +7,9 @@ calls from uncached runs and writes them to --out.
 
 Under torchrun every rank computes its share of the batches, the statistics are summed over the
 ranks, and rank 0 writes --out (docs/distributed.md).
+
+PixArt (text-to-image) calibrates from prompt embeddings: `--pipeline DIR --prompt-embeds FILE`
+(calibrate_pipeline, one process).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
 from ..models.io import load_model, weight_hash
 from ..shards import settings_digest
+from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
 
 # Options each rank may set for itself; every other option must be the same on every rank.
@@ -44,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_distributed_arguments(p)
     g = p.add_argument_group("ICC")
-    g.add_argument("--data", default="fashion-mnist", help="fashion-mnist, an image folder or an .npz (arr_0 images)")
+    g.add_argument("--data", default=None, help="fashion-mnist (the default for DiTs), an image folder or an .npz "
+                   "(arr_0 images); PixArt --svd ca: images encoded by the pipeline's VAE")
     g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     g.add_argument("--svd", choices=("cd", "ca", "cf", "plain"), default="cd",
                    help="cd: channel-difference (the paper's best), ca: channel-activation, cf: forecast residuals "
@@ -60,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the FORA period sampling will use (GOC's compensation; CF's forecast distance)")
     g = p.add_argument_group("GOC")
     g.add_argument("--threshold", type=float, default=0.0, help="GOC inflection threshold")
+    calibrate_pipeline.add_arguments(p)  # --pipeline DIR --prompt-embeds FILE: PixArt (text-to-image)
 
 
 def _rank(text: str) -> int | str:
@@ -72,6 +78,8 @@ def _rank(text: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if calibrate_pipeline.wanted(args):
+        return calibrate_pipeline.run(args)
     setup(args)
     # Outside torchrun both contexts do nothing; under it an error on any rank ends every rank.
     with distributed.process_group(args.dist_timeout) as world, distributed.guard():
@@ -113,7 +121,7 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     from ..metrics.macs import count_macs
 
     cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
-    factors = calibrate(model, args.data, svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
+    factors = calibrate(model, args.data or "fashion-mnist", svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
                         rank_budget=args.rank_budget, progress=distributed.is_main(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import pickle
 import time
 from pathlib import Path
 
@@ -21,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import apply_cache, get_engine
+from ..data.prompts import load_prompt_embeds, prompt_rows, text_width
 from ..metrics.macs import count_macs
 from ..sampling import _class_labels, sample_generator
 from .common import cache_config_from_args, setup
 
-EMBED_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 
 
@@ -92,52 +91,6 @@ def load_pipeline(folder: str | Path, text_encoder: bool):
     return pipe
 
 
-def load_prompt_embeds(path: str | Path, guidance: bool, width: int) -> dict[str, torch.Tensor]:
-    """Prompt embeddings from a safetensors or torch file, checked against the pipeline's needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; save a dict with prompt_embeds and prompt_attention_mask "
-                                "(safetensors.torch.save_file or torch.save)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load objects other than tensors ({e}); save plain tensors") from e
-    except Exception as e:  # safetensors and torch raise several types for damaged files
-        raise ValueError(f"{path}: cannot read prompt embeddings ({e})") from e
-    if not isinstance(data, dict) or "prompt_embeds" not in data or "prompt_attention_mask" not in data:
-        found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} must hold prompt_embeds and prompt_attention_mask (found {found})")
-    out = {k: data[k] for k in EMBED_KEYS if k in data}
-    if guidance and ("negative_prompt_embeds" not in out or "negative_prompt_attention_mask" not in out):
-        raise ValueError(f"{path} has no negative_prompt_embeds / negative_prompt_attention_mask, which guidance "
-                         "needs (PixArt-alpha: the T5 embeddings of the empty prompt \"\"); add them or use "
-                         "--cfg-scale 1")
-    pe, pm = out["prompt_embeds"], out["prompt_attention_mask"]
-    if pe.dim() != 3 or pe.shape[-1] != width or tuple(pm.shape) != tuple(pe.shape[:2]):
-        raise ValueError(f"{path}: prompt_embeds {tuple(pe.shape)} and prompt_attention_mask {tuple(pm.shape)} must be "
-                         f"(P, T, {width}) and (P, T) for this transformer")
-    if "negative_prompt_embeds" in out:
-        ne, nm = out["negative_prompt_embeds"], out.get("negative_prompt_attention_mask")
-        if ne.dim() != 3 or ne.shape[0] not in (1, pe.shape[0]) or ne.shape[1:] != pe.shape[1:] or nm is None \
-                or tuple(nm.shape) != tuple(ne.shape[:2]):
-            raise ValueError(f"{path}: negative_prompt_embeds must be (1 or {pe.shape[0]}, {pe.shape[1]}, {width}) "
-                             "with a matching negative_prompt_attention_mask")
-    for k, v in out.items():
-        if not torch.isfinite(v.float()).all():
-            raise ValueError(f"{path}: {k} contains NaN or infinite values")
-    return {k: v.float() if "embeds" in k else v.long() for k, v in out.items()}
-
-
-def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    """Rows `idx` (cycled) of a per-prompt tensor; a single row serves every sample."""
-    return t[[i % t.shape[0] for i in idx]]
-
-
 def run(args: argparse.Namespace) -> int:
     from diffusers import DiTPipeline
 
@@ -172,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
     model = pipe.transformer
     embeds = None
     if args.prompt_embeds is not None:
-        width = model.config.caption_channels or model.config.cross_attention_dim
-        embeds = load_prompt_embeds(args.prompt_embeds, cfg_scale > 1, width)
+        embeds = load_prompt_embeds(args.prompt_embeds, cfg_scale > 1, text_width(model))
     if is_dit:
         classes = _parse_classes(args.classes)
         labels = _class_labels(classes, args.num, model.config.num_embeds_ada_norm).tolist()
@@ -207,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                                use_resolution_binning=use_binning, **common)
                 else:
                     rows = [labels[i] for i in idx]
-                    given = {k: _rows(v, rows) for k, v in embeds.items()}
+                    given = {k: prompt_rows(v, rows) for k, v in embeds.items()}
                     out = pipe(negative_prompt=None, eta=args.eta, use_resolution_binning=use_binning,
                                **given, **common)
                 images.append(np.asarray(out.images))
