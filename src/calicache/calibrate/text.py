@@ -261,6 +261,34 @@ def _difference_statistics(transformer: nn.Module, pairs: ConsecutiveCalls, embe
             bar.update(len(idx))
 
 
+def _gather(transformer: nn.Module, pipe: Any, svd: str, specs: list[LinearSpec], sides: tuple[str, ...],
+            embeds: dict[str, torch.Tensor], latents: torch.Tensor | None, images: np.ndarray | None, vae: Any,
+            num: int | None, batch_size: int, steps: int, scheduler: Any, seed: int, cfg_scale: float,
+            progress: bool) -> tuple[ChannelStatistics, int, str]:
+    """(statistics, samples, description of the data) of a CA or CD pass."""
+    count = len(embeds["prompt_embeds"])
+    pipe_vae = getattr(pipe, "vae", None)
+    if svd == "cd":
+        num = count if num is None else num
+        pairs = ConsecutiveCalls(transformer, specs, sides)
+        _difference_statistics(transformer, pairs, embeds, _run_order(count, num, seed), batch_size, scheduler,
+                               pipe_vae, steps, seed, cfg_scale, progress)
+        return pairs.stats, num, f"{count} prompt embeddings"
+    x0 = _CleanLatents(transformer, latents, images, vae if vae is not None else pipe_vae)
+    if len(x0) != count:
+        raise ValueError(f"CA pairs row i of the latents with row i of prompt_embeds: got {len(x0)} latents and "
+                         f"{count} prompt embeddings; give one caption embedding each")
+    num = len(x0) if num is None else num
+    order = select(len(x0), num, seed)
+    stats = ChannelStatistics(transformer, specs, "ca", sides)
+    # Pixels per latent, for the resolution a PixArt-XL at 1024 px conditions on: the VAE's, else SD's 8.
+    coder = x0.vae if x0.vae is not None else pipe_vae
+    vae_scale_factor = 2 ** (len(coder.config.block_out_channels) - 1) if coder is not None else 8
+    _activation_statistics(transformer, stats, x0, embeds, order, batch_size, scheduler, steps, seed, cfg_scale,
+                           vae_scale_factor, progress)
+    return stats, num, f"{len(x0)} (latent, prompt embedding) pairs"
+
+
 def calibrate_text(
     model: Any,
     prompt_embeds: Mapping[str, torch.Tensor] | torch.Tensor | str | os.PathLike | None = None,
@@ -318,37 +346,17 @@ def calibrate_text(
     specs = [s for b in branches for s in b.linears]
     sides = {"both": ("in", "out"), "input": ("in",), "output": ("out",)}[scale]
     sched = _scheduler(pipe, scheduler)
-    pipe_vae = getattr(pipe, "vae", None)
     data = None
     if svd == "plain":
         scales = {s.name: (None, None) for s in specs}
     else:
         embeds = _embeddings(prompt_embeds, cfg_scale > 1, text_width(transformer))
-        count = len(embeds["prompt_embeds"])
         was_training = transformer.training
         transformer.eval()
         try:
             with torch.inference_mode():
-                if svd == "ca":
-                    x0 = _CleanLatents(transformer, latents, images, vae if vae is not None else pipe_vae)
-                    if len(x0) != count:
-                        raise ValueError(f"CA pairs row i of the latents with row i of prompt_embeds: got {len(x0)} "
-                                         f"latents and {count} prompt embeddings; give one caption embedding each")
-                    num = len(x0) if num is None else num
-                    order = select(len(x0), num, seed)
-                    stats = ChannelStatistics(transformer, specs, "ca", sides)
-                    vsf = 2 ** (len(pipe_vae.config.block_out_channels) - 1) if pipe_vae is not None else 8
-                    _activation_statistics(transformer, stats, x0, embeds, order, batch_size, sched, steps, seed,
-                                           cfg_scale, vsf, progress)
-                    data = f"{len(x0)} (latent, prompt embedding) pairs"
-                else:
-                    num = count if num is None else num
-                    order = _run_order(count, num, seed)
-                    pairs = ConsecutiveCalls(transformer, specs, sides)
-                    _difference_statistics(transformer, pairs, embeds, order, batch_size, sched, pipe_vae, steps,
-                                           seed, cfg_scale, progress)
-                    stats = pairs.stats
-                    data = f"{count} prompt embeddings"
+                stats, num, data = _gather(transformer, pipe, svd, specs, sides, embeds, latents, images, vae, num,
+                                           batch_size, steps, sched, seed, cfg_scale, progress)
         finally:
             transformer.train(was_training)
         scales = stats.scales(specs)

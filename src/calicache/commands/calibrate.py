@@ -35,12 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--method", choices=("icc", "goc"), default="icc", help="what to calibrate")
     p.add_argument("--out", required=True, help="output file (ICC: factors.safetensors)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, else 50)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, "
+                   "else 50; PixArt: the pipeline's, 20)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--spacing", choices=SPACINGS, default="adm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=None, help="calibration images (ICC, default 256) or samples (GOC, "
-                   "default 32)")
+                   "default 32); PixArt: CA pairs or CD sampling runs (default: every prompt row)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="guidance while calibrating (ICC default 1 = none, as the authors; GOC default: the "
@@ -60,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
     g.add_argument("--rank-budget", type=float, default=None,
                    help="per-layer ranks instead: a calibrated call costs at most this share (0-1) of a full call")
-    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
+    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models; "
+                   "PixArt: encodes --data instead of the pipeline's VAE")
     p.add_argument("--period", type=int, default=2,
                    help="the FORA period sampling will use (GOC's compensation; CF's forecast distance)")
     g = p.add_argument_group("GOC")
