@@ -280,6 +280,18 @@ def test_cli_errors_leave_no_file(folders, tmp_path, capsys):
         assert cli("calibrate", *argv, "--steps", 3, "--out", out) == 2, match
         assert match in capsys.readouterr().err
     assert not out.exists()
-    # the plain factors need no data at all
-    assert cli("calibrate", *pix, "--svd", "plain", "--rank", 2, "--out", out) == 0
+    # the plain factors need no data at all; a pipeline folder also works as --model
+    assert cli("calibrate", "--model", folders / "pixart", "--svd", "plain", "--rank", 2, "--out", out) == 0
     assert Factors.load(out).meta["svd"] == "plain"
+
+
+def test_cli_ca_on_images_encoded_by_the_pipelines_vae(folders, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (P, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images)
+    out = tmp_path / "ca-images.safetensors"
+    assert cli("calibrate", "--pipeline", folders / "pixart", "--prompt-embeds", folders / "embeds.safetensors",
+               "--data", tmp_path / "images.npz", "--svd", "ca", "--rank", 2, "--steps", 4, "--out", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["images"] == str(tmp_path / "images.npz")
+    api = calibrate_text(pixart_pipe(), calib_prompts(), images=images, svd="ca", rank=2, steps=4)
+    for name, (a, b) in Factors.load(out).tensors.items():
+        assert torch.allclose(a @ b, product(api, name, 2), atol=1e-5)
