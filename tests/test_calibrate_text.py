@@ -273,6 +273,8 @@ def test_cli_errors_leave_no_file(folders, tmp_path, capsys):
         ([*pix, "--prompt-embeds", tmp_path / "missing.pt"], "no such file"),
         ([*pix, *emb, "--svd", "ca", "--latents", tmp_path / "missing.pt"], "no such file"),
         ([*pix, *emb, "--method", "goc"], "--method icc"),
+        ([*pix, *emb, "--svd", "cf"], "not available for PixArt"),
+        ([*pix, *emb, "--period", 3], "--period"),
         ([*emb], "give --pipeline"),
         (["--pipeline", tmp_path, *emb], "model_index.json"),
     ]
