@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import time
 from pathlib import Path
 
 import torch
 
 from .. import distributed
+from ..data.prompts import load_tensor_file
 from .macs import _is_pixart_folder
 from .sample_pipeline import SCHEDULERS, load_pipeline
 
@@ -54,21 +54,7 @@ def wanted(args: argparse.Namespace) -> bool:
 
 def load_latents(path: str | Path) -> torch.Tensor:
     """`latents` from a safetensors file or a torch file (a dict with `latents`, or the tensor itself)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; save the clean latents as {{'latents': tensor (N, C, H, W)}} "
-                                "(safetensors.torch.save_file or torch.save)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load objects other than tensors ({e}); save plain tensors") from e
-    except Exception as e:  # safetensors and torch raise several types for damaged files
-        raise ValueError(f"{path}: cannot read latents ({e})") from e
+    data = load_tensor_file(path, "latents", "the clean latents as {'latents': tensor (N, C, H, W)}")
     latents = data.get("latents") if isinstance(data, dict) else data
     if not isinstance(latents, torch.Tensor):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__

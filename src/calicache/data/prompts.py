@@ -17,23 +17,26 @@ import torch
 EMBED_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
 
-def load_prompt_embeds(path: str | Path, guidance: bool, width: int) -> dict[str, torch.Tensor]:
-    """Prompt embeddings from a safetensors or torch file, checked against the pipeline's needs."""
+def load_tensor_file(path: str | Path, what: str, expected: str) -> object:
+    """Tensors from a safetensors or torch file (weights only); clear errors naming `what` and the `expected` layout."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; save a dict with prompt_embeds and prompt_attention_mask "
-                                "(safetensors.torch.save_file or torch.save)")
+        raise FileNotFoundError(f"{path}: no such file; save {expected} (safetensors.torch.save_file or torch.save)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused to load objects other than tensors ({e}); save plain tensors") from e
     except Exception as e:  # safetensors and torch raise several types for damaged files
-        raise ValueError(f"{path}: cannot read prompt embeddings ({e})") from e
+        raise ValueError(f"{path}: cannot read {what} ({e})") from e
+
+
+def load_prompt_embeds(path: str | Path, guidance: bool, width: int) -> dict[str, torch.Tensor]:
+    """Prompt embeddings from a safetensors or torch file, checked against the pipeline's needs."""
+    data = load_tensor_file(path, "prompt embeddings", "a dict with prompt_embeds and prompt_attention_mask")
     return check_prompt_embeds(data, guidance, width, str(path))
 
 
