@@ -61,6 +61,7 @@ class _Tracked:
     input_fn: object = None
     x_refs: list[torch.Tensor] = field(default_factory=list)
     y_refs: list[torch.Tensor] = field(default_factory=list)
+    pending: tuple[torch.Tensor | None, torch.Tensor | None] | None = None  # a rolling measure's values
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -84,6 +85,7 @@ class ChannelStatistics:
         self.forecast_k = float(forecast_k)
         self.sides = tuple(sides)
         self.phase = "measure"
+        self.rolling = False
         self.count = 0
         names = {id(m): n for n, m in model.named_modules()}
         spec_module = {s.name: names[id(s.module)] for s in specs}
@@ -117,11 +119,11 @@ class ChannelStatistics:
             if self.phase == "idle":
                 return
             if self.phase == "reference":
-                # Copies: a model that works in place must not change the references under us.
-                if "in" in self.sides and t.input_from is None:
-                    t.x_refs.append(x.detach().clone())
-                if "out" in self.sides or t.name in self._feeds:
-                    t.y_refs.append(output.detach().clone())
+                xk, yk = self._keep(t, x, output)
+                if xk is not None:
+                    t.x_refs.append(xk)
+                if yk is not None:
+                    t.y_refs.append(yk)
                 return
             if self.kind == "ca":
                 self._record(t, "in", x)
@@ -134,8 +136,18 @@ class ChannelStatistics:
                 self._record(t, "in", x - self._predict(t, x_refs, "input"))
             if "out" in self.sides:
                 self._record(t, "out", output - self._predict(t, t.y_refs, "output"))
+            if self.rolling:
+                t.pending = self._keep(t, x, output)
 
         return hook
+
+    def _keep(self, t: _Tracked, x: torch.Tensor, output: torch.Tensor
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Copies of this call's input/output as later references (None where none is needed): a model
+        that works in place must not change the references under us."""
+        xk = x.detach().clone() if "in" in self.sides and t.input_from is None else None
+        yk = output.detach().clone() if "out" in self.sides or t.name in self._feeds else None
+        return xk, yk
 
     def _predict(self, t: _Tracked, refs: list[torch.Tensor], what: str) -> torch.Tensor:
         """What the cache serves at the measured call: the last reference (CD) or the forecast (CF)."""
@@ -161,21 +173,34 @@ class ChannelStatistics:
     def idle(self) -> None:
         self.phase = "idle"
 
-    def measure(self) -> None:
+    def measure(self, rolling: bool = False) -> None:
+        """Measure the next call; `rolling`: it then also becomes the latest reference (for statistics
+        over every consecutive pair of a run), taken over at `end_measure`, after all its hooks ran."""
         self.phase = "measure"
+        self.rolling = rolling
         self._pending = 0
 
     def end_measure(self) -> None:
-        """Close one measuring pass: count its samples and forget the references."""
+        """Close one measuring pass: count its samples and forget the references (rolling: drop the
+        oldest and keep the measured call's values instead)."""
         if self._pending == 0:
             raise RuntimeError("no calibrated linear was called in the measuring pass")
         self.count += self._pending
         self._pending = 0
-        self.clear_references()
+        if not self.rolling:
+            self.clear_references()
+            return
+        for t in self.tracked.values():
+            if t.pending is None:  # not called in this pass: its references stay
+                continue
+            xk, yk = t.pending
+            t.x_refs = t.x_refs[1:] + [xk] if xk is not None else t.x_refs
+            t.y_refs = t.y_refs[1:] + [yk] if yk is not None else t.y_refs
+            t.pending = None
 
     def clear_references(self) -> None:
         for t in self.tracked.values():
-            t.x_refs, t.y_refs = [], []
+            t.x_refs, t.y_refs, t.pending = [], [], None
 
     def all_reduce_(self) -> None:
         """Sum the running sums and the sample count over the ranks of a torch.distributed job, so that

@@ -53,23 +53,19 @@ TEXT_SVD_METHODS = ("plain", "ca", "cd")
 class ConsecutiveCalls:
     """CD statistics of every pair of consecutive transformer calls of a sampling run.
 
-    Call j >= 1 of a run is measured against call j - 1 and is itself the reference of call j + 1.
-    A ChannelStatistics alternates the two roles, so a second one, always in its reference phase,
-    stores each call's inputs/outputs and hands them to the first before the next call (the tensors,
-    not copies: the storing one starts new lists of new clones at the next call).
+    Call j >= 1 of a run is measured against call j - 1 and is itself the reference of call j + 1
+    (ChannelStatistics' rolling measure).
     """
 
     def __init__(self, model: nn.Module, specs: list[LinearSpec], sides: tuple[str, ...]):
         self.model = model
         self.stats = ChannelStatistics(model, specs, "cd", sides)
-        self._store = ChannelStatistics(model, specs, "cd", sides)
-        self._store.reference()
         self.calls = 0
 
     @contextmanager
     def collect(self) -> Iterator[ConsecutiveCalls]:
         """All hooks for a block of runs; removed on exit, also after an error."""
-        with self.stats.collect(), self._store.collect():
+        with self.stats.collect():
             handles = [self.model.register_forward_pre_hook(self._before),
                        self.model.register_forward_hook(self._after)]
             try:
@@ -82,17 +78,12 @@ class ConsecutiveCalls:
         """The next call starts a new sampling run: it is compared with nothing before it."""
         self.calls = 0
         self.stats.clear_references()
-        self._store.clear_references()
 
     def _before(self, module: nn.Module, args: tuple) -> None:
         if self.calls == 0:
             self.stats.reference()  # the first call of a run is a reference only
-            return
-        self.stats.measure()
-        for name, stored in self._store.tracked.items():
-            mine = self.stats.tracked[name]
-            mine.x_refs, mine.y_refs = stored.x_refs, stored.y_refs
-        self._store.clear_references()  # fresh lists: it stores this call's values, one per linear
+        else:
+            self.stats.measure(rolling=True)
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.calls > 0:
