@@ -26,6 +26,13 @@ from calicache.compare import Variant, markdown_table, run_variant, score
 from calicache.peers import Peer, missing, run_peer
 
 
+def factor_file(model, path: Path, steps: int, **kw) -> str:
+    """Factors calibrated on 256 Fashion-MNIST images, made once and reused from `path`."""
+    if not path.exists():
+        calicache.calibrate(model, "fashion-mnist", num=256, steps=steps, **kw).save(path)
+    return str(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fmnist-dit")
@@ -49,10 +56,9 @@ def main() -> None:
         for svd in ("plain", "ca", "cd"):
             # one file at the highest rank; lower ranks are exact truncations of it
             f = work / f"{svd}-r{max(ranks)}-s{steps}.safetensors"
-            if not f.exists():
-                calicache.calibrate(model, "fashion-mnist", svd=svd, rank=max(ranks), num=256, steps=steps).save(f)
+            f = factor_file(model, f, steps, svd=svd, rank=max(ranks))
             for r in ranks:
-                factors[(svd, r)] = str(f)
+                factors[(svd, r)] = f
         variants = [Variant("no cache", CacheConfig("none"), steps, "uncached"),
                     Variant(f"FORA p={period}", CacheConfig("fora", period=period), steps, "fora")]
         for (svd, r), f in factors.items():
@@ -64,24 +70,19 @@ def main() -> None:
                                                             rank=ranks[0]), 2)
         budget = round(icc_share["per_call"][1] / icc_share["full_call"], 4)
         fb = work / f"cd-budget{budget}-s{steps}.safetensors"
-        if not fb.exists():
-            calicache.calibrate(model, "fashion-mnist", svd="cd", rank_budget=budget, num=256, steps=steps).save(fb)
+        fb = factor_file(model, fb, steps, svd="cd", rank_budget=budget)
         for svd in ("ca", "cd"):
             for side in ("input", "output"):
                 f = work / f"{svd}-{side}-r{max(ranks)}-s{steps}.safetensors"
-                if not f.exists():
-                    calicache.calibrate(model, "fashion-mnist", svd=svd, rank=max(ranks), num=256, steps=steps,
-                                        scale=side).save(f)
+                f = factor_file(model, f, steps, svd=svd, rank=max(ranks), scale=side)
                 variants += [Variant(f"ICC {svd} {side}-scaled r{r}", CacheConfig("icc", period=period, svd=svd,
                                                                                   factors=str(f), rank=r),
                                      steps, "icc") for r in ranks]
         variants.append(Variant(f"ICC cd budget={budget}", CacheConfig("icc", period=period, svd="cd", factors=str(fb)),
                                 steps, "icc"))
         fcf = work / f"cf-r{max(ranks)}-s{steps}-p{period}.safetensors"
-        if not fcf.exists():
-            calicache.calibrate(model, "fashion-mnist", svd="cf", rank=max(ranks), num=256, steps=steps,
-                                period=period).save(fcf)
-        for (svd, r), f in list(factors.items()) + [(("cf", r), str(fcf)) for r in ranks]:
+        fcf = factor_file(model, fcf, steps, svd="cf", rank=max(ranks), period=period)
+        for (svd, r), f in list(factors.items()) + [(("cf", r), fcf) for r in ranks]:
             variants.append(Variant(f"forecast {svd} r{r}", CacheConfig("forecast", period=period, svd=svd,
                                                                          factors=f, rank=r), steps, "forecast"))
         variants.append(Variant("forecast rank 0 (TaylorSeer-1)", CacheConfig("forecast", period=period, rank=0),
