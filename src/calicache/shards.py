@@ -148,37 +148,29 @@ def sample_sharded(
         print(f"calicache: {num} samples in batches of {batch_size} keep only {len(batches)} of {world} ranks "
               "busy; pass a smaller --batch-size to spread the work", file=sys.stderr)
     mine = [(j, idx) for j, idx in enumerate(batches) if j % world == rank]
-    done = distributed.Counter("samples")  # samples in finished shards, over all ranks
     merged = distributed.Counter("merged")  # 1 once rank 0 has merged
     finished = {j for j, _ in mine if shard_path(folder, j).exists()}
     for j, idx in mine:  # checked before any work, so a foreign or broken shard fails fast
         if j in finished:
             read_shard(shard_path(folder, j), digest, idx)
     todo = [(j, idx) for j, idx in mine if j not in finished]
-    done.add(sum(len(idx) for j, idx in mine if j in finished))
-    bar = tqdm(total=num, desc=f"sampling on {world} ranks", disable=not (progress and rank == 0))
-
-    def show(value: int) -> None:
-        bar.update(value - bar.n)
-
     classes = sample_kwargs.get("classes")
     num_classes = model.config.num_classes
-    try:
+    # Samples in finished shards, over all ranks; every rank leaves the block once all are done.
+    with distributed.job_progress(num, "sampling", progress) as advance:
+        advance(sum(len(idx) for j, idx in mine if j in finished))
         for j, idx in todo:
             x = sample(model, len(idx), start=idx.start, batch_size=batch_size, **sample_kwargs)
             images = to_uint8(decode(x) if decode is not None else x)
             labels = _class_labels(classes, idx.stop, num_classes)[idx.start :].numpy()
             write_shard(shard_path(folder, j), images, labels, idx, digest)
-            show(done.add(len(idx)))
-        if rank != 0:
-            # Stay until rank 0 has merged, so that a failure anywhere fails every rank; the barrier
-            # keeps rank 0 (which may host the store) alive until everyone has seen the flag.
-            distributed.wait_for(merged, 1)
-            distributed.barrier()
-            return None
-        distributed.wait_for(done, num, show)
-    finally:
-        bar.close()
+            advance(len(idx))
+    if rank != 0:
+        # Stay until rank 0 has merged, so that a failure anywhere fails every rank; the barrier
+        # keeps rank 0 (which may host the store) alive until everyone has seen the flag.
+        distributed.wait_for(merged, 1)
+        distributed.barrier()
+        return None
     result = merge_shards(folder, digest, batches)
     merged.add(1)
     distributed.barrier()
