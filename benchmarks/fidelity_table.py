@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import calicache
+from calicache.bench.peers import Peer, missing, run_peer
+from calicache.bench.runs import Variant, markdown_table, run_variant, score
 from calicache.cache import CacheConfig
-from calicache.calibrate.goc import find_goc_steps
+from calicache.calibration.goc import find_goc_steps
 from calicache.commands.common import model_defaults
-from calicache.compare import Variant, markdown_table, run_variant, score
-from calicache.peers import Peer, missing, run_peer
 
 
 def factor_file(model, path: Path, steps: int, **kw) -> str:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 import calicache
-from calicache.classifier import load_classifier
 from calicache.data.fashion_mnist import load_fashion_mnist
 from calicache.images import to_uint8
 from calicache.metrics.domain import domain_metrics
+from calicache.training.classifier import load_classifier
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample, save_model
-from calicache.bench import cached_call_share, winners
+from calicache.bench.grid import cached_call_share, winners
+from calicache.bench.peers import BranchCounter, Peer, attach, counted_sample, missing
+from calicache.bench.plot import nice_ticks
 from calicache.cli import main
-from calicache.peers import BranchCounter, Peer, attach, counted_sample, missing
-from calicache.plot import nice_ticks
 from conftest import randomize, tiny_model
 
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
@@ -92,7 +92,7 @@ def test_dbcache_static_mask_caches_foras_calls_in_every_run():
 
 
 def test_missing_peer_is_a_note(monkeypatch, tmp_path):
-    monkeypatch.setattr("calicache.bench.missing", lambda kind: f"{kind} not here")
+    monkeypatch.setattr("calicache.bench.grid.missing", lambda kind: f"{kind} not here")
     path = tmp_path / "tiny.safetensors"
     save_model(tiny_model(input_size=12), path)
     out = tmp_path / "out"

@@ -8,11 +8,11 @@ import calicache
 from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample
 from calicache.adapters import get_adapter
 from calicache.cache import get_engine
-from calicache.calibrate.calibrate import gather_statistics
-from calicache.calibrate.factors import Factors
-from calicache.calibrate.ranks import RankCandidate, allocate_ranks
-from calicache.calibrate.stats import ChannelStatistics, channel_magnitude, finalise, minmax_normalise
-from calicache.calibrate.svd import scaled_decomposition, scaled_svd
+from calicache.cache.factors import Factors
+from calicache.cache.svd import scaled_decomposition, scaled_svd
+from calicache.calibration.calibrate import gather_statistics
+from calicache.calibration.ranks import RankCandidate, allocate_ranks
+from calicache.calibration.stats import ChannelStatistics, channel_magnitude, finalise, minmax_normalise
 from conftest import tiny_model
 
 STEPS = 10

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample, save_model
-from calicache.calibrate.factors import Factors
+from calicache.cache.factors import Factors
 from calicache.cli import main
 from conftest import tiny_model
 

@@ -10,10 +10,10 @@ import torch
 import calicache
 from calicache import CacheConfig, apply_cache, calibrate_text, weight_hash
 from calicache.adapters import get_adapter
-from calicache.calibrate.calibrate import calibration_generator
-from calicache.calibrate.factors import Factors
-from calicache.calibrate.stats import finalise
-from calicache.calibrate.svd import scaled_svd
+from calicache.cache.factors import Factors
+from calicache.cache.svd import scaled_svd
+from calicache.calibration.calibrate import calibration_generator
+from calicache.calibration.stats import finalise
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, PixArtAlphaPipeline  # noqa: E402

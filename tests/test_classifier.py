@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from calicache.classifier import (
+from calicache.data import load_dataset
+from calicache.data.fashion_mnist import DEFAULT_DIR
+from calicache.training.classifier import (
     ClassifierConfig,
     FashionClassifier,
     accuracy,
@@ -20,8 +22,6 @@ from calicache.classifier import (
     shipped_classifier_path,
     train_classifier,
 )
-from calicache.data import load_dataset
-from calicache.data.fashion_mnist import DEFAULT_DIR
 
 needs_real = pytest.mark.skipif(not (Path(DEFAULT_DIR) / "t10k-labels-idx1-ubyte.gz").exists(),
                                 reason="Debian's dataset-fashion-mnist is not installed")

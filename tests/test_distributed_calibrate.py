@@ -20,9 +20,9 @@ import torch
 
 from calicache import distributed
 from calicache.adapters import get_adapter
-from calicache.calibrate.calibrate import gather_statistics
-from calicache.calibrate.factors import Factors
-from calicache.calibrate.goc import GocSteps
+from calicache.cache.factors import Factors
+from calicache.calibration.calibrate import gather_statistics
+from calicache.calibration.goc import GocSteps
 from calicache.cli import main
 from calicache.models.io import save_model
 from conftest import tiny_model
@@ -128,7 +128,7 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, files, extra) -> None
 
 def _main_failing_on_rank_1(argv: list[str]) -> int:
     if os.environ["RANK"] == "1":
-        from calicache.calibrate.inputs import ModelSpaceBatches
+        from calicache.calibration.inputs import ModelSpaceBatches
 
         def unreadable(self, idx, gens, device):
             raise ValueError("calibration batch unreadable (injected on rank 1)")

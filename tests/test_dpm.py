@@ -110,4 +110,4 @@ def test_sample_api_runs_dpmpp_2m():
     a = sample(model, 2, 6, sampler="dpmpp_2m", seed=3)
     b = sample(model, 2, 6, sampler="dpmpp_2m", seed=3, batch_size=1)
     assert a.shape == (2, 1, 8, 8) and torch.isfinite(a).all()
-    assert torch.allclose(a, b, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)  # batching changes float rounding; |a| reaches ~600

@@ -11,7 +11,7 @@ from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample
 from calicache.cache import cache_run
 from calicache.cache.methods import METHODS
 from calicache.cache.methods.goc import PUBLISHED_STEPS
-from calicache.calibrate.goc import (
+from calicache.calibration.goc import (
     GocSteps,
     compensation_steps,
     find_goc_steps,

@@ -9,7 +9,7 @@ from calicache.metrics.frechet import frechet_distance, gaussian_stats
 
 
 class TinyClassifier(nn.Module):
-    """The interface of calicache.classifier's model: logits (N, 10) and features (N, D) of (N, 1, 28, 28)."""
+    """The interface of calicache.training.classifier's model: logits (N, 10) and features (N, D) of (N, 1, 28, 28)."""
 
     def __init__(self, seed: int = 0):
         super().__init__()

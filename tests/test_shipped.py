@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from calicache import CacheConfig, apply_cache, load_model, remove_cache, sample, weight_hash
-from calicache.calibrate.factors import Factors
-from calicache.calibrate.goc import GocSteps
+from calicache.cache.factors import Factors
+from calicache.calibration.goc import GocSteps
 from calicache.cli import main
 from calicache.models.io import read_metadata, shipped_asset, shipped_path
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from calicache.cli import main
 from calicache.models.io import load_model, read_metadata
-from calicache.train import TrainConfig, learning_rate, train
+from calicache.training.train import TrainConfig, learning_rate, train
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 TINY_JSON = json.dumps({k: v for k, v in TINY.items() if k not in ("input_size", "num_classes")})

@@ -17,6 +17,13 @@ from .utils import atomic_path
 LATENT_SCALE = 0.18215
 
 
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(images, dtype=np.float32))
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3); one channel is replicated to three."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import (
+from ..bench.grid import (
     FAMILIES,
     GridOptions,
     domain_fd,
@@ -35,10 +35,10 @@ from ..bench import (
     run_grid,
     winners,
 )
-from ..compare import markdown_table, score, side_by_side
+from ..bench.plot import PALETTE, line_chart, side_by_side_charts
+from ..bench.runs import markdown_table, score, side_by_side
 from ..images import save_png
 from ..models.io import load_model
-from ..plot import PALETTE, line_chart, side_by_side_charts
 from ..utils import atomic_path
 from .common import add_model_arguments, model_defaults, parse_arch, setup
 
@@ -183,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
         grid.notes.append("class agreement and classifier FD skipped: the classifier is for 28x28 one-channel "
                           "10-class (Fashion-MNIST) models")
     else:
-        from ..classifier import load_classifier
         from ..data.fashion_mnist import load_fashion_mnist
+        from ..training.classifier import load_classifier
 
         classifier = load_classifier()
         try:

@@ -101,9 +101,9 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     t0 = time.perf_counter()
     if args.method == "goc":
         try:
-            from ..calibrate.goc import find_goc_steps
+            from ..calibration.goc import find_goc_steps
         except ImportError as e:
-            raise RuntimeError("GOC calibration needs calicache.calibrate.goc, which this installation lacks; "
+            raise RuntimeError("GOC calibration needs calicache.calibration.goc, which this installation lacks; "
                                "update calicache") from e
 
         cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
@@ -119,8 +119,8 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
         return 0
 
     from ..cache.config import CacheConfig
-    from ..calibrate.calibrate import calibrate
-    from ..metrics.macs import count_macs
+    from ..cache.macs import count_macs
+    from ..calibration.calibrate import calibrate
 
     cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
     factors = calibrate(model, args.data or "fashion-mnist", svd=args.svd, rank=_rank(args.rank), num=args.num or 256,

@@ -95,8 +95,8 @@ def _scheduler(args: argparse.Namespace, pipe):
 
 def run(args: argparse.Namespace) -> int:
     from ..cache.config import CacheConfig
-    from ..calibrate.text import calibrate_text
-    from ..metrics.macs import count_macs
+    from ..cache.macs import count_macs
+    from ..calibration.text import calibrate_text
     from .calibrate import _rank
     from .common import setup
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     latents = load_latents(args.latents) if args.latents is not None else None
     images = None
     if args.data is not None:
-        from ..calibrate.inputs import load_images
+        from ..calibration.inputs import load_images
 
         images, _ = load_images(args.data, args.data_dir)
     t0 = time.perf_counter()

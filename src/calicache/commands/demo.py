@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..bench.runs import Variant, markdown_table, run_variant, score, side_by_side
 from ..cache import CacheConfig
-from ..compare import Variant, markdown_table, run_variant, score, side_by_side
 from ..images import save_png
 from ..models.io import SHIPPED, load_model, shipped_asset
 from ..utils import atomic_path
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             results.remove(icc)
     classifier = None
     if not args.no_classifier and model.config.num_classes == 10 and model.config.input_size == 28:
-        from ..classifier import load_classifier
+        from ..training.classifier import load_classifier
 
         classifier = load_classifier()
     score(results, results[0], classifier)

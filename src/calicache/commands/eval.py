@@ -11,7 +11,6 @@ samples. See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ import torch
 
 from ..metrics.frechet import METHODS
 from ..metrics.npz import ImageBatch, load_batch
+from ..training.classifier import load_classifier
 from .common import setup
 
 # Measured per 2048-d distance on the 2-core development machine: 24 s (sqrtm) and 8.5 s (eigh) with one core
@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-inception", action="store_true",
                    help="skip the Inception-v3 suite; --ref then serves the in-domain metrics only")
     p.add_argument("--classifier", default="auto",
-                   help="in-domain classifier: auto (calicache.classifier's shipped one, skipped if absent), "
-                        "none, or a weights file for calicache.classifier.load_classifier")
+                   help="in-domain classifier: auto (calicache.training.classifier's shipped one, skipped if absent), "
+                        "none, or a weights file for calicache.training.classifier.load_classifier")
     p.add_argument("--clip", default=None, help="local transformers CLIP folder for the CLIP score")
     p.add_argument("--prompts", default=None, help="text file, one prompt per sample (else `prompts` in the npz)")
     p.add_argument("--fd-method", choices=METHODS, default="sqrtm",
@@ -90,13 +90,7 @@ def _load_classifier(spec: str) -> tuple[torch.nn.Module | None, str | None]:
     if spec == "none":
         return None, "in-domain metrics off (--classifier none)"
     try:
-        module = importlib.import_module("calicache.classifier")
-    except ModuleNotFoundError:
-        if spec != "auto":
-            raise ValueError("--classifier needs calicache.classifier, which this install does not have") from None
-        return None, "in-domain metrics skipped: calicache.classifier is not available in this install"
-    try:
-        return module.load_classifier(None if spec == "auto" else spec), None
+        return load_classifier(None if spec == "auto" else spec), None
     except FileNotFoundError as e:
         if spec != "auto":
             raise

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..metrics.macs import count_macs
+from ..cache.macs import count_macs
 from ..models.dit import DIT_MODELS, create_model
 from ..models.io import load_model
 from .common import add_cache_arguments, cache_config_from_args, parse_arch

@@ -18,8 +18,8 @@ import torch
 
 from .. import distributed
 from ..cache import apply_cache, get_engine
+from ..cache.macs import count_macs
 from ..images import decode_latents, grid, save_npz, save_png, to_uint8
-from ..metrics.macs import count_macs
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
 from ..utils import atomic_path

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import apply_cache, get_engine
+from ..cache.macs import count_macs
 from ..data.prompts import load_prompt_embeds, prompt_rows, text_width
-from ..metrics.macs import count_macs
 from ..sampling import _class_labels, sample_generator
 from .common import cache_config_from_args, setup
 

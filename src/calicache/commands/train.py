@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from ..data import load_dataset
-from ..train import LR_DECAYS, TrainConfig, train
+from ..training.train import LR_DECAYS, TrainConfig, train
 from .common import setup
 
 

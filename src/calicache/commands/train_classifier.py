@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ..classifier import accuracy, save_classifier, train_classifier
 from ..data import load_dataset
+from ..training.classifier import accuracy, save_classifier, train_classifier
 from .common import setup
 
 

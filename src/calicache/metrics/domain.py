@@ -1,7 +1,7 @@
 """In-domain metrics with a Fashion-MNIST classifier in the role Inception-v3 plays for ImageNet.
 
 The classifier is any nn.Module with `model(x) -> logits (N, K)` and `model.features(x) -> (N, D)`
-for x float (N, 1, 28, 28) in [-1, 1] (calicache.classifier.load_classifier() gives the shipped
+for x float (N, 1, 28, 28) in [-1, 1] (calicache.training.classifier.load_classifier() gives the shipped
 one). Metrics: class agreement with the labels the samples were drawn for, the Frechet distance
 of classifier features to a reference set, and the Inception-Score analogue of its logits.
 """

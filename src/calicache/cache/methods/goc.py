@@ -10,16 +10,99 @@ Compensation steps come from `goc_steps`, a steps file made by `calicache calibr
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 
-from ...calibrate.goc import GocSteps
 from ...models.io import weight_hash
+from ...utils import atomic_path
 from ..config import CacheConfig
 from .base import BranchCache, Method
 
 # The authors' hard-coded list for 20-step DDIM at period 2 (cached calls 1, 3, ..., 19): call 1 has
 # no F_prev2 and call 17 sits at the trajectory's late inflection point.
 PUBLISHED_STEPS: dict[int, tuple[int, ...]] = {20: (3, 5, 7, 9, 11, 13, 15, 19)}
+
+
+GOC_STEPS_FORMAT = "calicache-goc-steps"
+
+
+def inflection_points(cosines: Sequence[float | None], threshold: float = 0.0) -> list[int]:
+    """Calls whose change turns away from the previous one: cosine below `threshold`."""
+    return [s for s, c in enumerate(cosines) if c is not None and c < threshold]
+
+
+@dataclass
+class GocSteps:
+    """Found compensation steps: per-call cosines, the threshold, the chosen calls, and what they were
+    found for (`meta`: model_hash, steps, calls, sampler, spacing, cfg_scale, num, seed, period)."""
+
+    cosines: list[float | None]
+    threshold: float
+    steps: list[int]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def inflections(self) -> list[int]:
+        return inflection_points(self.cosines, self.threshold)
+
+    @property
+    def calls(self) -> int | None:
+        """Model calls of the run the steps were found for (None: a hand-written file that does not say)."""
+        calls = self.meta.get("calls", len(self.cosines) or None)
+        return None if calls is None else int(calls)
+
+    def table(self) -> str:
+        """One line per call: cosine, inflection mark, compensation mark."""
+        turns, comp = set(self.inflections), set(self.steps)
+        lines = ["call  cos(d_s, d_s-1)  mark"]
+        for s, c in enumerate(self.cosines):
+            mark = "inflection" if s in turns else ("compensate" if s in comp else "")
+            lines.append(f"{s:4d}  {'-' if c is None else f'{c:+.4f}':>15}  {mark}")
+        return "\n".join(lines)
+
+    def check(self, model_hash: str | None = None, num_calls: int | None = None) -> None:
+        """Refuse steps found for another model or another run length."""
+        made_for = self.meta.get("model_hash")
+        if model_hash is not None and made_for is not None and made_for != model_hash:
+            raise ValueError(f"GOC steps file was made for model {made_for[:12]}... but this model's weights hash to "
+                             f"{model_hash[:12]}...; find steps for this model with `calicache calibrate --method goc`")
+        if num_calls is not None and self.calls is not None and self.calls != num_calls:
+            raise ValueError(f"GOC steps file was made for {self.calls} model calls ({self.meta.get('steps')} "
+                             f"{self.meta.get('sampler')} steps) but this run makes {num_calls}; find steps for this "
+                             f"step count with `calicache calibrate --method goc --steps {num_calls}`")
+
+    def to_dict(self) -> dict:
+        return {"format": GOC_STEPS_FORMAT, "version": 1, "steps": list(self.steps), "threshold": self.threshold,
+                "cosines": list(self.cosines), "meta": dict(self.meta)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GocSteps:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"GOC steps file {path} does not exist; make one with "
+                                    "`calicache calibrate --method goc --model M --steps S --out PATH`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable GOC steps file ({e}); re-create it with "
+                             "`calicache calibrate --method goc`") from e
+        if not isinstance(data, dict) or data.get("format") != GOC_STEPS_FORMAT:
+            raise ValueError(f"{path}: not a calicache GOC steps file (expected format {GOC_STEPS_FORMAT!r}); "
+                             "make one with `calicache calibrate --method goc`")
+        steps = data.get("steps")
+        if not isinstance(steps, list) or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
+            raise ValueError(f"{path}: 'steps' must be a list of call indices >= 1, got {steps!r}")
+        return cls(cosines=list(data.get("cosines", [])), threshold=float(data.get("threshold", 0.0)),
+                   steps=steps, meta=dict(data.get("meta", {})))
 
 
 class GocBranchCache(BranchCache):

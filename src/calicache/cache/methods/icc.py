@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import LinearSpec
-from ...calibrate.factors import Factors
-from ...calibrate.svd import scaled_svd
 from ...models.io import weight_hash
 from ..config import CacheConfig
+from ..factors import Factors
+from ..svd import scaled_svd
 from .base import BranchCache, Method
 
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..cache.config import CacheConfig
-from ..cache.engine import CacheEngine
-from ..cache.pipeline import is_pipeline
-from ..cache.state import get_engine
 from ..models.dit import DiT, create_model
+from .config import CacheConfig
+from .engine import CacheEngine
+from .pipeline import is_pipeline
+from .state import get_engine
 
 
 def _meta_twin(model: nn.Module) -> nn.Module:

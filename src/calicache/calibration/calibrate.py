@@ -18,16 +18,16 @@ from .. import distributed
 from ..adapters import BranchSpec, LinearSpec, get_adapter
 from ..adapters.diffusers import diffusers_family
 from ..cache.config import SCALES
+from ..cache.factors import Factors
 from ..cache.state import get_engine
+from ..cache.svd import scaled_decomposition, scaled_singular_values, truncate
 from ..diffusion.guidance import guided_model_fn
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import Schedule
 from ..models.io import weight_hash
-from .factors import Factors
 from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_images, select
 from .ranks import RankCandidate, allocate_ranks
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
-from .svd import scaled_decomposition, scaled_singular_values, truncate
 
 SVD_METHODS = ("plain", "ca", "cd", "cf")
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
@@ -238,7 +238,7 @@ def calibrate(
     - steps / sampler / spacing: the sampling schedule the statistics are taken on.
     - cfg_scale: 1 (default) as the authors; > 1 gathers the statistics of guided calls.
     """
-    from .. import __version__
+    from .._version import __version__
 
     _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler, period)
     if diffusers_family(getattr(model, "transformer", model)) == "pixart":  # images + class labels do not apply

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion.losses import training_loss
-from .diffusion.schedule import Schedule
-from .models.dit import DiT, create_model
-from .models.io import save_model
-from .utils import atomic_path
+from ..diffusion.losses import training_loss
+from ..diffusion.schedule import Schedule
+from ..images import to_model_space
+from ..models.dit import DiT, create_model
+from ..models.io import save_model
+from ..utils import atomic_path
 
 LR_DECAYS = ("constant", "cosine")
 
@@ -49,13 +50,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-
-def to_model_space(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.array(images, dtype=np.float32))
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    return x / 127.5 - 1.0
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

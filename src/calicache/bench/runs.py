@@ -11,10 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .cache import CacheConfig, apply_cache, get_engine, remove_cache
-from .images import to_uint8
-from .metrics.macs import count_macs
-from .sampling import _class_labels, sample
+from ..cache import CacheConfig, apply_cache, get_engine, remove_cache
+from ..cache.macs import count_macs
+from ..images import to_uint8
+from ..sampling import _class_labels, sample
 
 
 @dataclass
@@ -63,11 +63,11 @@ def run_variant(model: nn.Module, variant: Variant, num: int, cfg_scale: float, 
 
 def score(results: list[Result], reference: Result, classifier: nn.Module | None = None) -> None:
     """Fidelity to the reference (PSNR, SSIM, MSE), speed-ups, and class agreement if a classifier is given."""
-    from .metrics.fidelity import fidelity
+    from ..metrics.fidelity import fidelity
 
     labels = None
     if classifier is not None:
-        from .classifier import predict_uint8
+        from ..training.classifier import predict_uint8
 
         num_classes = int(classifier(torch.zeros(1, 1, 28, 28)).shape[1])
         labels = _class_labels(None, len(reference.images), num_classes).numpy()

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .compare import Result, Variant
-from .images import to_uint8
-from .models.convert import to_diffusers
-from .sampling import sample
+from ..images import to_uint8
+from ..models.convert import to_diffusers
+from ..sampling import sample
+from .runs import Result, Variant
 
 KINDS = {
     "none": "diffusers, no cache",

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..images import LATENT_SCALE
-from ..train import to_model_space
+from ..images import LATENT_SCALE, to_model_space
 
 DataArg = tuple[np.ndarray, np.ndarray | None] | str | os.PathLike
 

@@ -18,11 +18,11 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import CacheConfig
-from .compare import Result, Variant, run_variant
-from .metrics.macs import count_macs
+from ..cache import CacheConfig
+from ..cache.macs import count_macs
+from ..sampling import sample
 from .peers import Peer, fbc_threshold, missing, run_peer
-from .sampling import sample
+from .runs import Result, Variant, run_variant
 
 FAMILIES = ("fewer-steps", "fora", "icc", "icc-budget", "goc", "forecast", "peers")
 CALIBRATED = ("ca", "cd")
@@ -94,8 +94,8 @@ class FactorSource:
         self._warned: set[str] = set()
 
     def get(self, svd: str, budget: float | None = None, period: int = 2):
-        from .calibrate.calibrate import calibrate
-        from .calibrate.factors import Factors
+        from ..cache.factors import Factors
+        from ..calibration.calibrate import calibrate
 
         kind = f"{svd}-p{period}" if svd == "cf" else svd
         name = f"{kind}-full.safetensors" if budget is None else f"{kind}-budget{budget:.4f}.safetensors"
@@ -124,7 +124,7 @@ def _goc_file(model: nn.Module, opts: GridOptions, notes: list[str]) -> str | No
     if opts.steps < 3:
         notes.append(f"GOC skipped: a {opts.steps}-call run has no call with two earlier changes")
         return None
-    from .calibrate.goc import find_goc_steps
+    from ..calibration.goc import find_goc_steps
 
     found = find_goc_steps(model, opts.steps, num=min(opts.num, 4 if opts.quick else 32), cfg_scale=opts.cfg_scale,
                            seed=opts.seed, batch_size=opts.batch_size, period=2, progress=True)
@@ -286,7 +286,7 @@ def run_grid(model: nn.Module, grid: Grid, opts: GridOptions) -> list[Result]:
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance of Gaussians fitted to two feature sets."""
     try:
-        from .metrics.frechet import frechet_distance, gaussian_stats
+        from ..metrics.frechet import frechet_distance, gaussian_stats
     except ImportError:  # calicache.metrics.frechet not in this build: the same formula with scipy's sqrtm
         from scipy import linalg
 
@@ -298,7 +298,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def domain_fd(results: list[Result], classifier: nn.Module, reference: np.ndarray) -> None:
     """Frechet distance of classifier features of each result to those of `reference` images (`fd`)."""
-    from .classifier import features_uint8
+    from ..training.classifier import features_uint8
 
     ref = features_uint8(classifier, reference)
     for r in tqdm(results, desc="classifier features", leave=False):
@@ -308,9 +308,9 @@ def domain_fd(results: list[Result], classifier: nn.Module, reference: np.ndarra
 def inception_fid(results: list[Result], ref: str, inception: str | None, data_dir: str | None) -> str | None:
     """Inception FID of each result against `ref` (`fid`); returns why it was skipped, or None."""
     try:
-        from .metrics.frechet import frechet_distance, gaussian_stats
-        from .metrics.inception import InceptionExtractor
-        from .metrics.reference import reference_stats
+        from ..metrics.frechet import frechet_distance, gaussian_stats
+        from ..metrics.inception import InceptionExtractor
+        from ..metrics.reference import reference_stats
     except ImportError as e:
         return f"--fid skipped: calicache.metrics' Inception FID is not available in this build ({e})"
     try:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .utils import atomic_path
+from ..utils import atomic_path
 
 FORMAT = "calicache-classifier"
 SHIPPED_FILE = "fmnist-classifier.safetensors"

@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from ..adapters import LinearSpec, get_adapter
 from ..adapters.diffusers import diffusers_family
+from ..cache.factors import Factors
 from ..cache.pipeline import is_pipeline
 from ..cache.state import get_engine
 from ..data.prompts import check_prompt_embeds, load_prompt_embeds, prompt_rows, text_width
+from ..images import to_model_space
 from ..models.io import weight_hash
-from ..train import to_model_space
 from .calibrate import _draw, calibration_generator, check_factor_args, factorize
-from .factors import Factors
 from .inputs import batches, load_vae, select
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
@@ -315,7 +315,7 @@ def calibrate_text(
     - rank / rank_budget / scale: as `calibrate` (the budget is counted at the transformer's default
       resolution and 120 prompt tokens).
     """
-    from .. import __version__
+    from .._version import __version__
 
     transformer, pipe = _pixart(model)
     check_factor_args(svd, rank, scale, rank_budget, TEXT_SVD_METHODS)

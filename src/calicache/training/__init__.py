@@ -1,0 +1,1 @@
+"""Training: the class-conditional DiT train loop and the in-domain classifier."""
