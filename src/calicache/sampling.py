@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,27 @@ def model_calls(steps: int, sampler: str = "ddim") -> int:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     return steps
+
+
+def _watch_finite(fn: Callable) -> tuple[Callable, list[torch.Tensor]]:
+    """`fn` that also records, per step and on the device, whether its output is finite (no sync)."""
+    flags: list[torch.Tensor] = []
+
+    def watched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = fn(x, t)
+        flags.append(torch.isfinite(out).all())
+        return out
+
+    return watched, flags
+
+
+def _check_finite(flags: list[torch.Tensor]) -> None:
+    """One device read per run (the images are read back right after it anyway)."""
+    ok = torch.stack(flags)
+    if not bool(ok.all()):
+        first = int((~ok).nonzero()[0])
+        raise ValueError(f"the model returned NaN or infinite values at step {first} of this run; check the "
+                         "model's weights, the noise and the guidance scale")
 
 
 @torch.inference_mode()
@@ -117,11 +138,14 @@ def sample(
                 return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like)
 
             y = labels[first : first + len(idx)].to(device)
-            fn = guided_model_fn(model, y, cfg.num_classes, cfg_scale, cfg_channels)
+            fn, finite = _watch_finite(guided_model_fn(model, y, cfg.num_classes, cfg_scale, cfg_channels))
             extra = {"eta": eta} if sampler == "ddim" else {}
             extra["clip_denoised"] = clip
-            with cache_run(model, model_calls(steps, sampler)):
+            # Calls go from the noisiest kept timestep down: host-side numbers, so no model call reads one.
+            timesteps = [float(t) for t in schedule.timesteps[::-1]]
+            with cache_run(model, model_calls(steps, sampler), timesteps):
                 x = sampler_fn(fn, x, schedule, noise_fn=noise_fn, **extra)
+            _check_finite(finite)
             out.append(x.cpu())
             bar.update(len(idx))
     finally:

@@ -14,10 +14,9 @@ class LinearSpec:
     """One calibrated linear map: the rows `rows` of `module` (all rows if None).
 
     q, k and v of DiT's fused qkv are three specs on one module. `input_from` names another linear
-    of the same branch whose cached *output*, passed through `input_fn`, is this linear's cached
-    input (fc2's input is GELU(fc1's output): recomputed, never stored). `input_shared_with` names
-    another linear fed the very same input tensor (diffusers' separate to_q, to_k, to_v): its
-    stored input is used, so the input is stored once.
+    of the same branch whose output, passed through `input_fn`, is this linear's input (fc2's input
+    is GELU(fc1's output)): CD/CF calibration statistics recompute fc2's reference input from fc1's
+    reference output instead of holding a second copy. The cache itself stores no inputs.
     """
 
     name: str
@@ -25,7 +24,6 @@ class LinearSpec:
     rows: slice | None = None
     input_from: str | None = None
     input_fn: Callable | None = None
-    input_shared_with: str | None = None
 
     @property
     def in_features(self) -> int:

@@ -72,14 +72,13 @@ class DiffusersAdapter(Adapter):
         out = []
         for i, blk in enumerate(model.transformer_blocks):
             p = f"transformer_blocks.{i}"
-            a1, q = blk.attn1, f"{p}.attn1.to_q"
+            a1 = blk.attn1
             out.append(BranchSpec(
                 name=f"{p}.attn1", module=a1, tokens=n, attention_dim=a1.to_q.out_features,
                 linears=[
-                    LinearSpec(q, a1.to_q),
-                    # Self-attention feeds one tensor to to_q, to_k and to_v: stored once (with to_q).
-                    LinearSpec(f"{p}.attn1.to_k", a1.to_k, input_shared_with=q),
-                    LinearSpec(f"{p}.attn1.to_v", a1.to_v, input_shared_with=q),
+                    LinearSpec(f"{p}.attn1.to_q", a1.to_q),
+                    LinearSpec(f"{p}.attn1.to_k", a1.to_k),
+                    LinearSpec(f"{p}.attn1.to_v", a1.to_v),
                     LinearSpec(f"{p}.attn1.to_out.0", a1.to_out[0]),
                 ],
             ))

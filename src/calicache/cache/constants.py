@@ -1,11 +1,13 @@
 """Run constants: modules whose output depends only on the prompt (cross-attention keys and values,
 a caption projection) are computed once per run and reused exactly at the later calls.
 
-Exact by construction: a stored output is served only while the top-level conditioning tensor is
-the one it was computed from. The check is identity plus the version counter (no in-place change)
-or, when that cannot tell (another tensor object, or an inference tensor without a version counter),
-`torch.equal` against a copy: a pass over the prompt embeddings, negligible beside a model call. A
-new prompt, batch size or dtype recomputes them.
+Inside an explicit run (`cache_run`, `calicache.sample`, a cached pipeline's call) the prompt is
+constant, so the values computed at call 0 serve the whole run with no check at all. A bare module
+in another library's loop checks instead that the top-level conditioning tensor is the one the
+values were computed from: identity plus the version counter (no in-place change) or, when that
+cannot tell (another tensor object, or an inference tensor without a version counter),
+`torch.equal` against a copy (a device read, the bare path's price). A new prompt, batch size or
+dtype recomputes them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ class RunConstants:
     def begin_call(self, text: torch.Tensor | None) -> None:
         """Called before every top-level call with its conditioning tensor (None: nothing to reuse)."""
         self.active = isinstance(text, torch.Tensor)
-        if not self.active or self._same(text):
+        if not self.active:
+            return
+        if self.engine.explicit:
+            if self.engine.call == 0:  # reset at the run's start; the prompt is constant through the run
+                self.values.clear()
+            return
+        if self._same(text):
             return
         self.values.clear()
         self.key = text.detach().clone()

@@ -8,7 +8,7 @@ never learns about caching. `apply_cache` also takes a diffusers pipeline (see `
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,16 +34,17 @@ class CacheEngine:
         self.schedule = config.cache_schedule
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
-        self.num_calls: int | None = None
+        self.num_calls: int | None = None  # of the explicit run in progress
+        self.timesteps: list[float] | None = None  # of the explicit run in progress, one per call
         self._patched: list[nn.Module] = []
         self.explicit = False  # inside sample()'s begin_run/end_run
         self.active = False  # a run is in progress
         self.call = -1
         self.prev_t: float | None = None
-        self.t: float = 0.0  # timestep of the current call
-        self.full: np.ndarray = np.ones(len(self.branches), dtype=bool)
+        self.t: float | None = None  # timestep of the current call (None: an explicit run without timesteps)
+        self.full: tuple[bool, ...] = (True,) * len(self.branches)  # per layer: full at this call
         self.peak_cache_bytes = 0
-        self.full_flags: list[np.ndarray] = []  # one row per call of the current/last run
+        self.full_flags: list[tuple[bool, ...]] = []  # one row per call of the current/last run
         self.method = METHODS[config.method](self, config)
         # Prompt-only modules (cross-attention K/V) computed once per run; "none" stays the plain model.
         constant = self.adapter.constant_modules(model) if config.method != "none" else []
@@ -77,30 +78,67 @@ class CacheEngine:
         return self.method.cache_bytes() + (self.constants.cache_bytes() if self.constants is not None else 0)
 
     def _wrap_model(self, forward: Callable) -> Callable:
+        # Only `forward` is traced by torch.compile; the bookkeeping around it runs eagerly, so
+        # the graph sees per-call Python values that are fixed for each kind of call (the gather
+        # flags, a method's per-call tensors) and never the call index.
         def run(*args, **kwargs):
-            x = self.adapter.sample_input(args, kwargs)
-            if not torch.isfinite(x).all():
-                raise ValueError("model input contains NaN or infinite values; check the sampler and the noise")
-            t = float(torch.as_tensor(self.adapter.timestep(args, kwargs)).max())
-            if not self.explicit and (not self.active or (self.prev_t is not None and t > self.prev_t)):
-                self._start_run()  # a bare module driven by someone else's loop: t went up
-            self.call += 1
-            self.t = t
+            self._begin_call(args, kwargs)
             try:
-                self.full = self.schedule.row(self.call, len(self.branches))
-                self.full_flags.append(self.full)
-                if self.constants is not None:
-                    self.constants.begin_call(self.adapter.text_input(args, kwargs))
                 out = forward(*args, **kwargs)
             except BaseException:
-                if not self.explicit:
-                    self.active = False  # the next call starts a fresh run
+                self._failed_call()
                 raise
-            self.prev_t = t
-            self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+            self._end_call()
             return out
 
         return run
+
+    @torch._dynamo.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> None:
+        """Number the call and set its flags. Inside an explicit run everything is a host-side
+        number the sampler handed over: no device read. A bare module driven by another library's
+        loop reads the timestep (and the input's finiteness, in the same transfer) once per call:
+        that is how it sees a run start (the timestep went up)."""
+        if self.explicit:
+            t = None
+            if self.timesteps is not None:
+                if self.call + 1 >= len(self.timesteps):
+                    raise RuntimeError(f"this run was declared with {len(self.timesteps)} model calls but the model "
+                                       f"was called a {self.call + 2}th time; give cache_run one timestep per call")
+                t = self.timesteps[self.call + 1]
+        else:
+            t = self._read_bare_call(args, kwargs)
+            if not self.active or (self.prev_t is not None and t > self.prev_t):
+                self._start_run()
+        self.call += 1
+        self.t = t
+        try:
+            self.full = tuple(self.schedule.row(self.call, len(self.branches)).tolist())
+            self.full_flags.append(self.full)
+            self.method.begin_call()
+            if self.constants is not None:
+                self.constants.begin_call(self.adapter.text_input(args, kwargs))
+        except BaseException:
+            self._failed_call()
+            raise
+
+    def _read_bare_call(self, args: tuple, kwargs: dict) -> float:
+        x = self.adapter.sample_input(args, kwargs)
+        t = torch.as_tensor(self.adapter.timestep(args, kwargs)).max().to(x.device, torch.float64)
+        t, finite = torch.stack([t, torch.isfinite(x).all().to(torch.float64)]).tolist()  # one device read
+        if not finite:
+            raise ValueError("model input contains NaN or infinite values; check the sampler and the noise")
+        return t
+
+    @torch._dynamo.disable
+    def _failed_call(self) -> None:
+        if not self.explicit:
+            self.active = False  # the next call starts a fresh run
+
+    @torch._dynamo.disable
+    def _end_call(self) -> None:
+        self.prev_t = self.t
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     # -- runs --------------------------------------------------------------------------------
     def _start_run(self) -> None:
@@ -111,18 +149,28 @@ class CacheEngine:
         self.full_flags = []
         self.peak_cache_bytes = 0
 
-    def begin_run(self, num_calls: int) -> None:
-        """An explicit run of `num_calls` calls: the schedule is checked before any work."""
+    def begin_run(self, num_calls: int, timesteps: Sequence[float] | None = None) -> None:
+        """An explicit run of `num_calls` calls: the schedule is checked before any work.
+
+        `timesteps`: the timestep of each call as host-side numbers (a method that measures
+        distances in timesteps needs them); the engine never reads them from the device."""
+        if timesteps is not None:
+            timesteps = [float(t) for t in timesteps]
+            if len(timesteps) != num_calls:
+                raise ValueError(f"{len(timesteps)} timesteps given for a run of {num_calls} calls; give one per call")
         self.schedule.check(num_calls, len(self.branches))
         self.method.check_run(num_calls)
         self._start_run()
         self.explicit = True
         self.num_calls = num_calls
+        self.timesteps = timesteps
 
     def end_run(self) -> None:
         self._reset()
         self.explicit = False
         self.active = False
+        self.num_calls = None
+        self.timesteps = None
 
     def stats(self) -> dict:
         """Cached share and peak cache memory of the last run."""

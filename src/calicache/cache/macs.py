@@ -1,6 +1,11 @@
 """Multiply-accumulates per sample, the papers' convention: linear layers, the two attention
 matmuls and adaLN, no CFG doubling (torch's flop counter reports FLOPs = 2 x MACs).
 
+One departure, because calicache computes it: ICC and the forecast keep their references in rank
+space, so a full call also runs each calibrated linear's B pass (z_ref = B x, r / C_out of that
+linear's MACs). The papers store x_ref instead and count a full call as the uncached one; their
+figure is `total - extra_full`.
+
 Prompt-only work (cross-attention keys/values, a caption projection) is paid at call 0 of a run
 when the cache reuses it, at every call without a cache (method "none")."""
 
@@ -51,12 +56,13 @@ def count_macs(model_or_name, config: CacheConfig | None = None, steps: int = 50
                tokens: int | None = None, text_tokens: int | None = None) -> dict:
     """MACs of one sampling run of `steps` model calls.
 
-    Returns `total` (per sample), `per_call` (list), `full_call`, `total_with_cfg` (the doubled
-    batch of guidance), `speedup` (uncached / total) and `cached_ratio`. Works on a model or a
-    diffusers pipeline with a cache attached (its config), a model plus a config, or a registry
-    name (built on the meta device: no memory, no weights). `tokens` / `text_tokens` count a
-    diffusers transformer at another resolution (image tokens per sample) or prompt length
-    (default: the config's sample size and 120 prompt tokens).
+    Returns `total` (per sample), `extra_full` (the part of `total` that full calls add to the
+    uncached computation: ICC's B passes; the papers leave it out), `per_call` (list),
+    `full_call`, `total_with_cfg` (the doubled batch of guidance), `speedup` (uncached / total)
+    and `cached_ratio`. Works on a model or a diffusers pipeline with a cache attached (its
+    config), a model plus a config, or a registry name (built on the meta device: no memory, no
+    weights). `tokens` / `text_tokens` count a diffusers transformer at another resolution (image
+    tokens per sample) or prompt length (default: the config's sample size and 120 prompt tokens).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -69,15 +75,19 @@ def count_macs(model_or_name, config: CacheConfig | None = None, steps: int = 50
     full_call = base + constant + sum(full_branch)
     gather = engine.schedule.matrix(steps, len(engine.branches))
     engine.method.check_run(steps)  # a run the method cannot serve has no MACs; GOC's steps depend on its length
-    per_call = []
+    method = engine.method
+    per_call, extra_full = [], 0
     for t in range(steps):
         macs = base + (constant if t == 0 or not reused else 0)
         for layer, full in enumerate(gather[t]):
-            macs += full_branch[layer] if full else engine.method.cached_macs(layer, t)
+            extra = method.full_macs(layer, t) if full else 0
+            macs += full_branch[layer] + extra if full else method.cached_macs(layer, t)
+            extra_full += extra
         per_call.append(int(macs))
     total = sum(per_call)
     return {
         "total": int(total),
+        "extra_full": int(extra_full),
         "per_call": per_call,
         "full_call": int(full_call),
         "total_with_cfg": int(total * (2 if cfg_scale > 1 else 1)),

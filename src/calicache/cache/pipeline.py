@@ -85,7 +85,8 @@ def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
         out = set_timesteps(*a, **k)
         if engine.explicit:  # a second set_timesteps in one call starts a new run
             engine.end_run()
-        engine.begin_run(len(scheduler.timesteps))  # checks the schedule / GOC before any model call
+        # One host-side read of the run's timesteps; checks the schedule / GOC before any model call.
+        engine.begin_run(len(scheduler.timesteps), [float(t) for t in scheduler.timesteps.tolist()])
         return out
 
     scheduler.set_timesteps = observed

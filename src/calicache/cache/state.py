@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,17 +17,20 @@ def get_engine(model: nn.Module) -> Any | None:
 
 
 @contextmanager
-def cache_run(model: nn.Module, num_calls: int) -> Iterator[None]:
+def cache_run(model: nn.Module, num_calls: int, timesteps: Sequence[float] | None = None) -> Iterator[None]:
     """One sampling run of `num_calls` model calls; a no-op on a model without a cache.
 
     The engine checks its schedule against `num_calls` before any work and forgets every cached
-    tensor when the run ends, also when it ends with an error.
+    tensor when the run ends, also when it ends with an error. `timesteps` (one host-side number
+    per call, in call order) serve methods that measure distances in timesteps. Inside a run the
+    engine reads nothing from the device, and the conditioning (a prompt) must stay the same:
+    prompt-only work is computed at call 0 and reused.
     """
     engine = get_engine(model)
     if engine is None:
         yield
         return
-    engine.begin_run(num_calls)
+    engine.begin_run(num_calls, timesteps)
     try:
         yield
     finally:

@@ -29,12 +29,15 @@ class Method:
     def cache_bytes(self) -> int:
         return 0
 
-    def position(self) -> float:
-        """Where the current call lies, for methods that extrapolate: its index, or its timestep."""
-        return self.engine.call
+    def begin_call(self) -> None:
+        """Host-side work before each model call (engine.call and engine.full are set): no device reads."""
 
     def cached_macs(self, layer: int, call: int) -> int:
         """MACs per sample of cacheable layer `layer` at a cached call (the papers' convention)."""
+        return 0
+
+    def full_macs(self, layer: int, call: int) -> int:
+        """MACs per sample a full call of `layer` adds to the uncached computation (ICC's B pass)."""
         return 0
 
 

@@ -22,24 +22,31 @@ from .icc import CalibratedLinear, IncrementCalibration
 
 
 def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float) -> torch.Tensor:
-    """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory."""
-    return torch.add(v1, v1 - v0, alpha=k)
+    """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory, in one pass."""
+    return torch.lerp(v1, v0, -k)
 
 
 class ForecastLinear(CalibratedLinear):
-    history_len = 2
+    """Both forecasts without leaving rank space on the input side: with z = B x stored at full calls,
+    `B x_hat = z1 + k (z1 - z0)`, so a cached call is `y_hat + A (B x_s - z_hat)`: the B pass, one
+    pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it."""
 
-    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.history) < 2:
-            return super().reference(x)
-        k = self.method.forecast_k(self.history[0][0], self.history[1][0])
-        x0, x1 = self.input_at(0).to(x.dtype), self.input_at(1).to(x.dtype)
-        y0, y1 = self.history[0][2].to(x.dtype), self.history[1][2].to(x.dtype)
-        return first_order(x1, x0, k), first_order(y1, y0, k)
+    refs_kept = 2
+
+    def cached(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.refs) < 2:
+            return super().cached(x)
+        (z0, y0), (z1, y1) = self.refs
+        k = self.method.k[self.layer].to(x.dtype)
+        y_hat = first_order(y1.to(x.dtype), y0.to(x.dtype), k)  # a fresh tensor
+        if not self.blocks:
+            return y_hat
+        dz = self.project(x).sub_(first_order(z1.to(x.dtype), z0.to(x.dtype), k))  # B x - z_hat
+        return self.correct(y_hat, dz, fresh=True)
 
     def macs(self, tokens: int) -> int:
-        """ICC's matmuls plus the two element-wise forecasts (x_hat, y_hat), one MAC per element."""
-        elementwise = tokens * (self.module.in_features + sum(s.out_features for s in self.specs))
+        """ICC's matmuls plus the two element-wise forecasts (y_hat over C_out, z_hat over R), one MAC per element."""
+        elementwise = tokens * (self.rank_total + sum(s.out_features for s in self.specs))
         return super().macs(tokens) + elementwise
 
 
@@ -47,25 +54,24 @@ class ForecastBranchCache(BranchCache):
     """Rank-0 branches: the branch output's own first-order forecast from its last two full outputs."""
 
     def __init__(self, method: CalibratedForecast, layers: list[int]):
-        self.history: dict[int, list[tuple[float, torch.Tensor]]] = {}  # layer -> last two (position, output)
+        self.history: dict[int, list[torch.Tensor]] = {}  # layer -> its last two full outputs
         super().__init__(method, layers)
 
     def on_full(self, layer: int, out: torch.Tensor) -> None:
-        entry = (self.method.position(), self.outputs[layer])  # the stored tensor itself: no second copy
-        self.history[layer] = (self.history.get(layer, []) + [entry])[-2:]
+        self.history[layer] = [*self.history.get(layer, []), self.outputs[layer]][-2:]  # the stored tensor: no copy
 
     def on_cached(self, layer: int) -> torch.Tensor:
         h = self.history[layer]
         if len(h) < 2:
             return self.outputs[layer]
-        return first_order(h[1][1], h[0][1], self.method.forecast_k(h[0][0], h[1][0]))
+        return first_order(h[1], h[0], self.method.k[layer].to(h[1].dtype))
 
     def reset(self) -> None:
         super().reset()
         self.history.clear()
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for h in self.history.values() for _, t in h)
+        return sum(t.nbytes for h in self.history.values() for t in h)
 
     def macs(self, branch) -> int:
         """One element-wise forecast of the branch output: N * C_out per sample."""
@@ -80,9 +86,29 @@ class CalibratedForecast(IncrementCalibration):
         self.weight = float(config.forecast_weight)
         self.units = config.forecast_units
         super().__init__(engine, config)
+        self.positions: list[list[float]] = [[] for _ in engine.branches]  # per layer: its last two full calls
+        self.k = torch.zeros(len(engine.branches))  # per layer: this call's forecast weight
 
     def position(self) -> float:
-        return self.engine.t if self.units == "timesteps" else self.engine.call
+        """Where the current call lies: its index, or its timestep (a host-side number the sampler gave)."""
+        if self.units == "calls":
+            return self.engine.call
+        if self.engine.t is None:
+            raise ValueError("forecast_units='timesteps' needs each call's timestep: sample with calicache.sample, "
+                             "or give cache_run(model, num_calls, timesteps=[...])")
+        return self.engine.t
 
-    def forecast_k(self, f0: float, f1: float) -> float:
-        return self.weight * (self.position() - f1) / (f1 - f0)
+    def begin_call(self) -> None:
+        """Host-side, before the model runs: each layer's k = w (s - f1) / (f1 - f0) for this call s,
+        as one small tensor (so a compiled graph sees a tensor, not a new constant per call)."""
+        s, ks = self.position(), []
+        for layer, full in enumerate(self.engine.full):
+            pos = self.positions[layer]
+            ks.append(self.weight * (s - pos[1]) / (pos[1] - pos[0]) if not full and len(pos) == 2 else 0.0)
+            if full:
+                self.positions[layer] = [*pos, s][-2:]
+        self.k = torch.tensor(ks)
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = [[] for _ in self.engine.branches]

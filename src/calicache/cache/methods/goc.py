@@ -122,7 +122,7 @@ class GocBranchCache(BranchCache):
     def on_cached(self, layer: int) -> torch.Tensor:
         prev2, prev = self.queue[layer]
         out = prev
-        if prev2 is not None and self.method.compensates(self.method.engine.call):
+        if prev2 is not None and self.method.compensate_now:
             out = torch.add(prev, prev - prev2, alpha=self.method.weight)  # w = 0 gives prev exactly
         self._shift(layer, out)
         return out
@@ -153,6 +153,7 @@ class GradientOptimizedCache(Method):
         self.given: list[int] | None = (sorted(set(config.goc_steps)) if config.goc_steps is not None
                                         else (sorted(set(self.file.steps)) if self.file is not None else None))
         self.run_steps: frozenset[int] | None = None  # set by check_run for the coming run
+        self.compensate_now = False  # set before each call (host-side), read by the hooks
         self.cache = GocBranchCache(self, list(range(len(engine.branches))))
         # The update is one subtract and one multiply-add per element of the branch output (N x C_out,
         # C_out = the branch's last linear's outputs): counted as N * C_out MACs per sample.
@@ -181,6 +182,9 @@ class GradientOptimizedCache(Method):
 
     def check_run(self, num_calls: int) -> None:
         self.run_steps = frozenset(self.steps_for(num_calls))
+
+    def begin_call(self) -> None:
+        self.compensate_now = self.compensates(self.engine.call)
 
     def compensates(self, call: int) -> bool:
         if self.engine.explicit:  # inside calicache.sample: check_run chose this run's steps

@@ -1,7 +1,8 @@
 """Increment-calibrated caching (Chen et al., CVPR 2025, arXiv 2505.05829, Sec. 3.3).
 
 Every calibrated linear, at a cached call m, outputs `y_m = y_s + A (B (x_m - x_s))` where
-(x_s, y_s) are its input and output at the last full call s. Everything else in the block runs
+(x_s, y_s) are its input and output at the last full call s, computed as `y_s + A (B x_m - z_s)`
+with `z_s = B x_s` stored at the full call. Everything else in the block runs
 on the current values, so the block runs in order. Branches whose linears all have rank 0 are
 served whole from the cache (exactly what the calibration would give, without the work).
 """
@@ -22,7 +23,15 @@ from .base import BranchCache, Method
 
 
 class CalibratedLinear:
-    """One nn.Linear module with one or more calibrated row blocks (q, k, v share one B pass)."""
+    """One nn.Linear module with one or more calibrated row blocks (q, k, v share one B pass).
+
+    References live in rank space: a full call stores z = B x (M, R) next to its output y, so a
+    cached call is `y_ref + A (B x - z_ref)`: one B pass, a subtraction over R columns and one
+    addmm into y_ref. No input is stored (nor fc2's GELU recomputed) and nothing full-width is
+    subtracted; the price is the B pass at full calls, which `full_macs` counts.
+    """
+
+    refs_kept = 1  # ICC refers to the last full call only
 
     def __init__(self, method: IncrementCalibration, specs: list[LinearSpec],
                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layer: int):
@@ -31,56 +40,46 @@ class CalibratedLinear:
         self.layer = layer
         self.module = specs[0].module
         w = self.module.weight
-        ranks = [factors[s.name][0].shape[1] for s in specs]
-        self.rank_total = sum(ranks)
+        self.ranks = [factors[s.name][0].shape[1] for s in specs]
+        self.rank_total = sum(self.ranks)
         self.b = torch.cat([factors[s.name][1] for s in specs]).to(w)  # (R, C_i): one pass for all blocks
-        self.a = [factors[s.name][0].to(w) for s in specs]  # each (C_o_i, r_i)
+        # A^T per block as a view of the (C_o_i, r_i) factor: BLAS reads the transpose without a copy.
+        self.a_t = [factors[s.name][0].to(w).t() for s in specs]  # each (r_i, C_o_i)
         rows = [s.out_features for s in specs]
-        # Equal blocks (DiT's q, k, v) go through one batched matmul.
-        self.a_batched = (torch.stack([a.t() for a in self.a]) if len(specs) > 1 and len(set(ranks)) == 1
-                          and len(set(rows)) == 1 else None)  # (k, r, C_o_i)
-        self.ranks = ranks
-        self.input_from = specs[0].input_from
-        self.input_fn = specs[0].input_fn
-        self.input_shared = specs[0].input_shared_with  # diffusers' to_k/to_v: to_q stores the input
-        # (position, input or None when derived from another linear, output) of the last full calls.
-        self.history: list[tuple[float, torch.Tensor | None, torch.Tensor]] = []
+        cols = [0, *torch.tensor(rows).cumsum(0).tolist()]
+        ranks = [0, *torch.tensor(self.ranks).cumsum(0).tolist()]
+        # (output columns, rank columns, A^T) per block with a non-zero rank.
+        self.blocks = [(slice(cols[i], cols[i + 1]), slice(ranks[i], ranks[i + 1]), self.a_t[i])
+                       for i in range(len(specs)) if self.ranks[i] > 0]
+        # (z = B x (M, R), y (M, C_o)) of the last full calls, oldest first.
+        self.refs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    history_len = 1  # ICC refers to the last full call only
-
-    def input_at(self, j: int) -> torch.Tensor:
-        """The stored input of history entry j (fc2's is recomputed from fc1's output)."""
-        if self.input_from is not None:
-            return self.input_fn(self.method.linears_by_name[self.input_from].history[j][2])
-        if self.input_shared is not None:
-            return self.method.linears_by_name[self.input_shared].input_at(j)
-        return self.history[j][1]
-
-    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The point (x_ref, y_ref) the increment is measured from: the last full call's values."""
-        return self.input_at(-1), self.history[-1][2]
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """B x as an (M, R) matrix: every block's rank-space coordinates in one matmul."""
+        return F.linear(x, self.b).reshape(-1, self.rank_total)
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        stored_x = None if self.input_from is not None or self.input_shared is not None else self.method.store(x)
-        self.history = (self.history + [(self.method.position(), stored_x, self.method.store(y))])[-self.history_len:]
+        z = self.project(x) if self.rank_total else x.new_empty(0)
+        entry = (self.method.store(z), self.method.store(y.reshape(-1, y.shape[-1])))
+        self.refs = [*self.refs, entry][-self.refs_kept :]
 
-    def calibrate(self, y_ref: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-        """y_ref + A (B dx) for every row block, the addition fused into the last matmul."""
-        z = F.linear(dx, self.b).reshape(-1, self.rank_total)  # (M, R): one B pass for all blocks
-        y2 = y_ref.reshape(-1, y_ref.shape[-1])  # (M, C_o)
-        if len(self.a) == 1:
-            return torch.addmm(y2, z, self.a[0].t()).view_as(y_ref)
-        if self.a_batched is not None:
-            k, r, rows = self.a_batched.shape
-            out = torch.baddbmm(y2.view(-1, k, rows).transpose(0, 1), z.view(-1, k, r).transpose(0, 1),
-                                self.a_batched)  # (k, M, rows)
-            return out.transpose(0, 1).reshape(y_ref.shape)
-        parts, start, col = [], 0, 0
-        for a, r in zip(self.a, self.ranks):
-            rows = a.shape[0]
-            parts.append(torch.addmm(y2[:, col : col + rows], z[:, start : start + r], a.t()))
-            start, col = start + r, col + rows
-        return torch.cat(parts, dim=-1).view_as(y_ref)
+    def correct(self, base: torch.Tensor, dz: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """base + A dz for every row block; base (M, C_o), dz (M, R). `fresh`: base may be written to."""
+        if len(self.blocks) == 1 and self.blocks[0][0].stop - self.blocks[0][0].start == base.shape[1]:
+            _, ranks, a_t = self.blocks[0]
+            return base.addmm_(dz, a_t) if fresh else torch.addmm(base, dz, a_t)
+        out = base if fresh else base.clone()
+        for cols, ranks, a_t in self.blocks:
+            out[:, cols].addmm_(dz[:, ranks], a_t)  # in place into a column view: BLAS's leading dimension
+        return out
+
+    def cached(self, x: torch.Tensor) -> torch.Tensor:
+        """y_ref + A (B x - z_ref), (M, C_o)."""
+        z_ref, y_ref = self.refs[-1]
+        y_ref = y_ref.to(x.dtype)
+        if not self.blocks:
+            return y_ref
+        return self.correct(y_ref, self.project(x).sub_(z_ref.to(x.dtype)), fresh=False)
 
     def hook(self, forward: Callable) -> Callable:
         engine = self.method.engine
@@ -90,27 +89,26 @@ class CalibratedLinear:
                 y = forward(x)
                 self.on_full(x, y)
                 return y
-            if not self.history:
+            if not self.refs:
                 raise RuntimeError(f"{self.specs[0].name} has no cached values at call {engine.call}; "
                                    "every layer must be full at call 0")
-            x_ref, y_ref = self.reference(x)
-            y_ref = y_ref.to(x.dtype)
-            if self.rank_total == 0:
-                return y_ref
-            return self.calibrate(y_ref, x - x_ref.to(x.dtype))
+            return self.cached(x).view(*x.shape[:-1], -1)
 
         return run
 
     def reset(self) -> None:
-        self.history = []
+        self.refs = []
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for _, x, y in self.history for t in (x, y) if t is not None)
+        return sum(z.nbytes + y.nbytes for z, y in self.refs)
 
     def macs(self, tokens: int) -> int:
-        """B pass over the input plus each block's A, per sample."""
-        return tokens * (self.module.in_features * self.rank_total
-                         + sum(r * s.out_features for r, s in zip(self.ranks, self.specs)))
+        """B pass over the input plus each block's A, per sample, at a cached call."""
+        return self.full_macs(tokens) + tokens * sum(r * s.out_features for r, s in zip(self.ranks, self.specs))
+
+    def full_macs(self, tokens: int) -> int:
+        """What a full call adds to the layer's own MACs: the B pass that stores z_ref, per sample."""
+        return tokens * self.module.in_features * self.rank_total
 
 
 def resolve_factors(engine, config: CacheConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -166,6 +164,8 @@ class IncrementCalibration(Method):
                       + engine.branches[layer].attention_macs()
                       for layer in range(len(engine.branches)) if layer not in self.whole_branch}
         self._macs.update({layer: self.branch_cache.macs(engine.branches[layer]) for layer in whole_branch})
+        self._full_macs = {layer: sum(c.full_macs(engine.branches[layer].tokens) for c in self.linears
+                                      if c.layer == layer) for layer in range(len(engine.branches))}
 
     def reset(self) -> None:
         for c in self.linears:
@@ -177,3 +177,6 @@ class IncrementCalibration(Method):
 
     def cached_macs(self, layer: int, call: int) -> int:
         return self._macs.get(layer, 0)
+
+    def full_macs(self, layer: int, call: int) -> int:
+        return self._full_macs[layer]
