@@ -8,7 +8,6 @@ from calicache import CacheConfig, apply_cache, count_macs, remove_cache
 from calicache.diffusion.schedule import Schedule
 from conftest import tiny_model
 
-
 # The calibrated linears accumulate A z into column views in place, which torch's table lacks.
 INPLACE_ADDMM = {torch.ops.aten.addmm_: lambda inp, a, b, **_: 2 * a[0] * a[1] * b[1]}
 

@@ -49,7 +49,9 @@ class BranchCache:
 
     def __init__(self, method: Method, layers: list[int]):
         self.method = method
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.layers = layers
+        # Every key from the start: a compiled full call then sees the same dict at call 0 and later.
+        self.outputs: dict[int, torch.Tensor | None] = dict.fromkeys(layers)
         engine = method.engine
         for layer in layers:
             engine.patch(engine.branches[layer].module, lambda fwd, layer=layer: self._hook(layer, fwd))
@@ -63,7 +65,7 @@ class BranchCache:
                 self.outputs[layer] = self.method.store(out)
                 self.on_full(layer, out)
                 return out
-            if layer not in self.outputs:
+            if self.outputs[layer] is None:
                 raise RuntimeError(f"layer {engine.branches[layer].name} has no cached output at call {engine.call}; "
                                    "the schedule must make every layer full at call 0")
             out = self.on_cached(layer)
@@ -79,10 +81,10 @@ class BranchCache:
         return self.outputs[layer]
 
     def reset(self) -> None:
-        self.outputs.clear()
+        self.outputs = dict.fromkeys(self.layers)
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for t in self.outputs.values())
+        return sum(t.nbytes for t in self.outputs.values() if t is not None)
 
     def macs(self, branch) -> int:
         """MACs per sample of serving `branch` at a cached call (FORA: nothing is computed)."""

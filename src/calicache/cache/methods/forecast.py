@@ -31,11 +31,13 @@ class ForecastLinear(CalibratedLinear):
     `B x_hat = z1 + k (z1 - z0)`, so a cached call is `y_hat + A (B x_s - z_hat)`: the B pass, one
     pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it."""
 
-    refs_kept = 2
+    def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # The last two full calls; after the first one both slots hold it, so the forecast is that
+        # call's values exactly (plain ICC) and a compiled cached call is one graph.
+        entry = self.reference(x, y)
+        self.refs = [self.refs[-1] if self.refs else entry, entry]
 
     def cached(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.refs) < 2:
-            return super().cached(x)
         (z0, y0), (z1, y1) = self.refs
         k = self.method.k[self.layer].to(x.dtype)
         y_hat = first_order(y1.to(x.dtype), y0.to(x.dtype), k)  # a fresh tensor

@@ -132,7 +132,7 @@ class GocBranchCache(BranchCache):
         self.queue.clear()
 
     def cache_bytes(self) -> int:
-        held = {id(t): t for t in self.outputs.values()}
+        held = {id(t): t for t in self.outputs.values() if t is not None}
         held.update({id(t): t for pair in self.queue.values() for t in pair if t is not None})
         return sum(t.nbytes for t in held.values())
 

@@ -31,8 +31,6 @@ class CalibratedLinear:
     subtracted; the price is the B pass at full calls, which `full_macs` counts.
     """
 
-    refs_kept = 1  # ICC refers to the last full call only
-
     def __init__(self, method: IncrementCalibration, specs: list[LinearSpec],
                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]], layer: int):
         self.method = method
@@ -59,9 +57,12 @@ class CalibratedLinear:
         return F.linear(x, self.b).reshape(-1, self.rank_total)
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.refs = [self.reference(x, y)]  # not read first: a compiled full call is one graph from call 0 on
+
+    def reference(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a full call keeps: z = B x (M, R) and y (M, C_o), in the cache dtype."""
         z = self.project(x) if self.rank_total else x.new_empty(0)
-        entry = (self.method.store(z), self.method.store(y.reshape(-1, y.shape[-1])))
-        self.refs = [*self.refs, entry][-self.refs_kept :]
+        return self.method.store(z), self.method.store(y.reshape(-1, y.shape[-1]))
 
     def correct(self, base: torch.Tensor, dz: torch.Tensor, fresh: bool) -> torch.Tensor:
         """base + A dz for every row block; base (M, C_o), dz (M, R). `fresh`: base may be written to."""
@@ -100,7 +101,8 @@ class CalibratedLinear:
         self.refs = []
 
     def cache_bytes(self) -> int:
-        return sum(z.nbytes + y.nbytes for z, y in self.refs)
+        held = {id(t): t for ref in self.refs for t in ref}  # the forecast may hold one call twice
+        return sum(t.nbytes for t in held.values())
 
     def macs(self, tokens: int) -> int:
         """B pass over the input plus each block's A, per sample, at a cached call."""
