@@ -1,85 +1,158 @@
-"""Wall time and peak memory of no cache, FORA and ICC on one model, next to the MACs-ideal speed-up.
+"""Wall time of each cache method against no cache, next to its MACs, in one process with the
+configurations interleaved (median of the repeats), optionally against another calicache source
+tree (the code before a change) loaded side by side under another package name.
 
-    python benchmarks/speed.py --model DiT-XL/2 --steps 10 --threads 2 --out docs/benchmarks/speed.json
+    # DiT-XL/2, random weights (non-zero adaLN), 1 image, 10 DDIM calls, 2 threads
+    python benchmarks/speed.py --model DiT-XL/2 --num 1 --steps 10 --cfg-scale 1 --threads 2
+    # the shipped model at `calicache demo` settings, 1 and 2 threads, against main's tree
+    git archive main src/calicache | tar -x -C /tmp/before && mv /tmp/before/src/calicache /tmp/before/calicache_before
+    python benchmarks/speed.py --model fmnist-dit --threads 1,2 --before /tmp/before
 
-Each configuration runs in a fresh process (so peak RSS is its own): random weights with
-non-zero adaLN (a zero-initialised DiT would skip nothing real), one image, DDIM, no guidance.
+Per configuration: wall seconds, speed-up over no cache (same code), the MACs-ideal speed-up
+(count_macs, which counts the full-call B pass of rank-space references) and realized/ideal, a
+cached call's time as a share of a full call's beside its MACs share, and the peak cache bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import resource
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "none": dict(method="none"),
-    "fora-p2": dict(method="fora", period=2),
-    "icc-p2-r128": dict(method="icc", period=2, rank=128),
-}
+import torch
 
 
-def one(model_name: str, steps: int, threads: int, name: str, repeats: int) -> dict:
-    import torch
+def configs(model_name: str, lib) -> dict[str, dict]:
+    """name -> CacheConfig keywords; the shipped model uses its shipped CD factors and GOC steps."""
+    if model_name == "fmnist-dit":
+        from calicache.models.io import shipped_asset
 
-    from calicache import CacheConfig, apply_cache, count_macs, create_model, sample
+        icc = dict(period=2, svd="cd", factors=str(shipped_asset("fmnist-dit-cd.safetensors")))
+        return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
+                "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc),
+                "goc": dict(method="goc", period=2, goc_file=str(shipped_asset("fmnist-dit-goc20.json")))}
+    return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
+            "icc": dict(method="icc", period=2, rank=128), "forecast": dict(method="forecast", period=2, rank=128)}
 
-    torch.set_num_threads(threads)
+
+def load(model_name: str) -> torch.nn.Module:
+    from calicache import create_model, load_model
+
+    if model_name == "fmnist-dit":
+        return load_model(model_name).eval()
     torch.manual_seed(0)
     model = create_model(model_name)
-    with torch.no_grad():
+    with torch.no_grad():  # a zero-initialised DiT would output exactly 0
         for n, p in model.named_parameters():
             if "adaLN_modulation" in n or "final_layer.linear" in n:
                 p.normal_(0, 0.02)
-    cfg = CacheConfig(**CONFIGS[name])
-    apply_cache(model, cfg)
-    sample(model, 1, 2)  # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
+    return model.eval()
+
+
+def timed_run(lib, model, kw: dict, args) -> dict:
+    """One sampling run with `kw`; per-call times from hooks on the model (eager CPU: exact)."""
+    model.__class__ = lib.models.dit.DiT  # same module code; each package recognises its own class
+    lib.apply_cache(model, lib.CacheConfig(**kw))
+    calls: list[float] = []
+    start = {}
+    pre = model.register_forward_pre_hook(lambda *_: start.__setitem__("t", time.perf_counter()))
+    post = model.register_forward_hook(lambda *_: calls.append(time.perf_counter() - start["t"]))
+    try:
         t0 = time.perf_counter()
-        sample(model, 1, steps)
-        times.append(time.perf_counter() - t0)
-    macs = count_macs(model, None, steps)
-    return {"config": name, "wall_seconds": min(times), "macs_total": macs["total"],
-            "ideal_speedup": macs["speedup"]}
+        lib.sample(model, args.num, args.steps, cfg_scale=args.cfg_scale, seed=0)
+        wall = time.perf_counter() - t0
+        engine = lib.cache.get_engine(model)
+        full = [all(row) for row in engine.full_flags]
+        stats = engine.stats()
+        macs = lib.count_macs(model, None, args.steps)
+    finally:
+        pre.remove()
+        post.remove()
+        lib.remove_cache(model)
+    full_t = [t for t, f in zip(calls, full) if f]
+    cached_t = [t for t, f in zip(calls, full) if not f]
+    cached_macs = [m for m, f in zip(macs["per_call"], full) if not f]
+    return {"wall": wall, "full_call": statistics.median(full_t),
+            "cached_call": statistics.median(cached_t) if cached_t else None,
+            "macs_total": macs["total"], "macs_full_call": macs["full_call"],
+            "macs_cached_call": statistics.median(cached_macs) if cached_macs else None,
+            "cache_bytes": stats["cache_bytes"]}
+
+
+def summarise(runs: list[dict], base_wall: float, base_macs: int) -> dict:
+    wall = statistics.median(r["wall"] for r in runs)
+    row = {k: runs[0][k] for k in ("macs_total", "macs_full_call", "macs_cached_call", "cache_bytes")}
+    row.update(wall=wall, walls=[round(r["wall"], 3) for r in runs], speedup=base_wall / wall,
+               ideal=base_macs / row["macs_total"])
+    row["realized_over_ideal"] = row["speedup"] / row["ideal"]
+    cached = [r["cached_call"] for r in runs if r["cached_call"] is not None]
+    if cached:
+        row["cached_share"] = statistics.median(cached) / statistics.median(r["full_call"] for r in runs)
+        row["macs_share"] = row["macs_cached_call"] / row["macs_full_call"]
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="DiT-XL/2")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default="docs/benchmarks/speed.json")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="DiT-XL/2", help="a registry name (random weights) or fmnist-dit (shipped)")
+    p.add_argument("--num", type=int, default=40)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--threads", default="1", help="comma-separated thread counts")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default=None, help="comma-separated subset of the model's configurations")
+    p.add_argument("--before", default=None, help="folder holding calicache_before/ (another source tree)")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args()
-    if args.one:
-        r = one(args.model, args.steps, args.threads, args.one, args.repeats)
-        r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(r))
-        return
-    rows = []
-    for name in CONFIGS:
-        cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--threads",
-               str(args.threads), "--repeats", str(args.repeats), "--one", name]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-        print(rows[-1], flush=True)
-    base = rows[0]["wall_seconds"]
+
+    import calicache
+    import calicache.models.dit  # noqa: F401  (lib.models.dit below)
+
+    libs = {"after": calicache}
+    if args.before:
+        sys.path.insert(0, args.before)
+        libs = {"before": importlib.import_module("calicache_before"), **libs}
+        importlib.import_module("calicache_before.models.dit")
+    model = load(args.model)
+    names = list(configs(args.model, calicache))
+    if args.methods:
+        names = [n for n in names if n in args.methods.split(",") or n == "none"]
+    out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale, "rows": []}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for lib in libs.values():  # warm-up: allocator, kernels, factor files
+            for name in names:
+                timed_run(lib, model, configs(args.model, lib)[name], argparse.Namespace(**{**vars(args), "num": 1}))
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(args.repeats):  # interleaved: every configuration once per round
+            for name in names:
+                for tag, lib in libs.items():
+                    runs.setdefault((tag, name), []).append(timed_run(lib, model, configs(args.model, lib)[name], args))
+        for tag in libs:
+            base = runs[(tag, "none")]
+            base_wall = statistics.median(r["wall"] for r in base)
+            for name in names:
+                row = summarise(runs[(tag, name)], base_wall, base[0]["macs_total"])
+                out["rows"].append({"threads": threads, "code": tag, "config": name, **row})
+                print(json.dumps(out["rows"][-1]), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(table(out["rows"]))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| threads | code | config | wall s | speed-up | MACs ideal | realized/ideal | cached call / full call "
+             "(time) | (MACs) | cache MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        r["realized_speedup"] = base / r["wall_seconds"]
-        r["realized_over_ideal"] = r["realized_speedup"] / r["ideal_speedup"]
-    out = {"model": args.model, "steps": args.steps, "threads": args.threads, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print("| config | wall s | peak RSS MB | MACs/img (G) | ideal | realized | realized/ideal |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['wall_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['macs_total'] / 1e9:.0f} | "
-              f"{r['ideal_speedup']:.2f}x | {r['realized_speedup']:.2f}x | {r['realized_over_ideal']:.2f} |")
+        share = (f"{r['cached_share']:.2f} | {r['macs_share']:.2f}" if "cached_share" in r else "- | -")
+        lines.append(f"| {r['threads']} | {r['code']} | {r['config']} | {r['wall']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['ideal']:.2f}x | {r['realized_over_ideal']:.2f} | {share} | {r['cache_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def test_timestep_forecast_needs_timesteps_in_a_bare_run():
 
 # -- torch.compile ------------------------------------------------------------------------------
 # Graphs per run: none has one kind of call; FORA and ICC two (full, cached); the forecast also
-# tells the first full call and a cached call with one earlier full call (aliased references)
+# tells the first and second full calls and a cached call with one earlier full call
 # from the later ones; GOC's cached calls come as F_prev only, compensated, or not.
 GRAPHS = {"none": 1, "fora": 2, "icc": 2, "forecast": 5, "goc": 5}
 

@@ -43,6 +43,7 @@ class CacheEngine:
         self.prev_t: float | None = None
         self.t: float | None = None  # timestep of the current call (None: an explicit run without timesteps)
         self.full: tuple[bool, ...] = (True,) * len(self.branches)  # per layer: full at this call
+        self.last_use: tuple[bool, ...] = (False,) * len(self.branches)  # per layer: its references' last use
         self.peak_cache_bytes = 0
         self.full_flags: list[tuple[bool, ...]] = []  # one row per call of the current/last run
         self.method = METHODS[config.method](self, config)
@@ -113,8 +114,17 @@ class CacheEngine:
         self.call += 1
         self.t = t
         try:
-            self.full = tuple(self.schedule.row(self.call, len(self.branches)).tolist())
+            layers = len(self.branches)
+            self.full = tuple(self.schedule.row(self.call, layers).tolist())
             self.full_flags.append(self.full)
+            # A cached layer whose next call is full (or that ends the run) may consume its references
+            # in place: the sampler told the run's length. A bare module's next call is unknown.
+            if self.explicit and self.num_calls is not None:
+                last = self.call + 1 >= self.num_calls
+                after = (True,) * layers if last else tuple(self.schedule.row(self.call + 1, layers).tolist())
+                self.last_use = tuple(not f and n for f, n in zip(self.full, after))
+            else:
+                self.last_use = (False,) * layers
             self.method.begin_call()
             if self.constants is not None:
                 self.constants.begin_call(self.adapter.text_input(args, kwargs))

@@ -32,15 +32,18 @@ class ForecastLinear(CalibratedLinear):
     pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it."""
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        # The last two full calls; after the first one both slots hold it, so the forecast is that
-        # call's values exactly (plain ICC) and a compiled cached call is one graph.
-        entry = self.reference(x, y)
-        self.refs = [self.refs[-1] if self.refs else entry, entry]
+        self.refs = [*self.refs[-1:], self.reference(x, y)]  # the last two full calls
 
     def cached(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.refs) < 2:  # plain ICC; its references are the forecast's y0 later: kept
+            return self.increment(x, *self.refs[0], consume=False)
         (z0, y0), (z1, y1) = self.refs
         k = self.method.k[self.layer].to(x.dtype)
-        y_hat = first_order(y1.to(x.dtype), y0.to(x.dtype), k)  # a fresh tensor
+        y0, y1 = y0.to(x.dtype), y1.to(x.dtype)
+        if self.consumes():  # y0 is not needed again: forecast into its memory
+            y_hat = y0.lerp_(y1, 1 + k)  # y0 + (1 + k)(y1 - y0) = y1 + k (y1 - y0)
+        else:
+            y_hat = first_order(y1, y0, k)  # a fresh tensor
         if not self.blocks:
             return y_hat
         dz = self.project(x).sub_(first_order(z1.to(x.dtype), z0.to(x.dtype), k))  # B x - z_hat

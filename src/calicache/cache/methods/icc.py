@@ -74,13 +74,21 @@ class CalibratedLinear:
             out[:, cols].addmm_(dz[:, ranks], a_t)  # in place into a column view: BLAS's leading dimension
         return out
 
+    def consumes(self) -> bool:
+        """Whether this call is the references' last use (the layer's next call is full, or the run
+        ends), so the output may be written into y_ref: two passes over it instead of four."""
+        return self.method.engine.last_use[self.layer] and not torch.is_grad_enabled()
+
     def cached(self, x: torch.Tensor) -> torch.Tensor:
-        """y_ref + A (B x - z_ref), (M, C_o)."""
         z_ref, y_ref = self.refs[-1]
+        return self.increment(x, z_ref, y_ref, self.consumes())
+
+    def increment(self, x: torch.Tensor, z_ref: torch.Tensor, y_ref: torch.Tensor, consume: bool) -> torch.Tensor:
+        """y_ref + A (B x - z_ref), (M, C_o); `consume`: written into y_ref."""
         y_ref = y_ref.to(x.dtype)
         if not self.blocks:
             return y_ref
-        return self.correct(y_ref, self.project(x).sub_(z_ref.to(x.dtype)), fresh=False)
+        return self.correct(y_ref, self.project(x).sub_(z_ref.to(x.dtype)), fresh=consume)
 
     def hook(self, forward: Callable) -> Callable:
         engine = self.method.engine
@@ -101,8 +109,7 @@ class CalibratedLinear:
         self.refs = []
 
     def cache_bytes(self) -> int:
-        held = {id(t): t for ref in self.refs for t in ref}  # the forecast may hold one call twice
-        return sum(t.nbytes for t in held.values())
+        return sum(t.nbytes for ref in self.refs for t in ref)
 
     def macs(self, tokens: int) -> int:
         """B pass over the input plus each block's A, per sample, at a cached call."""
