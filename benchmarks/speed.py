@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--threads", default="1", help="comma-separated thread counts")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", default=None, help="comma-separated subset of the model's configurations")
+    p.add_argument("--warmup", type=int, default=1, help="1: one run of each configuration (1 sample) first")
     p.add_argument("--before", default=None, help="folder holding calicache_before/ (another source tree)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args()
@@ -124,7 +125,7 @@ def main() -> None:
     out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale, "rows": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        for lib in libs.values():  # warm-up: allocator, kernels, factor files
+        for lib in libs.values() if args.warmup else ():  # warm-up: allocator, kernels, factor files
             for name in names:
                 timed_run(lib, model, configs(args.model, lib)[name], argparse.Namespace(**{**vars(args), "num": 1}))
         runs: dict[tuple[str, str], list[dict]] = {}
@@ -132,9 +133,11 @@ def main() -> None:
             for name in names:
                 for tag, lib in libs.items():
                     runs.setdefault((tag, name), []).append(timed_run(lib, model, configs(args.model, lib)[name], args))
+        # One baseline for both trees (the uncached model runs the same code under either engine):
+        # the pooled median of every uncached run, so the noise of one tree's few runs moves nothing.
+        base = [r for tag in libs for r in runs[(tag, "none")]]
+        base_wall = statistics.median(r["wall"] for r in base)
         for tag in libs:
-            base = runs[(tag, "none")]
-            base_wall = statistics.median(r["wall"] for r in base)
             for name in names:
                 row = summarise(runs[(tag, name)], base_wall, base[0]["macs_total"])
                 out["rows"].append({"threads": threads, "code": tag, "config": name, **row})
