@@ -24,7 +24,8 @@ from .common import add_model_arguments, model_defaults, parse_arch, setup
 METHODS = ("none", "fora", "icc", "goc", "forecast", "equal-macs")
 COLUMNS = [("name", "configuration", ""), ("steps", "steps", "d"), ("macs_per_sample", "MACs/sample", ",.0f"),
            ("macs_speedup", "MACs speed-up", ".2f"), ("wall_seconds", "wall s", ".2f"),
-           ("wall_speedup", "wall speed-up", ".2f"), ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
+           ("wall_speedup", "wall speed-up", ".2f"), ("cache_bytes", "cache bytes", ",d"),
+           ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
            ("class_agreement", "class agreement", ".1%")]
 
 
