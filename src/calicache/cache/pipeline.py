@@ -7,6 +7,13 @@ per entry of `scheduler.timesteps` (both pipelines call the transformer once per
 classifier-free guidance in one doubled batch), so custom `timesteps=`/`sigmas=` lists and any
 scheduler are counted right. That length is what explicit schedules and GOC check before work.
 
+Separate guidance passes (WanPipeline, FluxPipeline and QwenImagePipeline with true CFG) call the
+transformer twice per timestep, conditional then unconditional. Each pass must meet its own cache, or the
+unconditional pass would be served the conditional pass's branches: during a pipeline call, a call at
+the same timestep as the one before it goes to a twin of the transformer (the same parameter tensors, no
+copy of the weights; its own hooks and cache state), built at the first such call and kept. Each pass is
+then one run of one call per timestep, so schedules, GOC steps and forecasts count timesteps in both.
+
 `pipe(...)` looks `__call__` up on the class, not on the instance, so the pipeline's class is
 swapped for a subclass of the same name whose `__call__` wraps the original one;
 `remove_cache(pipe)` puts the original class back.
@@ -14,15 +21,18 @@ swapped for a subclass of the same name whose `__call__` wraps the original one;
 
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .state import ENGINE_ATTR, get_engine
 
-PIPE_ATTR = "_calicache_pipeline"  # (original class, cached transformer) on a wrapped pipeline
+PIPE_ATTR = "_calicache_pipeline"  # (original class, cached transformer, _Passes) on a wrapped pipeline
 _SUBCLASSES: dict[type, type] = {}
 
 
@@ -47,11 +57,67 @@ def _cached_class(cls: type) -> type:
     return sub
 
 
+def _twin(transformer: nn.Module, engine) -> nn.Module:
+    """`transformer` with new module objects around the same parameter and buffer tensors, cached alike."""
+    memo = {id(t): t for t in itertools.chain(transformer.parameters(), transformer.buffers())}
+    memo[id(engine)] = engine
+    twin = copy.deepcopy(transformer, memo)
+    for module in twin.modules():  # the copied forwards are the original's hooks: drop them, then attach anew
+        vars(module).pop("forward", None)
+    vars(twin).pop(ENGINE_ATTR, None)
+    setattr(twin, ENGINE_ATTR, type(engine)(twin, engine.config))
+    return twin
+
+
+class _Passes:
+    """Routes the calls of one timestep: the first to the cached transformer, the k-th to twin k - 1."""
+
+    def __init__(self, transformer: nn.Module, engine):
+        self.transformer = transformer
+        self.engine = engine
+        self.twins: list[nn.Module] = []
+        self.num_calls: int | None = None
+        self.last_t: float | None = None
+        self.index = 0
+
+    def engines(self) -> list:
+        return [self.engine] + [get_engine(t) for t in self.twins]
+
+    def begin_run(self, num_calls: int) -> None:
+        for engine in self.engines():
+            if engine.explicit:  # a second set_timesteps in one call starts a new run
+                engine.end_run()
+            engine.begin_run(num_calls)  # checks the schedule / GOC before any model call
+        self.num_calls, self.last_t, self.index = num_calls, None, 0
+
+    def end_run(self) -> None:
+        for engine in self.engines():
+            if engine.explicit:
+                engine.end_run()
+        self.num_calls = self.last_t = None
+
+    def route(self, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            t = float(torch.as_tensor(self.engine.adapter.timestep(args, kwargs)).max())
+            self.index = self.index + 1 if t == self.last_t else 0
+            self.last_t = t
+            if self.index == 0:
+                return forward(*args, **kwargs)
+            while len(self.twins) < self.index:
+                twin = _twin(self.transformer, self.engine)
+                self.twins.append(twin)
+                if self.num_calls is not None:
+                    get_engine(twin).begin_run(self.num_calls)
+            return self.twins[self.index - 1](*args, **kwargs)
+
+        return run
+
+
 def wrap_pipeline(pipe: Any, engine) -> None:
     """Make `pipe(...)` run its transformer's cache `engine` one run per call."""
     cls = type(pipe)
     # object.__setattr__: DiffusionPipeline.__setattr__ would try to register values as components.
-    object.__setattr__(pipe, PIPE_ATTR, (cls, pipe.transformer))
+    object.__setattr__(pipe, PIPE_ATTR, (cls, pipe.transformer, _Passes(pipe.transformer, engine)))
     object.__setattr__(pipe, ENGINE_ATTR, engine)  # get_engine(pipe), cache_run(pipe, n) work too
     object.__setattr__(pipe, "__class__", _cached_class(cls))
 
@@ -61,15 +127,17 @@ def unwrap_pipeline(pipe: Any) -> nn.Module | None:
     state = vars(pipe).get(PIPE_ATTR)
     if state is None:
         return None
-    cls, transformer = state
+    cls, transformer, passes = state
     object.__setattr__(pipe, "__class__", cls)
     del vars(pipe)[PIPE_ATTR]
     vars(pipe).pop(ENGINE_ATTR, None)
+    for twin in passes.twins:
+        get_engine(twin).remove()
     return transformer
 
 
 def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
-    _, transformer = vars(pipe)[PIPE_ATTR]
+    _, transformer, passes = vars(pipe)[PIPE_ATTR]
     engine = get_engine(transformer)
     if pipe.transformer is not transformer or engine is None:
         raise RuntimeError("pipe.transformer was replaced (or its cache removed) after apply_cache(pipe); "
@@ -83,12 +151,12 @@ def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     @functools.wraps(set_timesteps)  # keeps the signature: pipelines inspect it for timesteps=/sigmas=
     def observed(*a, **k):
         out = set_timesteps(*a, **k)
-        if engine.explicit:  # a second set_timesteps in one call starts a new run
-            engine.end_run()
-        engine.begin_run(len(scheduler.timesteps))  # checks the schedule / GOC before any model call
+        passes.begin_run(len(scheduler.timesteps))
         return out
 
     scheduler.set_timesteps = observed
+    forward = vars(transformer).get("forward")
+    transformer.forward = passes.route(transformer.forward)
     try:
         return call(pipe, *args, **kwargs)
     finally:
@@ -96,5 +164,8 @@ def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
             scheduler.set_timesteps = set_timesteps
         else:
             del scheduler.set_timesteps
-        if engine.explicit:
-            engine.end_run()
+        if forward is None:
+            del transformer.forward
+        else:
+            transformer.forward = forward
+        passes.end_run()
