@@ -9,7 +9,9 @@ from .base import Adapter, BranchSpec, LinearSpec
 from .diffusers import DiffusersAdapter, diffusers_family
 from .dit import DiTAdapter
 from .flux import FluxAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
+from .wan import WanAdapter
 
 __all__ = ["Adapter", "BranchSpec", "LinearSpec", "get_adapter", "transformer_family"]
 
@@ -17,6 +19,8 @@ __all__ = ["Adapter", "BranchSpec", "LinearSpec", "get_adapter", "transformer_fa
 FAMILIES: dict[str, type[Adapter]] = {
     "FluxTransformer2DModel": FluxAdapter,
     "SD3Transformer2DModel": SD3Adapter,
+    "WanTransformer3DModel": WanAdapter,
+    "QwenImageTransformer2DModel": QwenImageAdapter,
 }
 
 

@@ -1,0 +1,259 @@
+"""FLUX, SD3, Wan and Qwen-Image transformers cached inside their diffusers pipelines (tiny random configs,
+flow-matching schedulers, guidance as each pipeline does it): exactness identities, prompt constants once
+per run, separate guidance passes, removal, and MACs against torch's flop counter."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from calicache import CacheConfig, apply_cache, count_macs, remove_cache
+from calicache.adapters import get_adapter
+from calicache.cache import get_engine
+from calicache.cache.pipeline import PIPE_ATTR
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+
+STEPS, BATCH, TEXT, WIDTH, POOLED = 5, 2, 5, 12, 10
+
+
+def nonzero(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every all-zero parameter random values, so that no branch is trivially equal to its cache."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def flux(seed: int = 0) -> FluxPipeline:
+    torch.manual_seed(seed)
+    t = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=WIDTH, pooled_projection_dim=POOLED,
+                               axes_dims_rope=(2, 2, 4), guidance_embeds=True)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=nonzero(t))
+
+
+def sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    torch.manual_seed(seed)
+    t = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=WIDTH, caption_projection_dim=16,
+                              pooled_projection_dim=POOLED, out_channels=4, pos_embed_max_size=16,
+                              dual_attention_layers=(0,), qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(transformer=nonzero(t), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def wan(seed: int = 0) -> WanPipeline:
+    torch.manual_seed(seed)
+    t = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                              out_channels=4, text_dim=WIDTH, freq_dim=16, ffn_dim=32, num_layers=2,
+                              rope_max_seq_len=32)
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=nonzero(t), vae=None,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def qwen(seed: int = 0) -> QwenImagePipeline:
+    torch.manual_seed(seed)
+    t = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=WIDTH, axes_dims_rope=(2, 2, 4))
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=nonzero(t))
+
+
+PIPES = {"flux": flux, "sd3": sd3, "wan": wan, "qwen": qwen}
+# Image tokens per sample of the calls below, and what each pipeline's guidance makes of a step.
+TOKENS = {"flux": 16, "sd3": 16, "wan": 2 * 2 * 2, "qwen": 16}  # Wan: 2 latent frames of 2 x 2 patches
+PASSES = {"flux": 1, "sd3": 1, "wan": 2, "qwen": 2}  # Wan's CFG and Qwen's true CFG: separate passes
+
+
+def call_kwargs(kind: str, prompt_seed: int = 0) -> dict:
+    """Prompt embeddings as each pipeline takes them (no text encoders), guidance on, latents out."""
+    g = torch.Generator().manual_seed(prompt_seed)
+    emb = {"prompt_embeds": torch.randn(BATCH, TEXT, WIDTH, generator=g)}
+    neg = torch.randn(BATCH, TEXT, WIDTH, generator=g)
+    pooled = {"pooled_prompt_embeds": torch.randn(BATCH, POOLED, generator=g)}
+    if kind == "flux":  # FLUX.1-dev: distilled guidance embedding, one pass
+        return {**emb, **pooled, "guidance_scale": 3.5, "height": 64, "width": 64}
+    if kind == "sd3":  # classifier-free guidance in one doubled batch
+        return {**emb, **pooled, "negative_prompt_embeds": neg, "height": 64, "width": 64,
+                "negative_pooled_prompt_embeds": torch.randn(BATCH, POOLED, generator=g), "guidance_scale": 5.0}
+    if kind == "wan":
+        return {**emb, "negative_prompt_embeds": neg, "guidance_scale": 5.0, "height": 32, "width": 32,
+                "num_frames": 5}
+    mask = torch.ones(BATCH, TEXT, dtype=torch.long)
+    mask[0, -2:] = 0  # a shorter prompt in the batch
+    return {**emb, "prompt_embeds_mask": mask, "negative_prompt_embeds": neg, "negative_prompt_embeds_mask": mask,
+            "true_cfg_scale": 4.0, "height": 64, "width": 64}
+
+
+def run(pipe, kind: str, steps: int = STEPS, seed: int = 0, prompt_seed: int = 0) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(**call_kwargs(kind, prompt_seed), num_inference_steps=steps, output_type="latent",
+               generator=torch.Generator().manual_seed(seed))
+    return out.frames if kind == "wan" else out.images
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module", params=sorted(PIPES))
+def kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def ref(kind):
+    return run(PIPES[kind](), kind)
+
+
+def cached(kind: str, config: CacheConfig):
+    return apply_cache(PIPES[kind](), config)
+
+
+# -- exactness identities through the pipelines ---------------------------------------------------
+def test_exactness_identities(kind, ref):
+    layers = len(get_engine(cached(kind, CacheConfig("fora"))).branches)
+    assert torch.equal(run(cached(kind, CacheConfig("fora", period=1)), kind), ref)
+    assert torch.equal(run(cached(kind, CacheConfig("icc", schedule=np.ones((STEPS, layers), bool), rank=3)), kind),
+                       ref)
+    fora = run(cached(kind, CacheConfig("fora", period=2)), kind)
+    assert rel(fora, ref) > 1e-4  # the cache really served calls
+    assert rel(run(cached(kind, CacheConfig("icc", period=2, rank="full")), kind), ref) < 1e-5
+    for units in ("calls", "timesteps"):  # flow-matching timesteps are floats; distances are their ratios
+        config = CacheConfig("forecast", period=3, rank="full", forecast_units=units)
+        assert rel(run(cached(kind, config), kind), ref) < 1e-5
+    assert torch.equal(run(cached(kind, CacheConfig("icc", period=2, rank=0)), kind), fora)
+    assert torch.equal(run(cached(kind, CacheConfig("goc", period=2, goc_weight=0.0, goc_steps=[3])), kind), fora)
+    goc = run(cached(kind, CacheConfig("goc", period=2, goc_steps=[3])), kind)
+    assert rel(goc, fora) > 1e-6
+
+
+def test_each_guidance_pass_is_one_run_with_its_own_cache(kind):
+    pipe = cached(kind, CacheConfig("fora", period=2))
+    a = run(pipe, kind)
+    twins = vars(pipe)[PIPE_ATTR][2].twins
+    assert len(twins) == PASSES[kind] - 1
+    for model in [pipe.transformer] + twins:
+        assert get_engine(model).stats()["calls"] == STEPS
+    assert torch.equal(run(pipe, kind), a)  # a second call of the pipeline is a fresh run
+    if PASSES[kind] > 1:
+        # The twin: other module objects (own hooks and cache), the very same weights.
+        assert not any(a is b for a, b in zip(twins[0].modules(), pipe.transformer.modules()))
+        assert all(p is q for p, q in zip(twins[0].parameters(), pipe.transformer.parameters()))
+
+
+def test_remove_cache_restores_the_pipeline(kind, ref):
+    pipe = PIPES[kind]()
+    cls = type(pipe)
+    apply_cache(pipe, CacheConfig("icc", period=2, rank=4))
+    run(pipe, kind)
+    twins = list(vars(pipe)[PIPE_ATTR][2].twins)
+    remove_cache(pipe)
+    assert type(pipe) is cls and not any(k.startswith("_calicache") for k in vars(pipe))
+    assert not any("forward" in vars(m) for m in pipe.transformer.modules())
+    assert all(get_engine(t)._patched == [] for t in twins)
+    assert torch.equal(run(pipe, kind), ref)
+
+
+# -- prompt-only work once per run ---------------------------------------------------------------
+def constant_weights(kind: str, model) -> list:
+    if kind in ("flux", "sd3"):
+        return [model.context_embedder.weight]
+    if kind == "wan":
+        blocks = model.blocks
+        return ([model.condition_embedder.text_embedder.linear_1.weight] + [b.attn2.to_k.weight for b in blocks]
+                + [b.attn2.to_v.weight for b in blocks])
+    return [model.txt_in.weight]
+
+
+def test_prompt_constants_once_per_run_and_pass(kind, monkeypatch):
+    pipe = cached(kind, CacheConfig("icc", period=2, rank=4))
+    weights = constant_weights(kind, pipe.transformer)
+    counts = {id(w): 0 for w in weights}
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        if id(w) in counts:
+            counts[id(w)] += 1
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    a = run(pipe, kind)
+    assert set(counts.values()) == {PASSES[kind]}
+    b = run(pipe, kind, prompt_seed=1)  # a new prompt: recomputed, equal to a fresh pipeline's result
+    assert set(counts.values()) == {2 * PASSES[kind]}
+    assert rel(a, b) > 1e-3
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    assert torch.equal(b, run(cached(kind, CacheConfig("icc", period=2, rank=4)), kind, prompt_seed=1))
+
+
+# -- MACs ----------------------------------------------------------------------------------------
+def explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False):
+    """SDPA as two matmuls: torch's flop counter misses the fused CPU attention kernel."""
+    s = query @ key.transpose(-2, -1) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return torch.softmax(s, dim=-1) @ value
+
+
+def first_call(kind: str) -> tuple[tuple, dict]:
+    """The arguments of the transformer's first call inside its pipeline."""
+    pipe = PIPES[kind]()
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+    run(pipe, kind, steps=1)
+    return seen[0]
+
+
+@pytest.mark.parametrize("config", [CacheConfig("none"), CacheConfig("fora", period=2),
+                                    CacheConfig("icc", period=2, rank=3), CacheConfig("icc", period=3, rank="full"),
+                                    CacheConfig("goc", period=2, goc_steps=[3])])
+def test_per_call_macs_match_flop_counter(kind, config, monkeypatch):
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
+    args, kwargs = first_call(kind)
+    model = apply_cache(PIPES[kind]().transformer, config)
+    expected = count_macs(model, None, STEPS, tokens=TOKENS[kind], text_tokens=TEXT)
+    batch = kwargs["hidden_states"].shape[0]
+    t0 = kwargs["timestep"]
+    counted = []
+    with torch.inference_mode():
+        for s in range(STEPS):
+            kw = dict(kwargs, timestep=t0 * (1 - s / STEPS))
+            with FlopCounterMode(display=False) as fc:
+                model(*args, **kw)
+            counted.append(fc.get_total_flops() // 2 // batch)
+    if config.method == "goc":
+        # GOC's update at a compensated call (one subtract and one multiply-add per element of each cached
+        # branch output, both streams of joint attention) is element-wise: our convention counts it as one MAC
+        # per element, the flop counter counts matmuls only.
+        branches = get_adapter(model, TOKENS[kind], TEXT).branches(model)
+        update = sum(b.output_elements() for b in branches)  # call 3: every branch cached
+        assert update > 0
+        counted[3] += update
+    assert counted == expected["per_call"]
+
+
+# -- refusals ------------------------------------------------------------------------------------
+def test_fused_projections_are_a_clear_error():
+    pipe = sd3()
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        apply_cache(pipe, CacheConfig("fora"))
+    assert not any("forward" in vars(m) for m in pipe.transformer.modules())
