@@ -11,9 +11,10 @@ from calicache import CacheConfig, apply_cache, count_macs, remove_cache
 from calicache.adapters import get_adapter
 from calicache.cache import get_engine
 from calicache.cache.pipeline import PIPE_ATTR
+from calicache.calibration.text import calibrate_text
 
 diffusers = pytest.importorskip("diffusers")
-from tiny_families import PASSES, PIPES, STEPS, TEXT, TOKENS, run, sd3  # noqa: E402
+from tiny_families import BATCH, PASSES, PIPES, STEPS, TEXT, TOKENS, call_kwargs, flux, run, sd3, wan  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -165,3 +166,40 @@ def test_fused_projections_are_a_clear_error():
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
         apply_cache(pipe, CacheConfig("fora"))
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
+
+
+# -- calibration from each family's prompt-embedding format ---------------------------------------
+def embeds_and_size(kind: str) -> tuple[dict, dict]:
+    kw = call_kwargs(kind)
+    size = {k: v for k, v in kw.items() if k in ("height", "width", "num_frames", "guidance_scale")
+            and not (k == "guidance_scale" and PASSES[kind] > 1 or kind == "sd3")}
+    return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}, size
+
+
+def test_ca_and_cd_calibration_through_the_pipeline(kind, ref):
+    embeds, size = embeds_and_size(kind)
+    pipe = PIPES[kind]()
+    cd = calibrate_text(pipe, embeds, svd="cd", rank="full", steps=3, pipeline_kwargs=size)
+    assert cd.meta["svd"] == "cd" and cd.meta["sampler"] == "FlowMatchEulerDiscreteScheduler"
+    # full-rank scaled-SVD factors reproduce every weight: ICC stays exact with them
+    out = run(cached(kind, CacheConfig("icc", period=2, svd="cd", factors=cd, rank="full")), kind)
+    assert rel(out, ref) < 1e-5
+    latents = run(PIPES[kind](), kind, steps=2)  # clean latents in the layout the pipeline's `latents` takes
+    ca = calibrate_text(pipe, embeds, latents=latents, svd="ca", rank=3, steps=3, pipeline_kwargs=size)
+    plain = calibrate_text(pipe, svd="plain", rank=3)
+    name = get_engine(cached(kind, CacheConfig("fora"))).branches[0].linears[0].name
+    assert not torch.allclose(ca.tensors[name][0], plain.tensors[name][0])  # the statistics scale the SVD
+    icc = run(cached(kind, CacheConfig("icc", period=2, svd="ca", factors=ca, rank=3)), kind)
+    assert 0 < rel(icc, ref) < 0.5
+    assert not any("forward" in vars(m) for m in pipe.transformer.modules())  # calibration hooks are gone
+
+
+def test_calibration_errors():
+    embeds, size = embeds_and_size("flux")
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        calibrate_text(flux(), {"prompt_embeds": embeds["prompt_embeds"]}, svd="cd", steps=2)
+    with pytest.raises(ValueError, match="separate passes"):
+        w_embeds, w_size = embeds_and_size("wan")
+        calibrate_text(wan(), w_embeds, svd="cd", steps=2, cfg_scale=5.0, pipeline_kwargs=w_size)
+    with pytest.raises(ValueError, match="layout"):
+        calibrate_text(flux(), embeds, latents=torch.randn(BATCH, 4, 8, 8), svd="ca", steps=2, pipeline_kwargs=size)
