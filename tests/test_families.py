@@ -14,7 +14,20 @@ from calicache.cache.pipeline import PIPE_ATTR
 from calicache.calibration.text import calibrate_text
 
 diffusers = pytest.importorskip("diffusers")
-from tiny_families import BATCH, PASSES, PIPES, STEPS, TEXT, TOKENS, call_kwargs, flux, run, sd3, wan  # noqa: E402
+from tiny_families import (  # noqa: E402
+    BATCH,
+    PASSES,
+    PIPES,
+    STEPS,
+    TEXT,
+    TOKENS,
+    call_kwargs,
+    flux,
+    run,
+    sd3,
+    wan,
+    with_vae,
+)
 
 
 def rel(a, b) -> float:
@@ -203,3 +216,64 @@ def test_calibration_errors():
         calibrate_text(wan(), w_embeds, svd="cd", steps=2, cfg_scale=5.0, pipeline_kwargs=w_size)
     with pytest.raises(ValueError, match="layout"):
         calibrate_text(flux(), embeds, latents=torch.randn(BATCH, 4, 8, 8), svd="ca", steps=2, pipeline_kwargs=size)
+
+
+# -- CLI: calicache sample --pipeline / calibrate --pipeline ---------------------------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("family-pipes")
+    for kind in PIPES:
+        with_vae(kind).save_pretrained(root / kind)  # no text encoders: embeddings only
+        save_file({k: v.clone().contiguous() for k, v in call_kwargs(kind).items() if isinstance(v, torch.Tensor)},
+                  str(root / f"{kind}.safetensors"))
+    return root
+
+
+def cli(*argv):
+    from calicache.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_calibrates_and_samples_every_family(kind, folders, tmp_path, capsys):
+    import json
+
+    size = ["--height", 16 if kind == "wan" else 8, "--width", 16 if kind == "wan" else 8]
+    size += ["--num-frames", 5] if kind == "wan" else []
+    common = ["--pipeline", folders / kind, "--prompt-embeds", folders / f"{kind}.safetensors", "--steps", 3, *size]
+    factors = tmp_path / "cd.safetensors"
+    assert cli("calibrate", *common, "--svd", "cd", "--rank", 2, "--out", factors, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["svd"] == "cd" and report["rank_max"] == 2 and 0 < report["calibrated_call_share"] < 1
+    out = tmp_path / "icc"
+    assert cli("sample", *common, "--num", 3, "--method", "icc", "--svd", "cd", "--factors", factors,
+               "--out", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pipeline_class"] == type(PIPES[kind]()).__name__
+    assert report["model_calls_per_batch"] == 3 and report["macs"]["speedup"] > 1
+    assert report["text_tokens"] == TEXT and report["cache_bytes"] > 0
+    with np.load(out / "samples.npz") as f:
+        frames = report["frames_per_video"] or 1
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape[0] == 3 * frames and f["arr_0"].shape[-1] == 3
+        assert f["arr_1"].tolist() == [i for i in (0, 1, 0) for _ in range(frames)]
+
+
+def test_cli_family_errors(folders, tmp_path, capsys):
+    out = tmp_path / "never"
+    cases = [
+        (["sample", "--pipeline", folders / "flux", "--prompt", "a cat"], "no text encoder"),
+        (["sample", "--pipeline", folders / "sd3", "--prompt-embeds", folders / "wan.safetensors"],
+         "pooled_prompt_embeds"),
+        (["sample", "--pipeline", folders / "sd3", "--prompt-embeds", folders / "sd3.safetensors", "--scheduler",
+          "ddim"], "flow-matching"),
+        (["sample", "--pipeline", folders / "sd3", "--prompt-embeds", folders / "sd3.safetensors", "--num-frames", 5],
+         "--num-frames applies to Wan"),
+        (["calibrate", "--pipeline", folders / "wan", "--prompt-embeds", folders / "wan.safetensors", "--svd", "cd",
+          "--cfg-scale", 5, "--num-frames", 5], "separate passes"),
+    ]
+    for argv, match in cases:
+        assert cli(*argv, "--steps", 2, "--out", out) == 2
+        assert match in capsys.readouterr().err
+    assert not out.exists()

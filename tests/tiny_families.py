@@ -95,3 +95,21 @@ def run(pipe, kind: str, steps: int = STEPS, seed: int = 0, prompt_seed: int = 0
     out = pipe(**call_kwargs(kind, prompt_seed), num_inference_steps=steps, output_type="latent",
                generator=torch.Generator().manual_seed(seed))
     return out.frames if kind == "wan" else out.images
+
+
+def with_vae(kind: str, seed: int = 0):
+    """The tiny pipeline with a tiny VAE of its family (one downsampling level), so it can decode images."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan
+
+    pipe = PIPES[kind](seed)
+    torch.manual_seed(seed)
+    if kind in ("flux", "sd3"):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=4, sample_size=8, shift_factor=0.0)
+    else:
+        small = dict(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        vae = (AutoencoderKLWan(**small, scale_factor_temporal=1, scale_factor_spatial=2) if kind == "wan"
+               else AutoencoderKLQwenImage(**small))
+    return type(pipe)(**{**pipe.components, "vae": vae.eval()})
