@@ -277,3 +277,43 @@ def test_cli_family_errors(folders, tmp_path, capsys):
         assert cli(*argv, "--steps", 2, "--out", out) == 2
         assert match in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- cache-dit's static cache against calicache's FORA -------------------------------------------------
+def constant_gates(pipe):
+    """Zero the modulation linears' weights (biases stay): gates no longer depend on the timestep. Then caching
+    each branch before its gate (calicache) and caching the residual of a run of blocks (cache-dit) coincide."""
+    with torch.no_grad():
+        for name, m in pipe.transformer.named_modules():
+            if name.endswith(("norm1.linear", "norm1_context.linear", "norm.linear", "img_mod.1", "txt_mod.1",
+                              "condition_embedder.time_proj")):
+                m.weight.zero_()
+    return pipe
+
+
+def test_cache_dit_static_cache_equals_fora(kind):
+    """cache-dit's DBCache with a static step mask computes block 0 (Fn = 1) at every step and serves the
+    residual of all later blocks at masked steps; calicache's FORA with the same gather matrix (block 0 full)
+    gives the same result when the gates are constant, also under Wan's separate guidance passes."""
+    cache_dit = pytest.importorskip("cache_dit")
+    mask = [1, 0, 1, 0, 1]
+    ref = run(constant_gates(PIPES[kind]()), kind)
+    theirs = constant_gates(PIPES[kind]())
+    try:
+        cache_dit.enable_cache(theirs, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1, steps_computation_mask=mask,
+            steps_computation_policy="static", num_inference_steps=STEPS, residual_diff_threshold=0.0))
+    except Exception as e:  # a cache-dit version without this pipeline or these options
+        pytest.skip(f"cache-dit cannot cache this tiny {kind} pipeline: {e}")
+    try:
+        a = run(theirs, kind)
+    finally:
+        cache_dit.disable_cache(theirs)  # it patches the pipeline class's __call__ while enabled
+    names = [b.name for b in get_engine(cached(kind, CacheConfig("fora"))).branches]
+    gather = np.ones((STEPS, len(names)), bool)
+    for s, m in enumerate(mask):
+        if not m:
+            gather[s] = [n.startswith(("transformer_blocks.0.", "blocks.0.")) for n in names]
+    b = run(apply_cache(constant_gates(PIPES[kind]()), CacheConfig("fora", schedule=gather)), kind)
+    assert rel(b, ref) > 1e-3  # both really cached
+    assert rel(a, b) < 1e-5
