@@ -317,3 +317,13 @@ def test_cache_dit_static_cache_equals_fora(kind):
     b = run(apply_cache(constant_gates(PIPES[kind]()), CacheConfig("fora", schedule=gather)), kind)
     assert rel(b, ref) > 1e-3  # both really cached
     assert rel(a, b) < 1e-5
+
+
+def test_cli_macs_of_family_folders(kind, folders, capsys):
+    import json
+
+    assert cli("macs", "--pipeline", folders / kind, "--steps", 4, "--method", "icc", "--rank", 2, "--tokens",
+               TOKENS[kind], "--text-tokens", TEXT, "--json") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == count_macs(PIPES[kind]().transformer, CacheConfig("icc", rank=2), 4, tokens=TOKENS[kind],
+                             text_tokens=TEXT)
