@@ -88,6 +88,7 @@ def test_remove_cache_restores_the_pipeline(kind, ref):
     twins = list(vars(pipe)[PIPE_ATTR][2].twins)
     remove_cache(pipe)
     assert type(pipe) is cls and not any(k.startswith("_calicache") for k in vars(pipe))
+    assert not {"step", "set_timesteps"} & set(vars(pipe.scheduler))
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
     assert all(get_engine(t)._patched == [] for t in twins)
     assert torch.equal(run(pipe, kind), ref)

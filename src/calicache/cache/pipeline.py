@@ -9,9 +9,10 @@ scheduler are counted right. That length is what explicit schedules and GOC chec
 
 Separate guidance passes (WanPipeline, FluxPipeline and QwenImagePipeline with true CFG) call the
 transformer twice per timestep, conditional then unconditional. Each pass must meet its own cache, or the
-unconditional pass would be served the conditional pass's branches: during a pipeline call, a call at
-the same timestep as the one before it goes to a twin of the transformer (the same parameter tensors, no
-copy of the weights; its own hooks and cache state), built at the first such call and kept. Each pass is
+unconditional pass would be served the conditional pass's branches: during a pipeline call, the k-th
+transformer call since the scheduler's last `step` (k >= 2) goes to twin k - 1 of the transformer (the
+same parameter tensors, no copy of the weights; its own hooks and cache state), built at the first such
+call and kept. Counting `scheduler.step` calls keeps the routing on the host (no timestep is read). Each pass is
 then one run of one call per timestep, so schedules, GOC steps and forecasts count timesteps in both.
 
 `pipe(...)` looks `__call__` up on the class, not on the instance, so the pipeline's class is
@@ -24,10 +25,10 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 from .state import ENGINE_ATTR, get_engine
@@ -77,8 +78,7 @@ class _Passes:
         self.engine = engine
         self.twins: list[nn.Module] = []
         self.num_calls: int | None = None
-        self.last_t: float | None = None
-        self.index = 0
+        self.index = 0  # transformer calls since the scheduler's last step
 
     def engines(self) -> list:
         return [self.engine] + [get_engine(t) for t in self.twins]
@@ -88,27 +88,29 @@ class _Passes:
             if engine.explicit:  # a second set_timesteps in one call starts a new run
                 engine.end_run()
             engine.begin_run(num_calls)  # checks the schedule / GOC before any model call
-        self.num_calls, self.last_t, self.index = num_calls, None, 0
+        self.num_calls, self.index = num_calls, 0
 
     def end_run(self) -> None:
         for engine in self.engines():
             if engine.explicit:
                 engine.end_run()
-        self.num_calls = self.last_t = None
+        self.num_calls = None
+
+    def stepped(self) -> None:
+        self.index = 0
 
     def route(self, forward: Callable) -> Callable:
         def run(*args, **kwargs):
-            t = float(torch.as_tensor(self.engine.adapter.timestep(args, kwargs)).max())
-            self.index = self.index + 1 if t == self.last_t else 0
-            self.last_t = t
-            if self.index == 0:
+            k = self.index
+            self.index += 1
+            if k == 0:
                 return forward(*args, **kwargs)
-            while len(self.twins) < self.index:
+            while len(self.twins) < k:
                 twin = _twin(self.transformer, self.engine)
                 self.twins.append(twin)
                 if self.num_calls is not None:
                     get_engine(twin).begin_run(self.num_calls)
-            return self.twins[self.index - 1](*args, **kwargs)
+            return self.twins[k - 1](*args, **kwargs)
 
         return run
 
@@ -136,6 +138,28 @@ def unwrap_pipeline(pipe: Any) -> nn.Module | None:
     return transformer
 
 
+@contextmanager
+def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
+    """Within the block, `obj.name(...)` runs `then()` after itself; the method is put back on exit."""
+    own = name in vars(obj)
+    method = getattr(obj, name)
+
+    @functools.wraps(method)  # keeps the signature: pipelines inspect set_timesteps for timesteps=/sigmas=
+    def observed(*a, **k):
+        out = method(*a, **k)
+        then()
+        return out
+
+    setattr(obj, name, observed)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, method)
+        else:
+            delattr(obj, name)
+
+
 def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     _, transformer, passes = vars(pipe)[PIPE_ATTR]
     engine = get_engine(transformer)
@@ -145,25 +169,13 @@ def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     if engine.explicit:  # inside the caller's own `with cache_run(pipe, n)`: the caller sets the run
         return call(pipe, *args, **kwargs)
     scheduler = pipe.scheduler
-    own = "set_timesteps" in vars(scheduler)
-    set_timesteps = scheduler.set_timesteps
-
-    @functools.wraps(set_timesteps)  # keeps the signature: pipelines inspect it for timesteps=/sigmas=
-    def observed(*a, **k):
-        out = set_timesteps(*a, **k)
-        passes.begin_run(len(scheduler.timesteps))
-        return out
-
-    scheduler.set_timesteps = observed
     forward = vars(transformer).get("forward")
     transformer.forward = passes.route(transformer.forward)
     try:
-        return call(pipe, *args, **kwargs)
+        with _after(scheduler, "set_timesteps", lambda: passes.begin_run(len(scheduler.timesteps))), \
+                _after(scheduler, "step", passes.stepped):
+            return call(pipe, *args, **kwargs)
     finally:
-        if own:
-            scheduler.set_timesteps = set_timesteps
-        else:
-            del scheduler.set_timesteps
         if forward is None:
             del transformer.forward
         else:
