@@ -174,6 +174,15 @@ def test_per_call_macs_match_flop_counter(kind, config, monkeypatch):
 
 
 # -- refusals ------------------------------------------------------------------------------------
+def test_wan22_second_expert_is_a_clear_error():
+    pipe = wan()
+    pipe = type(pipe)(**{**pipe.components, "transformer_2": wan(1).transformer}, boundary_ratio=0.5)
+    with pytest.raises(ValueError, match="transformer_2"):
+        apply_cache(pipe, CacheConfig("fora"))
+    assert get_engine(pipe) is None and get_engine(pipe.transformer) is None
+    assert not any("forward" in vars(m) for m in pipe.transformer.modules())
+
+
 def test_fused_projections_are_a_clear_error():
     pipe = sd3()
     pipe.transformer.fuse_qkv_projections()

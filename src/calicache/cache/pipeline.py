@@ -117,6 +117,12 @@ class _Passes:
 
 def wrap_pipeline(pipe: Any, engine) -> None:
     """Make `pipe(...)` run its transformer's cache `engine` one run per call."""
+    if getattr(pipe, "transformer_2", None) is not None:  # refused before the pipeline is touched
+        engine.remove()
+        delattr(pipe.transformer, ENGINE_ATTR)
+        raise ValueError(f"{type(pipe).__name__} runs a second expert (transformer_2, Wan 2.2) for low-noise steps; "
+                         "calicache caches one transformer per pipeline: use a single-expert pipeline (Wan 2.1) or "
+                         "apply_cache(pipe.transformer, config) and drive the runs yourself")
     cls = type(pipe)
     # object.__setattr__: DiffusionPipeline.__setattr__ would try to register values as components.
     object.__setattr__(pipe, PIPE_ATTR, (cls, pipe.transformer, _Passes(pipe.transformer, engine)))
