@@ -1,6 +1,18 @@
 """calicache: faster Diffusion Transformer sampling by calibrated feature caching."""
 
-from .cache import CacheConfig, CacheSchedule, apply_cache, remove_cache
+from .cache import (
+    METHODS,
+    CacheSchedule,
+    FORAConfig,
+    ForecastConfig,
+    GOCConfig,
+    ICCConfig,
+    MethodConfig,
+    NoCacheConfig,
+    apply_cache,
+    load_config,
+    remove_cache,
+)
 from .cache.macs import count_macs
 
 # The function shadows the subpackage's name on purpose: `calicache.calibrate(...)` is the API;
@@ -12,7 +24,14 @@ from .models.io import load_model, save_model, weight_hash
 from .sampling import sample
 
 __all__ = [
-    "CacheConfig",
+    "METHODS",
+    "MethodConfig",
+    "NoCacheConfig",
+    "FORAConfig",
+    "ICCConfig",
+    "ForecastConfig",
+    "GOCConfig",
+    "load_config",
     "CacheSchedule",
     "apply_cache",
     "remove_cache",

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
-from .config import CacheConfig
 from .constants import RunConstants
+from .methods import MethodConfig
 from .pipeline import is_pipeline, unwrap_pipeline, wrap_pipeline
 from .state import ENGINE_ATTR, get_engine
 
@@ -24,14 +24,12 @@ from .state import ENGINE_ATTR, get_engine
 class CacheEngine:
     """Per-model run state: which call of the run this is and which layers are full at it."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig, adapter: Adapter | None = None):
-        from .methods import METHODS
-
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter | None = None):
         self.model = model
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
-        self.schedule = config.cache_schedule
+        self.schedule = config.schedule
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
         self.num_calls: int | None = None
@@ -44,7 +42,7 @@ class CacheEngine:
         self.full: np.ndarray = np.ones(len(self.branches), dtype=bool)
         self.peak_cache_bytes = 0
         self.full_flags: list[np.ndarray] = []  # one row per call of the current/last run
-        self.method = METHODS[config.method](self, config)
+        self.method = config.method_class(self, config)
         # Prompt-only modules (cross-attention K/V) computed once per run; "none" stays the plain model.
         constant = self.adapter.constant_modules(model) if config.method != "none" else []
         self.constants = RunConstants(self, constant) if constant else None
@@ -134,14 +132,15 @@ class CacheEngine:
         }
 
 
-def apply_cache(model: nn.Module, config: CacheConfig) -> nn.Module:
+def apply_cache(model: nn.Module, config: MethodConfig) -> nn.Module:
     """Attach caching to `model` (in place) and return it. `remove_cache` undoes it exactly.
 
     `model` may also be a diffusers pipeline (DiTPipeline, PixArtAlphaPipeline): the cache goes on
     `pipe.transformer` and every call of the pipeline is one run of known length.
     """
-    if not isinstance(config, CacheConfig):
-        raise TypeError("config must be a calicache.CacheConfig")
+    if not isinstance(config, MethodConfig):
+        raise TypeError("config must be a method config such as calicache.FORAConfig(period=2) or "
+                        "calicache.ICCConfig(rank=21, factors=PATH); see calicache.METHODS")
     if is_pipeline(model):
         if get_engine(model) is not None:
             raise ValueError("this pipeline already has a cache; call remove_cache(pipe) first")

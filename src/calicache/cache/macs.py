@@ -11,8 +11,8 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..models.dit import DiT, create_model
-from .config import CacheConfig
 from .engine import CacheEngine
+from .methods import MethodConfig, NoCacheConfig
 from .pipeline import is_pipeline
 from .state import get_engine
 
@@ -25,11 +25,11 @@ def _meta_twin(model: nn.Module) -> nn.Module:
         return type(model).from_config(model.config)  # a diffusers transformer
 
 
-def _engine_for(model_or_name, config: CacheConfig | None, shape: dict) -> tuple[CacheEngine, bool]:
+def _engine_for(model_or_name, config: MethodConfig | None, shape: dict) -> tuple[CacheEngine, bool]:
     if isinstance(model_or_name, str):
         with torch.device("meta"):
             model = create_model(model_or_name)
-        return _meta_engine(model, config or CacheConfig(), shape), True
+        return _meta_engine(model, config or NoCacheConfig(), shape), True
     model = model_or_name.transformer if is_pipeline(model_or_name) else model_or_name
     engine = get_engine(model)
     if engine is not None and config is None and not shape:
@@ -37,17 +37,17 @@ def _engine_for(model_or_name, config: CacheConfig | None, shape: dict) -> tuple
     if engine is not None:  # count on a twin: a second engine must not touch the attached hooks
         config = config or engine.config
         model = _meta_twin(model)
-    return _meta_engine(model, config or CacheConfig(), shape), True
+    return _meta_engine(model, config or NoCacheConfig(), shape), True
 
 
-def _meta_engine(model: nn.Module, config: CacheConfig, shape: dict) -> CacheEngine:
+def _meta_engine(model: nn.Module, config: MethodConfig, shape: dict) -> CacheEngine:
     """An engine used only for counting: it is removed again before anyone calls the model."""
     engine = CacheEngine(model, config, get_adapter(model, **shape))
     engine.remove()
     return engine
 
 
-def count_macs(model_or_name, config: CacheConfig | None = None, steps: int = 50, cfg_scale: float = 1.0,
+def count_macs(model_or_name, config: MethodConfig | None = None, steps: int = 50, cfg_scale: float = 1.0,
                tokens: int | None = None, text_tokens: int | None = None) -> dict:
     """MACs of one sampling run of `steps` model calls.
 

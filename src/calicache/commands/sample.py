@@ -95,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "batch_size": args.batch_size or args.num, "vae": args.vae,
         "model_calls_per_batch": steps, "wall_seconds": round(wall, 3),
         "threads": torch.get_num_threads(), "world_size": world,
-        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
-        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
-        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "method": config.method, "cache_config": config.to_dict(),
         "macs": macs, "cached_ratio": macs["cached_ratio"],
         "cache_bytes": get_engine(model).stats()["cache_bytes"],
     }

@@ -179,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
         "prompts": args.prompt, "prompt_embeds": args.prompt_embeds,
         "tokens": seen.get("tokens"), "text_tokens": seen.get("text_tokens"),
         "wall_seconds": round(wall, 3), "threads": torch.get_num_threads(),
-        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
-        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
-        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "method": engine.config.method, "cache_config": engine.config.to_dict(),
         "macs": macs, "cached_ratio": macs["cached_ratio"], "cache_bytes": stats["cache_bytes"],
     }
     out_dir = Path(args.out)
