@@ -10,6 +10,7 @@ from .cache import (
     MethodConfig,
     NoCacheConfig,
     apply_cache,
+    config_from_dict,
     load_config,
     remove_cache,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ICCConfig",
     "ForecastConfig",
     "GOCConfig",
+    "config_from_dict",
     "load_config",
     "CacheSchedule",
     "apply_cache",

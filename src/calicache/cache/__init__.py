@@ -9,10 +9,11 @@ from .methods import (
     ICCConfig,
     MethodConfig,
     NoCacheConfig,
+    config_from_dict,
     load_config,
 )
 from .schedule import CacheSchedule
 from .state import cache_run, get_engine
 
 __all__ = ["METHODS", "MethodConfig", "NoCacheConfig", "FORAConfig", "ICCConfig", "ForecastConfig", "GOCConfig",
-           "load_config", "CacheSchedule", "apply_cache", "remove_cache", "cache_run", "get_engine"]
+           "config_from_dict", "load_config", "CacheSchedule", "apply_cache", "remove_cache", "cache_run", "get_engine"]
