@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
+from ..images import grid, save_npz, save_png
+from ..utils import atomic_path
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default: str | None = "fmnist-dit") -> None:
@@ -101,3 +105,29 @@ def cache_config_from_args(args: argparse.Namespace):
         raise ValueError(f"{', '.join(foreign)} not used by --method {cls.method}; drop it or choose a method that "
                          "reads it (see --help)")
     return cls.from_args(args)
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integers such as 0,3,7; got {text!r}") from None
+
+
+def write_sample_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
+    """All three files or none: each is written under a temporary name, and all are renamed only
+    once every one is complete (a folder this call created is removed again on failure)."""
+    created = not out.exists()
+    try:
+        with ExitStack() as stack:
+            tmp = {name: stack.enter_context(atomic_path(out / name))
+                   for name in ("samples.npz", "grid.png", "report.json")}
+            save_npz(tmp["samples.npz"], arr_0=images, arr_1=labels)
+            save_png(grid(images[:64]), tmp["grid.png"])
+            tmp["report.json"].write_text(json.dumps(report, indent=2))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
