@@ -1,14 +1,18 @@
 """The cache engine: attaches a method's hooks to a model, numbers the model calls of each run,
 and detaches without a trace.
 
-Hooks replace `forward` on module instances (an instance attribute shadows the class method), so
-`remove_cache` deleting the attribute restores the original forward bit-exactly. The model code
-never learns about caching. `apply_cache` also takes a diffusers pipeline (see `cache/pipeline.py`).
+Hooks compose with other libraries' (diffusers' HookRegistry, accelerate's offload hooks): a hook
+wraps whatever `forward` the module has, an instance attribute set by someone else or the class
+method, and removal puts back exactly that. If someone wrapped our forward after us, their wrapper
+stays and ours turns into a pass-through to what it wrapped. The model code never learns about
+caching. `apply_cache` also takes a diffusers pipeline (see `cache/pipeline.py`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +23,47 @@ from .constants import RunConstants
 from .methods import MethodConfig
 from .pipeline import is_pipeline, unwrap_pipeline, wrap_pipeline
 from .state import ENGINE_ATTR, get_engine
+
+_ABSENT = object()  # the module had no instance `forward` (the class method ran)
+# diffusers hook modules that cache; a model carrying one of them must not be cached twice.
+DIFFUSERS_CACHE_HOOKS = ("first_block_cache", "taylorseer_cache", "faster_cache", "pyramid_attention_broadcast",
+                         "mag_cache", "sea_cache", "text_kv_cache")
+
+
+@dataclass
+class _Patch:
+    module: nn.Module
+    previous: object  # the instance `forward` before ours, or _ABSENT
+    inner: Callable  # the forward ours wraps (previous, or the bound class method)
+    installed: Callable  # our forward on the module
+    target: list  # [the callable `installed` runs]: our hook, or `inner` once removed under someone's wrapper
+
+
+def _reaches(fn: object, installed: Callable) -> bool:
+    """Whether `fn` is `installed` or wraps it (functools.update_wrapper chains, as diffusers and accelerate make)."""
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        if fn is installed:
+            return True
+        seen.add(id(fn))
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def check_no_foreign_cache(model: nn.Module) -> None:
+    """Refuse a model that already has a diffusers cache (FirstBlockCache, TaylorSeer, FasterCache, PAB, ...)."""
+    found = set()
+    if getattr(model, "is_cache_enabled", False) is True:
+        found.add(type(getattr(model, "_cache_config", None)).__name__)
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name, hook in getattr(registry, "hooks", {}).items():
+            if type(hook).__module__.rsplit(".", 1)[-1] in DIFFUSERS_CACHE_HOOKS:
+                found.add(f"{type(hook).__name__} ({name})")
+    if found:
+        raise ValueError(f"this model already has a diffusers cache: {', '.join(sorted(found))}; two caches would "
+                         "serve each other's stale outputs. Remove it first (transformer.disable_cache(), or "
+                         "HookRegistry.remove_hook) and then apply_cache")
 
 
 class CacheEngine:
@@ -32,8 +77,7 @@ class CacheEngine:
         self.schedule = config.schedule
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
-        self.num_calls: int | None = None
-        self._patched: list[nn.Module] = []
+        self._patched: list[_Patch] = []
         self.explicit = False  # inside sample()'s begin_run/end_run
         self.active = False  # a run is in progress
         self.call = -1
@@ -46,24 +90,43 @@ class CacheEngine:
         # Prompt-only modules (cross-attention K/V) computed once per run; "none" stays the plain model.
         constant = self.adapter.constant_modules(model) if config.method != "none" else []
         self.constants = RunConstants(self, constant) if constant else None
-        self._patch(model, self._wrap_model(model.forward))
+        self.patch(model, self._wrap_model)
 
     # -- hooks -------------------------------------------------------------------------------
     def patch(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
-        """Replace `module.forward` by `make(original_forward)`."""
-        if "forward" in module.__dict__:
-            raise ValueError(f"{type(module).__name__} already has a patched forward; remove_cache first")
-        self._patch(module, make(module.forward))
+        """Set `module.forward` to `make(current_forward)`, whatever the current forward is."""
+        previous = module.__dict__.get("forward", _ABSENT)
+        inner = module.forward
+        target = [make(inner)]
 
-    def _patch(self, module: nn.Module, fn: Callable) -> None:
-        module.forward = fn
-        self._patched.append(module)
+        def forward(*args, **kwargs):
+            return target[0](*args, **kwargs)
+
+        functools.update_wrapper(forward, inner)  # signature and name of the wrapped forward
+        module.forward = forward
+        self._patched.append(_Patch(module, previous, inner, forward, target))
 
     def remove(self) -> None:
-        for module in self._patched:
-            del module.forward
+        """Undo every patch, last first: put back what was there, or pass through under a later wrapper."""
+        for p in reversed(self._patched):
+            current = p.module.__dict__.get("forward", _ABSENT)
+            if current is p.installed:
+                if p.previous is _ABSENT:
+                    del p.module.forward
+                else:
+                    p.module.forward = p.previous
+            else:  # wrapped by someone after us (or already dropped by them): never remove their wrapper
+                p.target[0] = p.inner
         self._patched.clear()
         self._reset()
+
+    def check_attached(self) -> None:
+        """Fail if another library dropped one of our hooks (e.g. by writing back an older forward)."""
+        for p in self._patched:
+            if not _reaches(p.module.__dict__.get("forward"), p.installed):
+                raise RuntimeError(f"calicache's hook on {type(p.module).__name__} was replaced by another library "
+                                   "(a hook registered before calicache and removed after it writes back the forward "
+                                   "it saw); call remove_cache(model) and apply_cache(model, config) again")
 
     def _reset(self) -> None:
         """Forget every cached tensor: the method's and the run constants."""
@@ -113,9 +176,9 @@ class CacheEngine:
         """An explicit run of `num_calls` calls: the schedule is checked before any work."""
         self.schedule.check(num_calls, len(self.branches))
         self.method.check_run(num_calls)
+        self.check_attached()
         self._start_run()
         self.explicit = True
-        self.num_calls = num_calls
 
     def end_run(self) -> None:
         self._reset()
@@ -149,6 +212,7 @@ def apply_cache(model: nn.Module, config: MethodConfig) -> nn.Module:
         return model
     if get_engine(model) is not None:
         raise ValueError("this model already has a cache; call remove_cache(model) first")
+    check_no_foreign_cache(model)
     engine = CacheEngine(model, config)
     setattr(model, ENGINE_ATTR, engine)
     return model
