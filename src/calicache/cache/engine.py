@@ -39,15 +39,22 @@ class _Patch:
     target: list  # [the callable `installed` runs]: our hook, or `inner` once removed under someone's wrapper
 
 
-def _reaches(fn: object, installed: Callable) -> bool:
-    """Whether `fn` is `installed` or wraps it (functools.update_wrapper chains, as diffusers and accelerate make)."""
+def _dropped(p: _Patch) -> bool:
+    """Whether another library put an older forward back over ours: the module's forward is the class
+    method again (bound, or no instance attribute at all) and does not lead to ours through
+    `__wrapped__` (diffusers' and accelerate's wrappers keep that chain). A wrapper that hides the
+    chain is taken to wrap ours."""
+    current = p.module.__dict__.get("forward", _ABSENT)
+    if current is _ABSENT:
+        return True
     seen = set()
+    fn = current
     while fn is not None and id(fn) not in seen:
-        if fn is installed:
-            return True
+        if fn is p.installed:
+            return False
         seen.add(id(fn))
         fn = getattr(fn, "__wrapped__", None)
-    return False
+    return getattr(current, "__func__", None) is getattr(type(p.module), "forward", None)
 
 
 def check_no_foreign_cache(model: nn.Module) -> None:
@@ -123,7 +130,7 @@ class CacheEngine:
     def check_attached(self) -> None:
         """Fail if another library dropped one of our hooks (e.g. by writing back an older forward)."""
         for p in self._patched:
-            if not _reaches(p.module.__dict__.get("forward"), p.installed):
+            if _dropped(p):
                 raise RuntimeError(f"calicache's hook on {type(p.module).__name__} was replaced by another library "
                                    "(a hook registered before calicache and removed after it writes back the forward "
                                    "it saw); call remove_cache(model) and apply_cache(model, config) again")
