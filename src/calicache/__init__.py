@@ -15,6 +15,7 @@ from .cache import (
     remove_cache,
 )
 from .cache.macs import count_macs
+from .cache.summary import summary
 
 # The function shadows the subpackage's name on purpose: `calicache.calibrate(...)` is the API;
 # import submodules as `from calicache.cache.factors import Factors` (sys.modules still has them).
@@ -40,6 +41,7 @@ __all__ = [
     "calibrate",
     "calibrate_text",
     "count_macs",
+    "summary",
     "DIT_MODELS",
     "DiT",
     "DiTConfig",
