@@ -51,3 +51,19 @@ def test_dit_xl_numbers():
     assert fora["per_call"][1] == none["full_call"] - d * (full_block - adaln)
     assert none["total_with_cfg"] == none["total"]
     assert count_macs("DiT-XL/2", NoCacheConfig(), 20, cfg_scale=1.5)["total_with_cfg"] == 2 * none["total"]
+
+
+def test_counting_attaches_nothing(monkeypatch):
+    """count_macs builds no engine and patches no module: not on a bare model, not beside an attached cache."""
+    from calicache.cache import engine as engine_module
+
+    model = tiny_model()
+    apply_cache(model, FORAConfig(period=2))
+    state = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    monkeypatch.setattr(engine_module.CacheEngine, "__init__", lambda *a, **k: pytest.fail("an engine was built"))
+    icc = count_macs(model, ICCConfig(period=2, rank=3), 6)
+    bare = tiny_model()
+    assert count_macs(bare, ICCConfig(period=2, rank=3), 6) == icc
+    assert all("forward" not in m.__dict__ for m in bare.modules())
+    assert {name: dict(m.__dict__) for name, m in model.named_modules()} == state
+    assert count_macs(model, None, 6) == count_macs(bare, FORAConfig(period=2), 6)

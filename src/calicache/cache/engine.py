@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
+from ..models.io import weight_hash
 from .constants import RunConstants
 from .methods import MethodConfig
 from .pipeline import is_pipeline, unwrap_pipeline, wrap_pipeline
@@ -126,6 +127,10 @@ class CacheEngine:
                 p.target[0] = p.inner
         self._patched.clear()
         self._reset()
+
+    def model_hash(self) -> str:
+        """The weights' hash that factor and steps files are checked against."""
+        return weight_hash(self.model)
 
     def check_attached(self) -> None:
         """Fail if another library dropped one of our hooks (e.g. by writing back an older forward)."""

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...models.io import weight_hash
 from ...utils import atomic_path
 from .base import Argument, BranchCache, Method, MethodConfig
 
@@ -145,8 +144,7 @@ class GradientOptimizedCache(Method):
         self.file: GocSteps | None = None
         if config.steps_file is not None:
             self.file = GocSteps.load(config.steps_file)
-            on_meta = next(engine.model.parameters()).is_meta  # counting MACs by name: no weights to hash
-            self.file.check(model_hash=None if on_meta else weight_hash(engine.model))
+            self.file.check(model_hash=engine.model_hash())
             made_for, period = self.file.meta.get("period"), engine.schedule.period
             if period is not None and made_for is not None and made_for != period:
                 raise ValueError(f"GOC steps file {config.steps_file} was found for period {made_for} but this cache "

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import LinearSpec
-from ...models.io import weight_hash
 from ..factors import Factors
 from ..svd import SVD_KINDS, check_rank, parse_rank, scaled_svd
 from .base import Argument, BranchCache, Method, MethodConfig
@@ -120,8 +119,7 @@ def resolve_factors(engine, config: ICCConfig) -> dict[str, tuple[torch.Tensor, 
     specs = [s for b in engine.branches for s in b.linears]
     if config.factors is not None:
         factors = config.factors if isinstance(config.factors, Factors) else Factors.load(config.factors)
-        on_meta = next(engine.model.parameters()).is_meta  # counting MACs by name: no weights to hash
-        factors.check(specs, None if on_meta else weight_hash(engine.model))
+        factors.check(specs, engine.model_hash())
         svd = factors.meta.get("svd")
         if svd is not None and config.svd != "plain" and svd != config.svd:
             raise ValueError(f"the factor file holds {svd!r} factors but svd={config.svd!r} was asked for")
