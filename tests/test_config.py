@@ -93,6 +93,9 @@ def test_schedule_inline_and_by_path(tmp_path):
     by_path.save(tmp_path / "by_path.json")
     assert json.loads((tmp_path / "by_path.json").read_text())["schedule"] == "s.json"
     ref = run(inline)
+    other = g.copy()
+    other[2, 1] = False
+    assert load_config(tmp_path / "inline.json") == inline != FORAConfig(schedule=other)
     assert torch.equal(run(load_config(tmp_path / "inline.json")), ref)
     assert torch.equal(run(load_config(tmp_path / "by_path.json")), ref)
 

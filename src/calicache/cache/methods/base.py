@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -94,8 +94,9 @@ class MethodConfig:
     default_period: ClassVar[int] = 2
 
     period: int | None = None
-    schedule: Any = None
+    schedule: Any = field(default=None, compare=False)  # compared through _schedule_key (matrices)
     cache_dtype: Any = None
+    _schedule_key: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._schedule_path: str | None = None
@@ -113,6 +114,7 @@ class MethodConfig:
             s = CacheSchedule.from_matrix(np.asarray(s))
         self.schedule = s
         self.period = s.period
+        self._schedule_key = json.dumps(_schedule_json(s), sort_keys=True)
         dtype = self.cache_dtype
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -141,7 +143,7 @@ class MethodConfig:
         out: dict[str, Any] = {"format": CONFIG_FORMAT, "method": self.method}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "period":
+            if f.name == "period" or not f.init:
                 continue  # written with the schedule
             if f.name == "schedule":
                 if self._schedule_path is not None:
@@ -182,7 +184,7 @@ class MethodConfig:
         method = data.pop("method", cls.method)
         if method != cls.method:
             raise ValueError(f"{where}: method {method!r} is not {cls.method!r}")
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls) if f.init}
         digests = {f"{n}_sha256" for n in cls.files}
         unknown = sorted(set(data) - names - digests)
         if unknown:
