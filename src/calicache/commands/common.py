@@ -79,7 +79,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     from ..cache.methods import METHODS
 
     g = p.add_argument_group("caching")
-    g.add_argument("--method", choices=sorted(METHODS), default=None, help="cache method (default: none)")
+    g.add_argument("--method", choices=sorted(METHODS), default=None,
+                   help="cache method (not given: none, or the --config file's)")
     g.add_argument("--config", default=None, help="a cache config JSON file (config.save(path)) instead of the flags")
     flags: dict[str, tuple] = {}
     for name, cls in METHODS.items():
