@@ -183,3 +183,17 @@ def test_sample_with_config_file_equals_the_flags(tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"])
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["method"] == "icc" and report["cache_config"]["rank"] == 3
+
+
+def test_demo_and_bench_run_a_config_file(tmp_path):
+    save_model(tiny_model(input_size=12), tmp_path / "m.safetensors")
+    ICCConfig(period=2, rank=3).save(tmp_path / "icc.json")
+    model, config = ["--model", str(tmp_path / "m.safetensors")], ["--config", str(tmp_path / "icc.json")]
+    assert cli.main(["demo", *model, "--num", "2", "--steps", "4", "--methods", "none", "--no-classifier",
+                     "--out", str(tmp_path / "demo"), *config]) == 0
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["no cache, 4 steps", "icc from icc.json"]
+    assert cli.main(["bench", *model, "--quick", "--steps", "3", "--num", "2", "--families", "fora", "--no-peers",
+                     "--no-classifier", "--out", str(tmp_path / "bench"), *config]) == 0
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]
+    assert [r["family"] for r in rows] == ["uncached", "FORA", "config"] and rows[-1]["name"] == "icc (icc.json)"
