@@ -131,7 +131,7 @@ def test_bare_module_runs_need_steps():
     model = tiny_model()
     x, y = torch.randn(1, 1, 8, 8), torch.tensor([0])
     apply_cache(model, GOCConfig())
-    with torch.no_grad(), pytest.raises(RuntimeError, match="goc_steps"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs steps or steps_file"):
         for call in range(4):
             model(x, torch.tensor([999 - 100 * call]), y)
     remove_cache(model)

@@ -9,7 +9,7 @@ For each calibrated linear at a cached call s, with f0 < f1 its last two full ca
 Since y = W x + b is linear, y_hat = W x_hat + b exactly, so at full rank the result is exact;
 at rank 0 each branch output is its own first-order forecast (TaylorSeer order 1 at branch level).
 With one full call only it is plain ICC. Distances count calls, or timesteps
-(`forecast_units="timesteps"`).
+(`ForecastConfig(units="timesteps")`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ output is pushed along the branch's last change.
 Each branch keeps a two-slot queue (F_prev2, F_prev) of the values it produced or served at its last
 two calls; the queue shifts after every call. At a cached call s the branch serves
 `F_prev + w (F_prev - F_prev2)` if s is a compensation step and F_prev2 exists, else `F_prev`.
-Compensation steps come from `goc_steps`, a steps file made by `calicache calibrate --method goc`
-(`goc_file`), or the authors' list for 20-call runs.
+Compensation steps come from `GOCConfig.steps`, a steps file made by `calicache calibrate --method
+goc` (`GOCConfig.steps_file`), or the authors' list for 20-call runs.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class GradientOptimizedCache(Method):
                 raise ValueError(
                     f"GOC's published compensation steps are for 20-call runs; this run makes {num_calls}. Find "
                     f"steps for it with `calicache calibrate --method goc --model M --steps {num_calls} --out "
-                    "goc.json` and pass goc_file (--goc-file goc.json), or give goc_steps (--goc-steps 3,5,7)")
+                    "goc.json` and pass steps_file (--goc-file goc.json), or give steps (--goc-steps 3,5,7)")
             return list(PUBLISHED_STEPS[num_calls])
         late = [s for s in self.given if s >= num_calls]
         if late:
@@ -185,8 +185,8 @@ class GradientOptimizedCache(Method):
         if self.engine.explicit:  # inside calicache.sample: check_run chose this run's steps
             return call in self.run_steps
         if self.given is None:
-            raise RuntimeError("GOC outside calicache.sample cannot know the run length, so it needs goc_steps or "
-                               "goc_file (or sample with calicache.sample)")
+            raise RuntimeError("GOC outside calicache.sample cannot know the run length, so it needs steps or "
+                               "steps_file (or sample with calicache.sample)")
         return call in self.given
 
     def reset(self) -> None:
