@@ -38,6 +38,20 @@ def test_an_instance_forward_is_wrapped_and_put_back_exactly():
     assert "forward" not in model.__dict__ and torch.equal(sample(model, 2, 4, seed=0), ref)
 
 
+def test_a_dropped_hook_is_a_clear_error():
+    """A library that writes back the forward it saw over ours: the next run says so, removal still works."""
+    model = tiny_model()
+    ref = sample(model, 2, 4, seed=0)
+    original = model.forward
+    model.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    apply_cache(model, CONFIG)
+    model.forward = original  # their removal, as they saw it
+    with pytest.raises(RuntimeError, match="replaced by another library"):
+        sample(model, 2, 4, seed=0)
+    remove_cache(model)
+    assert model.__dict__["forward"] is original and torch.equal(sample(model, 2, 4, seed=0), ref)
+
+
 def test_a_wrapper_added_after_ours_survives_removal():
     model = tiny_model()
     ref = sample(model, 2, 4, seed=0)
@@ -146,12 +160,7 @@ def test_both_orders_of_applying_and_removing(expected, other, ours_first, ours_
         theirs.remove()
     else:
         theirs.remove()
-        if ours_first:
-            assert torch.equal(run(pipe), cached)  # theirs wrapped ours: ours stays in place
-        else:
-            # They were there first and write back the forward they saw, dropping ours: a clear error.
-            with pytest.raises(RuntimeError, match="replaced by another library"):
-                run(pipe)
+        assert torch.equal(run(pipe), cached)  # ours survives their removal, beneath or around them
         remove_cache(pipe)
     assert torch.equal(run(pipe), plain)
     assert get_engine(pipe) is None and get_engine(pipe.transformer) is None

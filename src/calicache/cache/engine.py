@@ -3,8 +3,10 @@ and detaches without a trace.
 
 Hooks compose with other libraries' (diffusers' HookRegistry, accelerate's offload hooks): a hook
 wraps whatever `forward` the module has, an instance attribute set by someone else or the class
-method, and removal puts back exactly that. If someone wrapped our forward after us, their wrapper
-stays and ours turns into a pass-through to what it wrapped. The model code never learns about
+method, and removal puts back exactly that. Under an accelerate or diffusers hook ours goes beneath
+it, where their wrapper calls the module's own forward and where their removal puts it back, so
+either can be removed first. If someone wrapped our forward after us, their wrapper stays and ours
+turns into a pass-through to what it wrapped. The model code never learns about
 caching. `apply_cache` also takes a diffusers pipeline (see `cache/pipeline.py`).
 """
 
@@ -34,17 +36,39 @@ DIFFUSERS_CACHE_HOOKS = ("first_block_cache", "taylorseer_cache", "faster_cache"
 @dataclass
 class _Patch:
     module: nn.Module
-    previous: object  # the instance `forward` before ours, or _ABSENT
+    owner: object  # where ours was installed: the module, or a hook's record of the module's own forward
+    attr: str  # ... under this attribute
+    previous: object  # what `owner.attr` held before ours, or _ABSENT (no instance attribute)
     inner: Callable  # the forward ours wraps (previous, or the bound class method)
-    installed: Callable  # our forward on the module
+    installed: Callable  # our forward
     target: list  # [the callable `installed` runs]: our hook, or `inner` once removed under someone's wrapper
 
 
+def _slot(module: nn.Module) -> tuple[object, str]:
+    """Where the forward that does the module's own work lives: beneath an accelerate hook
+    (`module._old_forward`) or a diffusers HookRegistry (its innermost function reference), which
+    call it from there and put it back as `module.forward` on removal; else `module.forward`."""
+    if "forward" in module.__dict__:
+        if getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__:
+            return module, "_old_forward"
+        refs = getattr(getattr(module, "_diffusers_hook", None), "_fn_refs", None)
+        if refs:
+            ref = refs[0]
+            return ref, ("original_forward" if getattr(ref, "original_forward", None) is not None else "forward")
+    return module, "forward"
+
+
+def _holds(owner: object, attr: str, fn: Callable) -> bool:
+    return vars(owner).get(attr, _ABSENT) is fn
+
+
 def _dropped(p: _Patch) -> bool:
-    """Whether another library put an older forward back over ours: the module's forward is the class
-    method again (bound, or no instance attribute at all) and does not lead to ours through
-    `__wrapped__` (diffusers' and accelerate's wrappers keep that chain). A wrapper that hides the
-    chain is taken to wrap ours."""
+    """Whether another library put an older forward back over ours: ours is not where it was put,
+    and the module's forward is the class method again (bound, or no instance attribute at all)
+    without leading to ours through `__wrapped__` (diffusers' and accelerate's wrappers keep that
+    chain). A wrapper that hides the chain is taken to wrap ours."""
+    if _holds(p.owner, p.attr, p.installed):
+        return False
     current = p.module.__dict__.get("forward", _ABSENT)
     if current is _ABSENT:
         return True
@@ -102,29 +126,32 @@ class CacheEngine:
 
     # -- hooks -------------------------------------------------------------------------------
     def patch(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
-        """Set `module.forward` to `make(current_forward)`, whatever the current forward is."""
-        previous = module.__dict__.get("forward", _ABSENT)
-        inner = module.forward
+        """Wrap the module's forward in `make(current_forward)`, whatever the current forward is."""
+        owner, attr = _slot(module)
+        previous = vars(owner).get(attr, _ABSENT)
+        inner = module.forward if previous is _ABSENT else previous
         target = [make(inner)]
 
         def forward(*args, **kwargs):
             return target[0](*args, **kwargs)
 
         functools.update_wrapper(forward, inner)  # signature and name of the wrapped forward
-        module.forward = forward
-        self._patched.append(_Patch(module, previous, inner, forward, target))
+        setattr(owner, attr, forward)
+        self._patched.append(_Patch(module, owner, attr, previous, inner, forward, target))
 
     def remove(self) -> None:
         """Undo every patch, last first: put back what was there, or pass through under a later wrapper."""
         for p in reversed(self._patched):
-            current = p.module.__dict__.get("forward", _ABSENT)
-            if current is p.installed:
+            # Where ours was put, and `module.forward` where the hook we went beneath put it back on removal.
+            for owner, attr in {(id(o), a): (o, a) for o, a in ((p.owner, p.attr), (p.module, "forward"))}.values():
+                if not _holds(owner, attr, p.installed):
+                    continue
                 if p.previous is _ABSENT:
-                    del p.module.forward
+                    delattr(owner, attr)
                 else:
-                    p.module.forward = p.previous
-            else:  # wrapped by someone after us (or already dropped by them): never remove their wrapper
-                p.target[0] = p.inner
+                    setattr(owner, attr, p.previous)
+            # Anything still calling ours (a wrapper someone put around it) now reaches what ours wrapped.
+            p.target[0] = p.inner
         self._patched.clear()
         self._reset()
 
