@@ -19,15 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from calicache import CacheConfig, apply_cache, count_macs  # noqa: E402
+from calicache import FORAConfig, ForecastConfig, ICCConfig, apply_cache, count_macs  # noqa: E402
 from calicache.metrics.fidelity import psnr_from_mse  # noqa: E402
 from tiny_families import PASSES, PIPES, TEXT, TOKENS, run  # noqa: E402
 
 CONFIGS = {
-    "FORA p=2": CacheConfig("fora", period=2),
-    "ICC p=2 r=4": CacheConfig("icc", period=2, rank=4),
-    "forecast p=3 r=4": CacheConfig("forecast", period=3, rank=4, forecast_units="timesteps"),
-    "FORA p=3": CacheConfig("fora", period=3),
+    "FORA p=2": FORAConfig(period=2),
+    "ICC p=2 r=4": ICCConfig(period=2, rank=4),
+    "forecast p=3 r=4": ForecastConfig(period=3, rank=4, units="timesteps"),
+    "FORA p=3": FORAConfig(period=3),
 }
 
 

@@ -7,7 +7,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache
+from calicache import (
+    FORAConfig,
+    ForecastConfig,
+    GOCConfig,
+    ICCConfig,
+    NoCacheConfig,
+    apply_cache,
+    count_macs,
+    remove_cache,
+)
 from calicache.adapters import get_adapter
 from calicache.cache import get_engine
 from calicache.cache.pipeline import PIPE_ATTR
@@ -44,30 +53,30 @@ def ref(kind):
     return run(PIPES[kind](), kind)
 
 
-def cached(kind: str, config: CacheConfig):
+def cached(kind: str, config):
     return apply_cache(PIPES[kind](), config)
 
 
 # -- exactness identities through the pipelines ---------------------------------------------------
 def test_exactness_identities(kind, ref):
-    layers = len(get_engine(cached(kind, CacheConfig("fora"))).branches)
-    assert torch.equal(run(cached(kind, CacheConfig("fora", period=1)), kind), ref)
-    assert torch.equal(run(cached(kind, CacheConfig("icc", schedule=np.ones((STEPS, layers), bool), rank=3)), kind),
+    layers = len(get_engine(cached(kind, FORAConfig())).branches)
+    assert torch.equal(run(cached(kind, FORAConfig(period=1)), kind), ref)
+    assert torch.equal(run(cached(kind, ICCConfig(schedule=np.ones((STEPS, layers), bool), rank=3)), kind),
                        ref)
-    fora = run(cached(kind, CacheConfig("fora", period=2)), kind)
+    fora = run(cached(kind, FORAConfig(period=2)), kind)
     assert rel(fora, ref) > 1e-4  # the cache really served calls
-    assert rel(run(cached(kind, CacheConfig("icc", period=2, rank="full")), kind), ref) < 1e-5
+    assert rel(run(cached(kind, ICCConfig(period=2, rank="full")), kind), ref) < 1e-5
     for units in ("calls", "timesteps"):  # flow-matching timesteps are floats; distances are their ratios
-        config = CacheConfig("forecast", period=3, rank="full", forecast_units=units)
+        config = ForecastConfig(period=3, rank="full", units=units)
         assert rel(run(cached(kind, config), kind), ref) < 1e-5
-    assert torch.equal(run(cached(kind, CacheConfig("icc", period=2, rank=0)), kind), fora)
-    assert torch.equal(run(cached(kind, CacheConfig("goc", period=2, goc_weight=0.0, goc_steps=[3])), kind), fora)
-    goc = run(cached(kind, CacheConfig("goc", period=2, goc_steps=[3])), kind)
+    assert torch.equal(run(cached(kind, ICCConfig(period=2, rank=0)), kind), fora)
+    assert torch.equal(run(cached(kind, GOCConfig(period=2, weight=0.0, steps=[3])), kind), fora)
+    goc = run(cached(kind, GOCConfig(period=2, steps=[3])), kind)
     assert rel(goc, fora) > 1e-6
 
 
 def test_each_guidance_pass_is_one_run_with_its_own_cache(kind):
-    pipe = cached(kind, CacheConfig("fora", period=2))
+    pipe = cached(kind, FORAConfig(period=2))
     a = run(pipe, kind)
     twins = vars(pipe)[PIPE_ATTR][2].twins
     assert len(twins) == PASSES[kind] - 1
@@ -83,7 +92,7 @@ def test_each_guidance_pass_is_one_run_with_its_own_cache(kind):
 def test_remove_cache_restores_the_pipeline(kind, ref):
     pipe = PIPES[kind]()
     cls = type(pipe)
-    apply_cache(pipe, CacheConfig("icc", period=2, rank=4))
+    apply_cache(pipe, ICCConfig(period=2, rank=4))
     run(pipe, kind)
     twins = list(vars(pipe)[PIPE_ATTR][2].twins)
     remove_cache(pipe)
@@ -106,7 +115,7 @@ def constant_weights(kind: str, model) -> list:
 
 
 def test_prompt_constants_once_per_run_and_pass(kind, monkeypatch):
-    pipe = cached(kind, CacheConfig("icc", period=2, rank=4))
+    pipe = cached(kind, ICCConfig(period=2, rank=4))
     weights = constant_weights(kind, pipe.transformer)
     counts = {id(w): 0 for w in weights}
     linear = torch.nn.functional.linear
@@ -123,7 +132,7 @@ def test_prompt_constants_once_per_run_and_pass(kind, monkeypatch):
     assert set(counts.values()) == {2 * PASSES[kind]}
     assert rel(a, b) > 1e-3
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
-    assert torch.equal(b, run(cached(kind, CacheConfig("icc", period=2, rank=4)), kind, prompt_seed=1))
+    assert torch.equal(b, run(cached(kind, ICCConfig(period=2, rank=4)), kind, prompt_seed=1))
 
 
 # -- MACs ----------------------------------------------------------------------------------------
@@ -145,9 +154,9 @@ def first_call(kind: str) -> tuple[tuple, dict]:
     return seen[0]
 
 
-@pytest.mark.parametrize("config", [CacheConfig("none"), CacheConfig("fora", period=2),
-                                    CacheConfig("icc", period=2, rank=3), CacheConfig("icc", period=3, rank="full"),
-                                    CacheConfig("goc", period=2, goc_steps=[3])])
+@pytest.mark.parametrize("config", [NoCacheConfig(), FORAConfig(period=2),
+                                    ICCConfig(period=2, rank=3), ICCConfig(period=3, rank="full"),
+                                    GOCConfig(period=2, steps=[3])])
 def test_per_call_macs_match_flop_counter(kind, config, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
     args, kwargs = first_call(kind)
@@ -178,7 +187,7 @@ def test_wan22_second_expert_is_a_clear_error():
     pipe = wan()
     pipe = type(pipe)(**{**pipe.components, "transformer_2": wan(1).transformer}, boundary_ratio=0.5)
     with pytest.raises(ValueError, match="transformer_2"):
-        apply_cache(pipe, CacheConfig("fora"))
+        apply_cache(pipe, FORAConfig())
     assert get_engine(pipe) is None and get_engine(pipe.transformer) is None
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
 
@@ -187,7 +196,7 @@ def test_fused_projections_are_a_clear_error():
     pipe = sd3()
     pipe.transformer.fuse_qkv_projections()
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
-        apply_cache(pipe, CacheConfig("fora"))
+        apply_cache(pipe, FORAConfig())
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
 
 
@@ -205,14 +214,14 @@ def test_ca_and_cd_calibration_through_the_pipeline(kind, ref):
     cd = calibrate_text(pipe, embeds, svd="cd", rank="full", steps=3, pipeline_kwargs=size)
     assert cd.meta["svd"] == "cd" and cd.meta["sampler"] == "FlowMatchEulerDiscreteScheduler"
     # full-rank scaled-SVD factors reproduce every weight: ICC stays exact with them
-    out = run(cached(kind, CacheConfig("icc", period=2, svd="cd", factors=cd, rank="full")), kind)
+    out = run(cached(kind, ICCConfig(period=2, svd="cd", factors=cd, rank="full")), kind)
     assert rel(out, ref) < 1e-5
     latents = run(PIPES[kind](), kind, steps=2)  # clean latents in the layout the pipeline's `latents` takes
     ca = calibrate_text(pipe, embeds, latents=latents, svd="ca", rank=3, steps=3, pipeline_kwargs=size)
     plain = calibrate_text(pipe, svd="plain", rank=3)
-    name = get_engine(cached(kind, CacheConfig("fora"))).branches[0].linears[0].name
+    name = get_engine(cached(kind, FORAConfig())).branches[0].linears[0].name
     assert not torch.allclose(ca.tensors[name][0], plain.tensors[name][0])  # the statistics scale the SVD
-    icc = run(cached(kind, CacheConfig("icc", period=2, svd="ca", factors=ca, rank=3)), kind)
+    icc = run(cached(kind, ICCConfig(period=2, svd="ca", factors=ca, rank=3)), kind)
     assert 0 < rel(icc, ref) < 0.5
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())  # calibration hooks are gone
 
@@ -319,12 +328,12 @@ def test_cache_dit_static_cache_equals_fora(kind):
         a = run(theirs, kind)
     finally:
         cache_dit.disable_cache(theirs)  # it patches the pipeline class's __call__ while enabled
-    names = [b.name for b in get_engine(cached(kind, CacheConfig("fora"))).branches]
+    names = [b.name for b in get_engine(cached(kind, FORAConfig())).branches]
     gather = np.ones((STEPS, len(names)), bool)
     for s, m in enumerate(mask):
         if not m:
             gather[s] = [n.startswith(("transformer_blocks.0.", "blocks.0.")) for n in names]
-    b = run(apply_cache(constant_gates(PIPES[kind]()), CacheConfig("fora", schedule=gather)), kind)
+    b = run(apply_cache(constant_gates(PIPES[kind]()), FORAConfig(schedule=gather)), kind)
     assert rel(b, ref) > 1e-3  # both really cached
     assert rel(a, b) < 1e-5
 
@@ -335,5 +344,5 @@ def test_cli_macs_of_family_folders(kind, folders, capsys):
     assert cli("macs", "--pipeline", folders / kind, "--steps", 4, "--method", "icc", "--rank", 2, "--tokens",
                TOKENS[kind], "--text-tokens", TEXT, "--json") == 0
     got = json.loads(capsys.readouterr().out)
-    assert got == count_macs(PIPES[kind]().transformer, CacheConfig("icc", rank=2), 4, tokens=TOKENS[kind],
+    assert got == count_macs(PIPES[kind]().transformer, ICCConfig(rank=2), 4, tokens=TOKENS[kind],
                              text_tokens=TEXT)

@@ -4,7 +4,7 @@ layers inside them, how to read the timestep of a call, and the MACs of its part
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -53,7 +53,6 @@ class BranchSpec:
     tokens: int  # N: tokens the branch sees per sample (its attention's queries; its linears' default)
     attention_dim: int = 0  # C of the softmax(QK^T)V matmuls (0: no attention)
     kv_tokens: int | None = None  # keys/values per sample (cross-attention), default N
-    extra: dict = field(default_factory=dict)
     # Elements per sample of the branch output (what FORA stores, GOC and the forecast update); None: N x the
     # last linear's outputs. Joint attention returns two streams (image and text): the adapter gives their sum.
     output_size: int | None = None

@@ -12,8 +12,9 @@ transformer twice per timestep, conditional then unconditional. Each pass must m
 unconditional pass would be served the conditional pass's branches: during a pipeline call, the k-th
 transformer call since the scheduler's last `step` (k >= 2) goes to twin k - 1 of the transformer (the
 same parameter tensors, no copy of the weights; its own hooks and cache state), built at the first such
-call and kept. Counting `scheduler.step` calls keeps the routing on the host (no timestep is read). Each pass is
-then one run of one call per timestep, so schedules, GOC steps and forecasts count timesteps in both.
+call and kept. Counting `scheduler.step` calls keeps the routing on the host (no timestep is read).
+Each pass is then one run of one call per timestep, so schedules, GOC steps and forecasts count
+timesteps in both.
 
 `pipe(...)` looks `__call__` up on the class, not on the instance, so the pipeline's class is
 swapped for a subclass of the same name whose `__call__` wraps the original one;
@@ -100,6 +101,7 @@ class _Passes:
         self.index = 0
 
     def route(self, forward: Callable) -> Callable:
+        @functools.wraps(forward)  # `__wrapped__` leads to the engine's hook: it still counts as attached
         def run(*args, **kwargs):
             k = self.index
             self.index += 1

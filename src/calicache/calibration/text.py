@@ -40,6 +40,7 @@ from ..adapters.diffusers import diffusers_family
 from ..cache.factors import Factors
 from ..cache.pipeline import is_pipeline
 from ..cache.state import get_engine
+from ..cache.svd import SVD_KINDS
 from ..data.prompts import check_prompt_embeds, load_prompt_embeds, prompt_rows, text_width
 from ..images import to_model_space
 from ..models.io import weight_hash
@@ -48,7 +49,7 @@ from .flow_text import FORMATS, flow_activation_statistics, flow_difference_stat
 from .inputs import batches, load_vae, select
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
-TEXT_SVD_METHODS = ("plain", "ca", "cd")
+TEXT_SVD_METHODS = tuple(k for k in SVD_KINDS if k != "cf")  # no forecast statistics for pipelines
 
 
 class ConsecutiveCalls:
@@ -307,7 +308,7 @@ def calibrate_text(
     progress: bool = False,
 ) -> Factors:
     """ICC factors for a PixArt, FLUX, SD3, Wan or Qwen-Image transformer or pipeline (save with `.save(path)`;
-    sample the pipeline with `apply_cache(pipe, CacheConfig("icc", factors=...))`). The file is tied to the
+    sample the pipeline with `apply_cache(pipe, ICCConfig(svd=..., factors=...))`). The file is tied to the
     transformer's weights.
 
     FLUX, SD3, Wan, Qwen-Image (`flow_text.py`): prompt_embeds is a file or dict keyed as the pipeline's
