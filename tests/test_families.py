@@ -235,6 +235,8 @@ def test_calibration_errors():
         calibrate_text(wan(), w_embeds, svd="cd", steps=2, cfg_scale=5.0, pipeline_kwargs=w_size)
     with pytest.raises(ValueError, match="layout"):
         calibrate_text(flux(), embeds, latents=torch.randn(BATCH, 4, 8, 8), svd="ca", steps=2, pipeline_kwargs=size)
+    with pytest.raises(ValueError, match="layout"):  # no tokens: a size the VAE's scale factor rounds to nothing
+        calibrate_text(flux(), embeds, latents=torch.randn(BATCH, 0, 64), svd="ca", steps=2, pipeline_kwargs=size)
 
 
 # -- CLI: calicache sample --pipeline / calibrate --pipeline ---------------------------------------------
@@ -346,3 +348,20 @@ def test_cli_macs_of_family_folders(kind, folders, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got == count_macs(PIPES[kind]().transformer, ICCConfig(rank=2), 4, tokens=TOKENS[kind],
                              text_tokens=TEXT)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])  # packed (N, tokens, C) and video (N, C, F, H, W) latents
+def test_cli_ca_calibration_from_latents(kind, folders, tmp_path, capsys):
+    import json
+
+    pipe = with_vae(kind)  # the folder's pipeline: its VAE sets the latent size
+    size = {"height": 16, "width": 16, "num_frames": 5} if kind == "wan" else {"height": 8, "width": 8}
+    kw = {**call_kwargs(kind), **size, "guidance_scale": 1.0}  # Wan without guidance: one pass
+    out = pipe(**kw, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    torch.save({"latents": out.frames if kind == "wan" else out.images}, tmp_path / "latents.pt")
+    flags = [f"--{k.replace('_', '-')}" if i % 2 == 0 else v for k, v in size.items() for i in range(2)]
+    assert cli("calibrate", "--pipeline", folders / kind, "--prompt-embeds", folders / f"{kind}.safetensors",
+               "--svd", "ca", "--latents", tmp_path / "latents.pt", "--rank", 2, "--steps", 3, *flags,
+               "--out", tmp_path / "ca.safetensors", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["svd"] == "ca" and report["num"] == BATCH and report["data"].startswith(f"{BATCH} (latent")

@@ -1,9 +1,9 @@
-"""Caching inside diffusers pipelines (DiTPipeline, PixArtAlphaPipeline).
+"""Caching inside diffusers pipelines (DiT, PixArt, FLUX, SD3, Wan, Qwen-Image).
 
 `apply_cache(pipe, config)` attaches the cache to `pipe.transformer` and makes every call of the
 pipeline one cache run whose length is known before the first model call. During a call the
 pipeline's own `scheduler.set_timesteps` is observed: once it has run, the run has one model call
-per entry of `scheduler.timesteps` (both pipelines call the transformer once per timestep, with
+per entry of `scheduler.timesteps` (DiT, PixArt and SD3 call the transformer once per timestep, with
 classifier-free guidance in one doubled batch), so custom `timesteps=`/`sigmas=` lists and any
 scheduler are counted right. That length is what explicit schedules and GOC check before work.
 

@@ -108,7 +108,7 @@ def flow_activation_statistics(family: str, runner: Any, stats: ChannelStatistic
                          "latents with z = (1 - sigma) x0 + sigma eps: use FlowMatchEulerDiscreteScheduler")
     dims = LATENT_DIMS[family]
     channels = latents.shape[-1] if dims == 3 else latents.shape[1]
-    if latents.dim() != dims or channels != transformer.config.in_channels:
+    if latents.dim() != dims or channels != transformer.config.in_channels or latents[0].numel() == 0:
         layout = "(N, tokens, C) packed" if dims == 3 else "(N, C, H, W)" if dims == 4 else "(N, C, F, H, W)"
         raise ValueError(f"latents {tuple(latents.shape)} are not in the layout the transformer takes: {layout} with "
                          f"C = {transformer.config.in_channels}, as the pipeline's `latents` argument takes them "

@@ -31,15 +31,18 @@ from .sample_pipeline import GUIDANCE, SCHEDULERS, add_size_arguments, call_toke
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("text-to-image (PixArt)")
     g.add_argument("--pipeline", default=None,
-                   help="PixArt pipeline folder (PixArtAlphaPipeline / PixArtSigmaPipeline, save_pretrained layout): "
-                        "calibrate its transformer; the text encoder is not loaded. A PixArt transformer folder "
-                        "works as --model DIR")
+                   help="text-to-image/video pipeline folder (PixArt-alpha/Sigma, FLUX, SD3, Wan, Qwen-Image; "
+                        "save_pretrained layout): calibrate its transformer; no text encoder is loaded. A PixArt "
+                        "transformer folder works as --model DIR")
     g.add_argument("--prompt-embeds", default=None,
                    help="PixArt: .safetensors or .pt with prompt_embeds (P, T, D) and prompt_attention_mask (P, T) "
-                        "(and negative_prompt_embeds / negative_prompt_attention_mask for --cfg-scale > 1)")
+                        "(and negative_prompt_embeds / negative_prompt_attention_mask for --cfg-scale > 1); the other "
+                        "families: the keys `calicache sample --prompt-embeds` reads for them")
     g.add_argument("--latents", default=None,
-                   help="PixArt, --svd ca: .safetensors or .pt with `latents` (N, C, H, W), the clean VAE latents x "
-                        "scaling_factor of the captioned images; row i pairs with prompt row i")
+                   help="--svd ca: .safetensors or .pt with `latents`, the clean latents of the captioned images in "
+                        "the layout the pipeline's `latents` argument takes (PixArt, SD3: (N, C, H, W) VAE latents x "
+                        "scaling_factor; FLUX, Qwen-Image: packed (N, tokens, C); Wan: (N, C, F, H, W)); row i "
+                        "pairs with prompt row i")
     g.add_argument("--scheduler", choices=["pipeline", *SCHEDULERS], default="pipeline",
                    help="PixArt: the sampler the statistics follow: the folder's scheduler (DPM-Solver++(2M) for a "
                         "transformer folder) or DDIM / DPM-Solver++(2M) built from its config")

@@ -36,14 +36,16 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusers pipelines")
     g.add_argument("--pipeline", default=None,
-                   help="diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline): sample "
-                        "through it instead of --model; --sampler/--spacing do not apply, see --scheduler")
+                   help="diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, "
+                        "FluxPipeline, StableDiffusion3Pipeline, WanPipeline, QwenImagePipeline): sample through it "
+                        "instead of --model; --sampler/--spacing do not apply, see --scheduler")
     g.add_argument("--prompt", action="append", default=None,
-                   help="PixArt prompt (repeat the flag for several; cycled over --num); needs the text encoder")
+                   help="prompt (repeat the flag for several; cycled over --num); needs the text encoder(s)")
     g.add_argument("--prompt-embeds", default=None,
                    help="PixArt: .safetensors or .pt holding prompt_embeds (P, T, D) and prompt_attention_mask (P, T), "
-                        "and for guidance negative_prompt_embeds / negative_prompt_attention_mask (1 or P rows); "
-                        "the text encoder is then not loaded")
+                        "and for guidance negative_prompt_embeds / negative_prompt_attention_mask (1 or P rows). "
+                        "FLUX, SD3: prompt_embeds + pooled_prompt_embeds; Wan: prompt_embeds; Qwen-Image: "
+                        "prompt_embeds + prompt_embeds_mask; negative_* twins for guidance. No text encoder is loaded")
     g.add_argument("--scheduler", choices=["pipeline", *SCHEDULERS], default="pipeline",
                    help="the folder's scheduler, or DDIM / DPM-Solver++(2M) built from its config (PixArt, DiT)")
     add_size_arguments(g)
