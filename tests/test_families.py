@@ -365,3 +365,17 @@ def test_cli_ca_calibration_from_latents(kind, folders, tmp_path, capsys):
                "--out", tmp_path / "ca.safetensors", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["svd"] == "ca" and report["num"] == BATCH and report["data"].startswith(f"{BATCH} (latent")
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_separate_passes_under_cpu_offload_hooks(ours_first):
+    """accelerate's offload hooks (CPU as the device) around a pipeline whose guidance runs as two passes."""
+    pytest.importorskip("accelerate")
+    fora = run(cached("wan", FORAConfig(period=2)), "wan")
+    pipe = wan()
+    steps = [lambda: apply_cache(pipe, FORAConfig(period=2)), lambda: pipe.enable_model_cpu_offload(device="cpu")]
+    for step in steps if ours_first else steps[::-1]:
+        step()
+    assert torch.equal(run(pipe, "wan"), fora)
+    remove_cache(pipe)
+    assert torch.equal(run(pipe, "wan"), run(wan(), "wan"))
