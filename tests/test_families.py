@@ -379,3 +379,25 @@ def test_separate_passes_under_cpu_offload_hooks(ours_first):
     assert torch.equal(run(pipe, "wan"), fora)
     remove_cache(pipe)
     assert torch.equal(run(pipe, "wan"), run(wan(), "wan"))
+
+
+def test_flux_schnell_macs_without_guidance_embedding(monkeypatch):
+    """FLUX.1-schnell has no guidance embedder: its base MACs leave it out."""
+    from diffusers import FluxTransformer2DModel
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                   pooled_projection_dim=10, axes_dims_rope=(2, 2, 4)).eval()
+    apply_cache(model, ICCConfig(period=2, rank=3))
+    n, t = 9, 4
+    kw = dict(hidden_states=torch.randn(1, n, 16), encoder_hidden_states=torch.randn(1, t, 12),
+              pooled_projections=torch.randn(1, 10), img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(t, 3))
+    counted = []
+    with torch.inference_mode():
+        for s in range(3):
+            with FlopCounterMode(display=False) as fc:
+                model(**kw, timestep=torch.tensor([1.0 - s / 3]))
+            counted.append(fc.get_total_flops() // 2)
+    assert counted == count_macs(model, None, 3, tokens=n, text_tokens=t)["per_call"]
