@@ -36,19 +36,19 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     import calicache
-    from calicache import CacheConfig, apply_cache, load_model, remove_cache, sample
+    from calicache import apply_cache, config_from_dict, load_model, remove_cache, sample
 
     model = load_model("fmnist-dit").eval()
     rows = []
     for name in args.methods.split(","):
-        kw = configs("fmnist-dit", calicache)[name]
+        kw = configs("fmnist-dit")[name]
 
         def run(m):
             t0 = time.perf_counter()
             x = sample(m, args.num, args.steps, cfg_scale=4.0, seed=0)
             return x, time.perf_counter() - t0
 
-        apply_cache(model, CacheConfig(**kw))
+        apply_cache(model, config_from_dict(kw))
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend=args.backend)

@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 
 
-def configs(model_name: str, lib) -> dict[str, dict]:
-    """name -> CacheConfig keywords; the shipped model uses its shipped CD factors and GOC steps."""
+def configs(model_name: str) -> dict[str, dict]:
+    """name -> config JSON object (`config_from_dict`); the shipped model: its CD factors and GOC steps."""
     if model_name == "fmnist-dit":
         from calicache.models.io import shipped_asset
 
         icc = dict(period=2, svd="cd", factors=str(shipped_asset("fmnist-dit-cd.safetensors")))
         return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
                 "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc),
-                "goc": dict(method="goc", period=2, goc_file=str(shipped_asset("fmnist-dit-goc20.json")))}
+                "goc": dict(method="goc", period=2, steps_file=str(shipped_asset("fmnist-dit-goc20.json")))}
     return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
             "icc": dict(method="icc", period=2, rank=128), "forecast": dict(method="forecast", period=2, rank=128)}
 
@@ -56,7 +56,7 @@ def load(model_name: str) -> torch.nn.Module:
 def timed_run(lib, model, kw: dict, args) -> dict:
     """One sampling run with `kw`; per-call times from hooks on the model (eager CPU: exact)."""
     model.__class__ = lib.models.dit.DiT  # same module code; each package recognises its own class
-    lib.apply_cache(model, lib.CacheConfig(**kw))
+    lib.apply_cache(model, lib.config_from_dict(kw))
     calls: list[float] = []
     start = {}
     pre = model.register_forward_pre_hook(lambda *_: start.__setitem__("t", time.perf_counter()))
@@ -119,7 +119,7 @@ def main() -> None:
         libs = {"before": importlib.import_module("calicache_before"), **libs}
         importlib.import_module("calicache_before.models.dit")
     model = load(args.model)
-    names = list(configs(args.model, calicache))
+    names = list(configs(args.model))
     if args.methods:
         names = [n for n in names if n in args.methods.split(",") or n == "none"]
     out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale, "rows": []}
@@ -127,12 +127,12 @@ def main() -> None:
         torch.set_num_threads(threads)
         for lib in libs.values() if args.warmup else ():  # warm-up: allocator, kernels, factor files
             for name in names:
-                timed_run(lib, model, configs(args.model, lib)[name], argparse.Namespace(**{**vars(args), "num": 1}))
+                timed_run(lib, model, configs(args.model)[name], argparse.Namespace(**{**vars(args), "num": 1}))
         runs: dict[tuple[str, str], list[dict]] = {}
         for _ in range(args.repeats):  # interleaved: every configuration once per round
             for name in names:
                 for tag, lib in libs.items():
-                    runs.setdefault((tag, name), []).append(timed_run(lib, model, configs(args.model, lib)[name], args))
+                    runs.setdefault((tag, name), []).append(timed_run(lib, model, configs(args.model)[name], args))
         # One baseline for both trees (the uncached model runs the same code under either engine):
         # the pooled median of every uncached run, so the noise of one tree's few runs moves nothing.
         base = [r for tag in libs for r in runs[(tag, "none")]]
