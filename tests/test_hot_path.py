@@ -4,7 +4,7 @@ call, and torch.compile over a cached model."""
 import pytest
 import torch
 
-from calicache import CacheConfig, apply_cache, remove_cache, sample
+from calicache import apply_cache, config_from_dict, remove_cache, sample
 from calicache.cache import get_engine
 from conftest import tiny_model
 
@@ -14,13 +14,13 @@ METHODS = {
     "fora": dict(method="fora", period=2),
     "icc": dict(method="icc", period=2, rank=4),
     "forecast": dict(method="forecast", period=2, rank=4),
-    "forecast-timesteps": dict(method="forecast", period=3, rank=4, forecast_units="timesteps"),
-    "goc": dict(method="goc", period=2, goc_steps=[3, 5]),
+    "forecast-timesteps": dict(method="forecast", period=3, rank=4, units="timesteps"),
+    "goc": dict(method="goc", period=2, steps=[3, 5]),
 }
 
 
 def run(model, config, steps=STEPS):
-    apply_cache(model, CacheConfig(**config))
+    apply_cache(model, config_from_dict(config))
     try:
         return sample(model, 2, steps, cfg_scale=2.0)
     finally:
@@ -34,7 +34,7 @@ def rel(a, b):
 # -- rank-space references ----------------------------------------------------------------------
 def test_cached_linear_is_y_ref_plus_low_rank_increment():
     """y_ref + A (B x - z_ref) == y_ref + A B (x - x_ref), the paper's form, for fused q, k, v."""
-    m = apply_cache(tiny_model(), CacheConfig("icc", period=2, rank=5))
+    m = apply_cache(tiny_model(), config_from_dict(dict(method="icc", period=2, rank=5)))
     lin = next(c for c in get_engine(m).method.linears if len(c.specs) == 3)
     x, x_ref = torch.randn(2, 7, lin.module.in_features).unbind()
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_cached_linear_is_y_ref_plus_low_rank_increment():
 def test_identities_on_the_rank_space_path():
     m = tiny_model()
     ref = run(m, METHODS["none"])
-    all_full = dict(method="icc", schedule=[[True] * 4] * STEPS, rank=3)
+    all_full = dict(method="icc", schedule={"gather": [[1] * 4] * STEPS}, rank=3)
     assert torch.equal(run(m, all_full), ref)
     assert torch.equal(run(m, {**all_full, "method": "forecast"}), ref)
     for method in ("icc", "forecast"):
@@ -60,7 +60,7 @@ def test_identities_on_the_rank_space_path():
 def test_cache_holds_no_inputs():
     """Per DiT block and token: y of qkv, proj, fc1, fc2 (9C) and z = B x (6r): no input copies."""
     c, r = 32, 3
-    m = apply_cache(tiny_model(), CacheConfig("icc", period=2, rank=r))
+    m = apply_cache(tiny_model(), config_from_dict(dict(method="icc", period=2, rank=r)))
     sample(m, 2, STEPS, cfg_scale=2.0)
     tokens = 2 * 2 * 16  # 2 samples, doubled by guidance, 16 tokens each
     assert get_engine(m).stats()["cache_bytes"] == 2 * tokens * (9 * c + 6 * r) * 4
@@ -110,7 +110,7 @@ def test_sampling_makes_no_sync_inside_model_calls(name, sync_detector):
 
 def test_sync_detector_catches_the_bare_modules_read(sync_detector):
     """Outside an explicit run the engine reads the timestep once per call: the detector sees it."""
-    m = sync_detector(apply_cache(tiny_model(), CacheConfig("fora", period=2)))
+    m = sync_detector(apply_cache(tiny_model(), config_from_dict(METHODS["fora"])))
     with pytest.raises(AssertionError, match="tolist"):
         m(torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.tensor([0]))
 
@@ -126,7 +126,7 @@ def test_nan_found_once_per_run_outside_the_model():
 def test_timestep_forecast_needs_timesteps_in_a_bare_run():
     from calicache.cache import cache_run
 
-    m = apply_cache(tiny_model(), CacheConfig(**METHODS["forecast-timesteps"]))
+    m = apply_cache(tiny_model(), config_from_dict(METHODS["forecast-timesteps"]))
     with torch.no_grad(), cache_run(m, 2), pytest.raises(ValueError, match="timesteps"):
         m(torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.tensor([0]))
 
@@ -146,7 +146,7 @@ def test_compiled_equals_eager(name):
     counters.clear()
     m = tiny_model(depth=1)
     eager = run(m, METHODS[name])
-    apply_cache(m, CacheConfig(**METHODS[name]))
+    apply_cache(m, config_from_dict(METHODS[name]))
     compiled = torch.compile(m, backend="aot_eager")
     a = sample(compiled, 2, STEPS, cfg_scale=2.0)
     graphs = counters["stats"]["unique_graphs"]
