@@ -123,6 +123,19 @@ def test_nan_found_once_per_run_outside_the_model():
         run(m, METHODS["icc"])
 
 
+def test_a_call_beyond_the_declared_run_is_an_error():
+    """The declared last call writes into its references; one more call must not meet them."""
+    from calicache.cache import cache_run
+
+    m = apply_cache(tiny_model(), config_from_dict(METHODS["icc"]))
+    x, y = torch.randn(1, 1, 8, 8), torch.tensor([0])
+    with torch.no_grad(), cache_run(m, 2):
+        m(x, torch.tensor([900]), y)
+        m(x, torch.tensor([800]), y)
+        with pytest.raises(RuntimeError, match="declared with 2 model calls"):
+            m(x, torch.tensor([700]), y)
+
+
 def test_timestep_forecast_needs_timesteps_in_a_bare_run():
     from calicache.cache import cache_run
 

@@ -202,12 +202,11 @@ class CacheEngine:
         loop reads the timestep (and the input's finiteness, in the same transfer) once per call:
         that is how it sees a run start (the timestep went up)."""
         if self.explicit:
-            t = None
-            if self.timesteps is not None:
-                if self.call + 1 >= len(self.timesteps):
-                    raise RuntimeError(f"this run was declared with {len(self.timesteps)} model calls but the model "
-                                       f"was called a {self.call + 2}th time; give cache_run one timestep per call")
-                t = self.timesteps[self.call + 1]
+            if self.num_calls is not None and self.call + 1 >= self.num_calls:
+                # Its last call may have consumed references in place: a further call must not meet them.
+                raise RuntimeError(f"this run was declared with {self.num_calls} model calls but the model was "
+                                   f"called a {self.call + 2}th time; give cache_run the number of calls it makes")
+            t = self.timesteps[self.call + 1] if self.timesteps is not None else None
         else:
             t = self._read_bare_call(args, kwargs)
             if not self.active or (self.prev_t is not None and t > self.prev_t):
