@@ -90,6 +90,9 @@ def sample(
     `noise` gives x_T for all N instead. Each batch is one cache run of `steps` model calls.
     `start` lets several processes sample disjoint index ranges of one job (calicache.shards).
 
+    The model's outputs are checked for NaN/inf on the device at every step and read once per
+    batch (no model call waits on the device); a non-finite output raises with its step.
+
     `clip_denoised=None` follows the model's recommended settings (the shipped pixel-space model
     clips x0 to [-1, 1] as ADM does; DiT's latent models do not).
     """
