@@ -401,3 +401,15 @@ def test_flux_schnell_macs_without_guidance_embedding(monkeypatch):
                 model(**kw, timestep=torch.tensor([1.0 - s / 3]))
             counted.append(fc.get_total_flops() // 2)
     assert counted == count_macs(model, None, 3, tokens=n, text_tokens=t)["per_call"]
+
+
+def test_caller_run_routes_guidance_passes_like_a_pipeline_run(kind):
+    """Inside the caller's own `cache_run(pipe, n)` each guidance pass still meets its own cache."""
+    from calicache.cache import cache_run
+
+    pipe = cached(kind, FORAConfig(period=2))
+    own = run(pipe, kind)
+    with cache_run(pipe, STEPS):
+        assert torch.equal(run(pipe, kind), own)
+    for model in [pipe.transformer] + vars(pipe)[PIPE_ATTR][2].twins:
+        assert get_engine(model).stats()["calls"] == STEPS

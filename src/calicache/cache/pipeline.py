@@ -80,9 +80,11 @@ class _Passes:
         self.twins: list[nn.Module] = []
         self.num_calls: int | None = None
         self.index = 0  # transformer calls since the scheduler's last step
+        self.caller_run = False  # inside the caller's `with cache_run(pipe, n)`: it owns the first pass's run
 
     def engines(self) -> list:
-        return [self.engine] + [get_engine(t) for t in self.twins]
+        """The engines whose runs the pipeline call opens and closes."""
+        return ([] if self.caller_run else [self.engine]) + [get_engine(t) for t in self.twins]
 
     def begin_run(self, num_calls: int) -> None:
         for engine in self.engines():
@@ -174,8 +176,7 @@ def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     if pipe.transformer is not transformer or engine is None:
         raise RuntimeError("pipe.transformer was replaced (or its cache removed) after apply_cache(pipe); "
                            "call remove_cache(pipe) and apply_cache(pipe, config) again")
-    if engine.explicit:  # inside the caller's own `with cache_run(pipe, n)`: the caller sets the run
-        return call(pipe, *args, **kwargs)
+    passes.caller_run = engine.explicit  # the caller's own `with cache_run(pipe, n)` sets the first pass's run
     scheduler = pipe.scheduler
     forward = vars(transformer).get("forward")
     transformer.forward = passes.route(transformer.forward)
