@@ -413,3 +413,35 @@ def test_caller_run_routes_guidance_passes_like_a_pipeline_run(kind):
         assert torch.equal(run(pipe, kind), own)
     for model in [pipe.transformer] + vars(pipe)[PIPE_ATTR][2].twins:
         assert get_engine(model).stats()["calls"] == STEPS
+
+
+def test_guidance_twin_under_offload_copies_no_weights():
+    """The twin of an offloaded transformer shares every parameter; accelerate's hook chain (which leads to the
+    text encoder) is not copied with it."""
+    import gc
+    import types
+
+    pytest.importorskip("accelerate")
+    pipe = wan()
+    class Encoder(torch.nn.Linear):  # stands in for UMT5: earlier in the offload chain
+        dtype = property(lambda self: self.weight.dtype)
+
+    pipe.register_modules(text_encoder=Encoder(4, 4))
+    pipe.enable_model_cpu_offload(device="cpu")
+    apply_cache(pipe, FORAConfig(period=2))
+    run(pipe, "wan")
+    (twin,) = vars(pipe)[PIPE_ATTR][2].twins
+    known = {id(p) for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()}
+    skip = (type, str, bytes, types.ModuleType, types.FunctionType)  # not through globals: objects only
+    seen, todo, copied = set(), [twin], []
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, skip) or obj is pipe or obj is get_engine(pipe):
+            continue
+        seen.add(id(obj))
+        if type(obj) is torch.nn.Parameter:
+            if id(obj) not in known:
+                copied.append(obj.shape)
+            continue
+        todo.extend(gc.get_referents(obj))
+    assert copied == []

@@ -36,6 +36,7 @@ from .state import ENGINE_ATTR, get_engine
 
 PIPE_ATTR = "_calicache_pipeline"  # (original class, cached transformer, _Passes) on a wrapped pipeline
 _SUBCLASSES: dict[type, type] = {}
+FOREIGN_HOOK_ATTRS = ("_hf_hook", "_old_forward", "_diffusers_hook")  # accelerate's and diffusers' hook state
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -63,9 +64,13 @@ def _twin(transformer: nn.Module, engine) -> nn.Module:
     """`transformer` with new module objects around the same parameter and buffer tensors, cached alike."""
     memo = {id(t): t for t in itertools.chain(transformer.parameters(), transformer.buffers())}
     memo[id(engine)] = engine
+    # Other libraries' hooks are not copied (accelerate's offload hook leads to the pipeline's other models).
+    hooks = [vars(m)[a] for m in transformer.modules() for a in FOREIGN_HOOK_ATTRS if a in vars(m)]
+    memo.update({id(h): h for h in hooks})
     twin = copy.deepcopy(transformer, memo)
     for module in twin.modules():  # the copied forwards are the original's hooks: drop them, then attach anew
-        vars(module).pop("forward", None)
+        for attr in ("forward",) + FOREIGN_HOOK_ATTRS:
+            vars(module).pop(attr, None)
     vars(twin).pop(ENGINE_ATTR, None)
     setattr(twin, ENGINE_ATTR, type(engine)(twin, engine.config))
     return twin
