@@ -445,3 +445,15 @@ def test_guidance_twin_under_offload_copies_no_weights():
             continue
         todo.extend(gc.get_referents(obj))
     assert copied == []
+
+
+def test_summary_counts_every_guidance_pass(kind):
+    import calicache
+
+    pipe = cached(kind, FORAConfig(period=2))
+    run(pipe, kind)
+    engines = [get_engine(pipe)] + [get_engine(t) for t in vars(pipe)[PIPE_ATTR][2].twins]
+    s = calicache.summary(pipe)
+    assert s["passes"] == PASSES[kind] == len(engines)
+    assert s["cache_bytes"] == sum(e.peak_cache_bytes for e in engines) > 0
+    assert ("2 guidance passes" in str(s)) == (PASSES[kind] == 2)

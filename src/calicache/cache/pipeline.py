@@ -153,6 +153,12 @@ def unwrap_pipeline(pipe: Any) -> nn.Module | None:
     return transformer
 
 
+def pass_engines(model: Any) -> list:
+    """The cache engine of each separate guidance pass: the model's own, then its twins' (a pipeline's)."""
+    state = vars(model).get(PIPE_ATTR)
+    return [get_engine(model)] + ([get_engine(t) for t in state[2].twins] if state is not None else [])
+
+
 @contextmanager
 def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
     """Within the block, `obj.name(...)` runs `then()` after itself; the method is put back on exit."""
