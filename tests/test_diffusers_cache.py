@@ -221,11 +221,17 @@ def test_failed_call_then_good_call(kind, ref):
 
 
 def test_inference_mode_and_cache_run(kind, ref):
-    pipe = cached(kind, FORAConfig(period=1))
+    pipe = cached(kind, FORAConfig(period=2))
+    own = run(pipe)
+    assert rel(own, ref) > 1e-4  # the cache served calls
     with torch.inference_mode():
-        assert torch.equal(run(pipe), ref)
-    with cache_run(pipe, STEPS):  # the caller's own run boundary is respected
-        assert torch.equal(run(pipe), ref)
+        assert torch.equal(run(pipe), own)
+    with cache_run(pipe, 2 * STEPS):  # the caller's own run boundary is respected: two pipeline calls, one run
+        assert torch.equal(run(pipe), own)
+        assert get_engine(pipe).explicit and get_engine(pipe).stats()["calls"] == STEPS
+        run(pipe)
+        assert get_engine(pipe).stats()["calls"] == 2 * STEPS
+    assert not get_engine(pipe).explicit
 
 
 # -- prompt-constant cross-attention K/V --------------------------------------------------------
