@@ -457,3 +457,18 @@ def test_summary_counts_every_guidance_pass(kind):
     assert s["passes"] == PASSES[kind] == len(engines)
     assert s["cache_bytes"] == sum(e.peak_cache_bytes for e in engines) > 0
     assert ("2 guidance passes" in str(s)) == (PASSES[kind] == 2)
+
+
+def test_a_diffusers_cache_added_after_ours_is_refused_at_the_next_run():
+    """Never double caching, in either order: a diffusers cache put on after calicache stops the next run."""
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = flux()
+    ref = run(pipe, "flux")
+    apply_cache(pipe, FORAConfig(period=1))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="already has a diffusers cache.*FirstBlockCache"):
+        run(pipe, "flux")
+    pipe.transformer.disable_cache()
+    assert torch.equal(run(pipe, "flux"), ref)
+    remove_cache(pipe)
