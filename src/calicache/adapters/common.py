@@ -22,24 +22,30 @@ def embedder_macs(embedder: nn.Module) -> int:
     return linear_macs(embedder.linear_1) + linear_macs(embedder.linear_2)
 
 
+IMAGE_PROJECTIONS = ("to_q", "to_k", "to_v")
+TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
 def attention_linears(prefix: str, attn: nn.Module, names: tuple[str, ...], tokens: int) -> list[LinearSpec]:
-    """One plain spec per projection of `attn` that exists (q, k and v separate), each seeing `tokens` rows."""
-    out = []
+    """One spec per projection of `attn` that exists, each seeing `tokens` rows. The q, k and v projections
+    of one stream see one tensor: it is stored once, with the first of them."""
+    out, first = [], {}
     for name in names:
         module = getattr(attn, "to_out", [None])[0] if name == "to_out.0" else getattr(attn, name, None)
         if isinstance(module, nn.Linear):
-            out.append(LinearSpec(f"{prefix}.{name}", module, tokens=tokens))
+            full = f"{prefix}.{name}"
+            stream = next((g for g in (IMAGE_PROJECTIONS, TEXT_PROJECTIONS) if name in g), None)
+            shared = first.setdefault(stream, full) if stream is not None else full
+            out.append(LinearSpec(full, module, tokens=tokens, input_shared_with=None if shared == full else shared))
     return out
 
 
 def feed_forward_branch(name: str, ff: nn.Module, tokens: int) -> BranchSpec:
-    """diffusers' FeedForward (net.0 = GELU with its `proj`, net.2 = the output linear) over `tokens` rows."""
+    """diffusers' FeedForward (net.0 = GELU with its `proj`, net.2 = the output linear) over `tokens` rows;
+    net.2's input is GELU(net.0.proj's output): recomputed from that, never stored."""
+    act, fc1 = ff.net[0], f"{name}.net.0.proj"
     return BranchSpec(name=name, module=ff, tokens=tokens, linears=[
-        LinearSpec(f"{name}.net.0.proj", ff.net[0].proj), LinearSpec(f"{name}.net.2", ff.net[2])])
-
-
-IMAGE_PROJECTIONS = ("to_q", "to_k", "to_v")
-TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj")
+        LinearSpec(fc1, act.proj), LinearSpec(f"{name}.net.2", ff.net[2], input_from=fc1, input_fn=act.gelu)])
 
 
 def joint_attention_branch(name: str, attn: nn.Module, n: int, t: int) -> BranchSpec:

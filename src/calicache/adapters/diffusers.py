@@ -16,7 +16,8 @@ import sys
 
 from torch import nn
 
-from .base import Adapter, BranchSpec, LinearSpec
+from .base import Adapter, BranchSpec
+from .common import IMAGE_PROJECTIONS, attention_linears, feed_forward_branch
 from .common import embedder_macs as _mlp
 from .common import linear_macs as _lin
 
@@ -64,34 +65,17 @@ class DiffusersAdapter(Adapter):
         out = []
         for i, blk in enumerate(model.transformer_blocks):
             p = f"transformer_blocks.{i}"
-            a1, q = blk.attn1, f"{p}.attn1.to_q"
-            out.append(BranchSpec(
-                name=f"{p}.attn1", module=a1, tokens=n, attention_dim=a1.to_q.out_features,
-                linears=[
-                    LinearSpec(q, a1.to_q),
-                    # Self-attention feeds one tensor to to_q, to_k and to_v: stored once (with to_q).
-                    LinearSpec(f"{p}.attn1.to_k", a1.to_k, input_shared_with=q),
-                    LinearSpec(f"{p}.attn1.to_v", a1.to_v, input_shared_with=q),
-                    LinearSpec(f"{p}.attn1.to_out.0", a1.to_out[0]),
-                ],
-            ))
+            a1 = blk.attn1
+            out.append(BranchSpec(name=f"{p}.attn1", module=a1, tokens=n, attention_dim=a1.to_q.out_features,
+                                  linears=attention_linears(f"{p}.attn1", a1, IMAGE_PROJECTIONS + ("to_out.0",), n)))
             if blk.attn2 is not None:
                 a2 = blk.attn2
                 # Only the query side is calibrated: keys and values of the prompt are run constants.
-                out.append(BranchSpec(
-                    name=f"{p}.attn2", module=a2, tokens=n, attention_dim=a2.to_q.out_features,
-                    kv_tokens=self.text_tokens,
-                    linears=[LinearSpec(f"{p}.attn2.to_q", a2.to_q), LinearSpec(f"{p}.attn2.to_out.0", a2.to_out[0])],
-                ))
-            act, fc1 = blk.ff.net[0], f"{p}.ff.net.0.proj"
-            out.append(BranchSpec(
-                name=f"{p}.ff", module=blk.ff, tokens=n,
-                linears=[
-                    LinearSpec(fc1, act.proj),
-                    # fc2's input is act(fc1's output): GELU with the block's own `approximate` ("tanh" in DiT/PixArt).
-                    LinearSpec(f"{p}.ff.net.2", blk.ff.net[2], input_from=fc1, input_fn=act.gelu),
-                ],
-            ))
+                out.append(BranchSpec(name=f"{p}.attn2", module=a2, tokens=n, attention_dim=a2.to_q.out_features,
+                                      kv_tokens=self.text_tokens,
+                                      linears=attention_linears(f"{p}.attn2", a2, ("to_q", "to_out.0"), n)))
+            # fc2's input is act(fc1's output): GELU with the block's own `approximate` ("tanh" in DiT/PixArt).
+            out.append(feed_forward_branch(f"{p}.ff", blk.ff, n))
         return out
 
     def constant_modules(self, model: nn.Module) -> list[nn.Module]:
