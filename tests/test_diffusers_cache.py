@@ -24,7 +24,7 @@ from calicache.cache import cache_run, get_engine
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule
-from conftest import tiny_model
+from conftest import count_linear, tiny_model
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -235,20 +235,6 @@ def test_inference_mode_and_cache_run(kind, ref):
 
 
 # -- prompt-constant cross-attention K/V --------------------------------------------------------
-def count_linear(monkeypatch, weights):
-    """Counts F.linear calls per weight (what nn.Linear.forward computes), seen through every hook."""
-    counts = {id(w): 0 for w in weights}
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        if id(w) in counts:
-            counts[id(w)] += 1
-        return linear(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
-    return counts
-
-
 def test_cross_attention_kv_once_per_run(monkeypatch):
     pipe = cached("pixart", ICCConfig(period=2, rank=4))
     blocks = pipe.transformer.transformer_blocks

@@ -21,6 +21,7 @@ from calicache.adapters import get_adapter
 from calicache.cache import get_engine
 from calicache.cache.pipeline import PIPE_ATTR
 from calicache.calibration.text import calibrate_text
+from conftest import count_linear
 
 diffusers = pytest.importorskip("diffusers")
 from tiny_families import (  # noqa: E402
@@ -116,22 +117,13 @@ def constant_weights(kind: str, model) -> list:
 
 def test_prompt_constants_once_per_run_and_pass(kind, monkeypatch):
     pipe = cached(kind, ICCConfig(period=2, rank=4))
-    weights = constant_weights(kind, pipe.transformer)
-    counts = {id(w): 0 for w in weights}
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        if id(w) in counts:
-            counts[id(w)] += 1
-        return linear(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    counts = count_linear(monkeypatch, constant_weights(kind, pipe.transformer))
     a = run(pipe, kind)
     assert set(counts.values()) == {PASSES[kind]}
     b = run(pipe, kind, prompt_seed=1)  # a new prompt: recomputed, equal to a fresh pipeline's result
     assert set(counts.values()) == {2 * PASSES[kind]}
     assert rel(a, b) > 1e-3
-    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    monkeypatch.undo()
     assert torch.equal(b, run(cached(kind, ICCConfig(period=2, rank=4)), kind, prompt_seed=1))
 
 
