@@ -480,3 +480,17 @@ def test_one_stored_input_per_attention_stream_and_none_for_fc2(kind):
         if "2" in by_name:
             assert by_name["2"].input_from == by_name["0.proj"].name and by_name["2"].input_fn is not None
     assert sum("net.2" in s.name for b in branches for s in b.linears) >= 2
+
+
+def test_a_cache_replaced_on_the_transformer_is_a_clear_error():
+    """remove_cache(pipe.transformer) and a new apply_cache on it leave the pipeline's routing on the old engine
+    (its twins would cache the unconditional pass with the old config): the next call says so."""
+    pipe = apply_cache(wan(), FORAConfig(period=2))
+    remove_cache(pipe.transformer)
+    apply_cache(pipe.transformer, FORAConfig(period=3))
+    with pytest.raises(RuntimeError, match="remove_cache\\(pipe\\) and apply_cache\\(pipe, config\\) again"):
+        run(pipe, "wan")
+    remove_cache(pipe)
+    remove_cache(pipe.transformer)
+    assert torch.equal(run(apply_cache(pipe, FORAConfig(period=3)), "wan"),
+                       run(cached("wan", FORAConfig(period=3)), "wan"))

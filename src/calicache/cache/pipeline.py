@@ -184,8 +184,8 @@ def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
 def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     _, transformer, passes = vars(pipe)[PIPE_ATTR]
     engine = get_engine(transformer)
-    if pipe.transformer is not transformer or engine is None:
-        raise RuntimeError("pipe.transformer was replaced (or its cache removed) after apply_cache(pipe); "
+    if pipe.transformer is not transformer or engine is not passes.engine:
+        raise RuntimeError("pipe.transformer was replaced (or its cache removed or replaced) after apply_cache(pipe); "
                            "call remove_cache(pipe) and apply_cache(pipe, config) again")
     passes.caller_run = engine.explicit  # the caller's own `with cache_run(pipe, n)` sets the first pass's run
     scheduler = pipe.scheduler
