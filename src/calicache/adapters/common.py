@@ -84,21 +84,24 @@ def check_processor(name: str, attn: nn.Module, allowed: tuple[str, ...]) -> Non
 
 class TransformerAdapter(Adapter):
     """A diffusers transformer whose calls are read by argument name. Subclasses set `text_arg` (the prompt
-    embedding the run constants depend on), `default_text_tokens`, and compute `self.tokens` themselves."""
+    embedding the run constants depend on), `default_text_tokens` and `default_tokens` (image tokens per
+    sample at the family's usual resolution; or override `tokens_of` to read them from the config)."""
 
     text_arg = "encoder_hidden_states"
     default_text_tokens = 512
+    default_tokens: int
 
-    def __init__(self, model: nn.Module, text_tokens: int | None = None):
+    def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
+        self.tokens = int(tokens) if tokens is not None else self.tokens_of(model)
         self.text_tokens = int(text_tokens) if text_tokens is not None else self.default_text_tokens
-        if self.text_tokens < 1:
-            raise ValueError(f"text_tokens must be >= 1, got {self.text_tokens}")
+        if self.tokens < 1 or self.text_tokens < 1:
+            raise ValueError(f"tokens and text_tokens must be >= 1, got {self.tokens} and {self.text_tokens}")
         names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
         self._position = {name: i for i, name in enumerate(names)}
 
-    def _check_tokens(self) -> None:
-        if self.tokens < 1:
-            raise ValueError(f"tokens must be >= 1, got {self.tokens}")
+    def tokens_of(self, model: nn.Module) -> int:
+        """Image tokens per sample when `tokens` is not given."""
+        return self.default_tokens
 
     def arg(self, name: str, args: tuple, kwargs: dict):
         """The argument `name` of a top-level call, given by keyword or position (None: not given)."""
