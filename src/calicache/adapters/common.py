@@ -85,11 +85,11 @@ def check_processor(name: str, attn: nn.Module, allowed: tuple[str, ...]) -> Non
 class TransformerAdapter(Adapter):
     """A diffusers transformer whose calls are read by argument name. Subclasses set `text_arg` (the prompt
     embedding the run constants depend on), `default_text_tokens` and `default_tokens` (image tokens per
-    sample at the family's usual resolution; or override `tokens_of` to read them from the config)."""
+    sample at the family's usual resolution; unset: read from the config's sample size)."""
 
     text_arg = "encoder_hidden_states"
     default_text_tokens = 512
-    default_tokens: int
+    default_tokens: int | None = None  # None: the config's sample_size / patch_size, squared
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
         self.tokens = int(tokens) if tokens is not None else self.tokens_of(model)
@@ -101,7 +101,9 @@ class TransformerAdapter(Adapter):
 
     def tokens_of(self, model: nn.Module) -> int:
         """Image tokens per sample when `tokens` is not given."""
-        return self.default_tokens
+        if self.default_tokens is not None:
+            return self.default_tokens
+        return (model.config.sample_size // model.config.patch_size) ** 2
 
     def arg(self, name: str, args: tuple, kwargs: dict):
         """The argument `name` of a top-level call, given by keyword or position (None: not given)."""

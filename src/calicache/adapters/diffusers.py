@@ -11,13 +11,12 @@ those of the model as diffusers runs it (a DiT block carries its own timestep/la
 
 from __future__ import annotations
 
-import inspect
 import sys
 
 from torch import nn
 
-from .base import Adapter, BranchSpec
-from .common import IMAGE_PROJECTIONS, attention_linears, feed_forward_branch
+from .base import BranchSpec
+from .common import IMAGE_PROJECTIONS, TransformerAdapter, attention_linears, feed_forward_branch
 from .common import embedder_macs as _mlp
 from .common import linear_macs as _lin
 
@@ -40,23 +39,19 @@ def diffusers_family(model: nn.Module) -> str | None:
     return None
 
 
-class DiffusersAdapter(Adapter):
+class DiffusersAdapter(TransformerAdapter):
     """Adapter for one diffusers transformer. `tokens` / `text_tokens` (image tokens and prompt
     tokens per sample) default to the config's sample size and PixArt-alpha's 120; give them to
     count the MACs of other resolutions or prompt lengths."""
+
+    default_text_tokens = DEFAULT_TEXT_TOKENS
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
         family = diffusers_family(model)
         if family is None:
             raise ValueError(f"{type(model).__name__} is not a DiTTransformer2DModel or PixArtTransformer2DModel")
         self.family = family
-        cfg = model.config
-        self.tokens = int(tokens) if tokens is not None else (cfg.sample_size // cfg.patch_size) ** 2
-        self.text_tokens = int(text_tokens) if text_tokens is not None else DEFAULT_TEXT_TOKENS
-        if self.tokens < 1 or self.text_tokens < 1:
-            raise ValueError(f"tokens and text_tokens must be >= 1, got {self.tokens} and {self.text_tokens}")
-        names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
-        self._position = {name: i for i, name in enumerate(names)}
+        super().__init__(model, tokens, text_tokens)
         _check_supported(model)
 
     # -- where things are --------------------------------------------------------------------
@@ -85,24 +80,8 @@ class DiffusersAdapter(Adapter):
                 mods += [blk.attn2.to_k, blk.attn2.to_v]
         return mods
 
-    # -- reading a call ----------------------------------------------------------------------
-    def _arg(self, name: str, args: tuple, kwargs: dict):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._position.get(name)
-        return args[i] if i is not None and i < len(args) else None
-
-    def timestep(self, args: tuple, kwargs: dict):
-        t = self._arg("timestep", args, kwargs)
-        if t is None:
-            raise ValueError("the transformer was called without a timestep; pass timestep=... as the pipelines do")
-        return t
-
-    def sample_input(self, args: tuple, kwargs: dict):
-        return self._arg("hidden_states", args, kwargs)
-
     def text_input(self, args: tuple, kwargs: dict):
-        return self._arg("encoder_hidden_states", args, kwargs) if self.family == "pixart" else None
+        return super().text_input(args, kwargs) if self.family == "pixart" else None
 
     # -- MACs --------------------------------------------------------------------------------
     def base_macs(self, model: nn.Module) -> int:

@@ -56,9 +56,6 @@ class SD3Adapter(TransformerAdapter):
                 if getattr(blk, name, None) is not None:
                     check_linear_ff(f"{p}.{name}", getattr(blk, name))
 
-    def tokens_of(self, model: nn.Module) -> int:
-        return (model.config.sample_size // model.config.patch_size) ** 2
-
     def branches(self, model: nn.Module) -> list[BranchSpec]:
         n, t = self.tokens, self.text_tokens
         out = []
