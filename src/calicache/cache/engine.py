@@ -31,7 +31,7 @@ class CacheEngine:
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
-        self.schedule = config.cache_schedule
+        self.schedule = config.cache_schedule.for_branches([b.name for b in self.branches])
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
         self.num_calls: int | None = None
@@ -87,7 +87,7 @@ class CacheEngine:
             self.call += 1
             self.t = t
             try:
-                self.full = self.schedule.row(self.call, len(self.branches))
+                self.full = self.schedule.row(self.call, len(self.branches), self.num_calls if self.explicit else None)
                 self.full_flags.append(self.full)
                 if self.constants is not None:
                     self.constants.begin_call(self.adapter.text_input(args, kwargs))
