@@ -140,7 +140,7 @@ def gather_statistics(
 
 
 def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[str, torch.Tensor],
-                 fraction: float) -> dict[str, int]:
+                 fraction: float, floor: float = 0.0) -> dict[str, int]:
     """Per-linear ranks so that a calibrated call costs at most `fraction` of a full call's MACs.
 
     What a calibrated call pays besides its rank units (embeddings, adaLN, final layer and the
@@ -155,21 +155,23 @@ def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[st
                          "calibrated call pays outside its low-rank factors; raise --rank-budget")
     cands = [RankCandidate(s.name, energies[s.name], b.tokens * (s.in_features + s.out_features))
              for b in branches for s in b.linears]
-    return allocate_ranks(cands, fraction * full_call - fixed)
+    return allocate_ranks(cands, fraction * full_call - fixed, floor)
 
 
 def factorize(model: nn.Module, branches: list[BranchSpec],
               scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]], rank: int | str = 128,
-              rank_budget: float | None = None, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+              rank_budget: float | None = None, progress: bool = False, rank_floor: float = 0.0
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Scaled-SVD factors (A, B) of every calibrated linear of `branches`, given its (s_in, s_out) scales:
-    at a uniform `rank` (clamped to each weight; "full") or per linear under `rank_budget` (`budget_ranks`)."""
+    at a uniform `rank` (clamped to each weight; "full") or per linear under `rank_budget` (`budget_ranks`,
+    every linear first given `rank_floor` of the uniform rank the budget affords)."""
     specs = [s for b in branches for s in b.linears]
     if rank_budget is not None:
         energies = {}
         for s in tqdm(specs, desc="singular values", disable=not progress):
             s_in, s_out = scales[s.name]
             energies[s.name] = scaled_singular_values(s.weight(), s_in, s_out).cpu() ** 2
-        ranks = budget_ranks(model, branches, energies, rank_budget)
+        ranks = budget_ranks(model, branches, energies, rank_budget, rank_floor)
     else:
         ranks = {s.name: min(s.in_features, s.out_features) if rank == "full"
                  else min(rank, s.in_features, s.out_features) for s in specs}
