@@ -30,6 +30,7 @@ from .ranks import RankCandidate, allocate_ranks
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
 SVD_METHODS = ("plain", "ca", "cd", "cf")
+TRAJECTORIES = ("uncached", "cached")  # where CD statistics are taken: uncached steps, or the cached sampler's
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
 
 
@@ -206,6 +207,17 @@ def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampl
         raise ValueError(f"period must be an integer >= 1 (the FORA period the forecast runs at), got {period!r}")
 
 
+def _check_trajectory(svd: str, trajectory: str, rounds, num) -> None:
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory {trajectory!r}; choose one of {TRAJECTORIES}")
+    if trajectory == "cached":
+        if svd != "cd":
+            raise ValueError(f"trajectory='cached' refines CD statistics; use svd='cd' (got {svd!r})")
+        for name, v in (("trajectory_rounds", rounds), ("trajectory_num", num)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
 def calibrate(
     model: nn.Module,
     data: DataArg | None = None,
@@ -225,6 +237,9 @@ def calibrate(
     data_dir=None,
     period: int = 2,
     forecast_weight: float = 1.0,
+    trajectory: str = "uncached",
+    trajectory_rounds: int = 2,
+    trajectory_num: int = 64,
 ) -> Factors:
     """ICC factors for `model` (save them with `.save(path)`; use with `CacheConfig(method="icc", factors=...)`).
 
@@ -239,10 +254,15 @@ def calibrate(
       instead picks per-linear ranks so that a calibrated call costs at most F of a full call.
     - steps / sampler / spacing: the sampling schedule the statistics are taken on.
     - cfg_scale: 1 (default) as the authors; > 1 gathers the statistics of guided calls.
+    - trajectory: "uncached" (the paper's CD) or "cached" (svd="cd" only): trajectory-consistent
+      calibration, `trajectory_rounds` rounds of CD statistics along `trajectory_num` runs of the
+      cached sampler itself (ICC, FORA `period`, guidance `cfg_scale`), each run with the previous
+      round's factors (calibration/trajectory.py).
     """
     from .._version import __version__
 
     _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler, period)
+    _check_trajectory(svd, trajectory, trajectory_rounds, trajectory_num)
     if diffusers_family(getattr(model, "transformer", model)) == "pixart":  # images + class labels do not apply
         raise ValueError("PixArt is calibrated on prompt embeddings: use calicache.calibrate_text(transformer or "
                          "pipeline, prompt_embeds, latents=..., svd=...) or `calicache calibrate --pipeline DIR`")
@@ -262,6 +282,14 @@ def calibrate(
                                   progress=progress, period=period, forecast_weight=forecast_weight)
         scales = stats.scales(specs)
     tensors = factorize(model, branches, scales, rank, rank_budget, progress)
+    if trajectory == "cached":
+        from .trajectory import trajectory_statistics
+
+        for _ in range(trajectory_rounds):
+            stats = trajectory_statistics(model, Factors(tensors, {"svd": svd}), branches, sides, num=trajectory_num,
+                                          batch_size=batch_size, steps=steps, period=period, spacing=spacing,
+                                          seed=seed, cfg_scale=cfg_scale, progress=progress)
+            tensors = factorize(model, branches, stats.scales(specs), rank, rank_budget, progress)
     meta = {
         "method": "icc", "svd": svd, "scale": scale, "model_hash": weight_hash(model),
         "model_config": model.config.to_dict() if hasattr(model.config, "to_dict") else None,
@@ -271,6 +299,8 @@ def calibrate(
         "spacing": spacing, "seed": seed, "cfg_scale": cfg_scale, "label_drop": LABEL_DROP,
         "alpha": ALPHA, "max_ratio": MAX_RATIO, "calicache_version": __version__,
         **({"period": period, "forecast_weight": forecast_weight} if svd == "cf" else {}),
+        **({"trajectory": trajectory, "trajectory_rounds": trajectory_rounds, "trajectory_num": trajectory_num,
+            "period": period} if trajectory == "cached" else {}),
     }
     return Factors(tensors, meta)
 
