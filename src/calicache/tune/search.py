@@ -10,7 +10,8 @@ Cost is kept down four ways:
   half, the best third of those on all;
 - coarse-to-fine: a local search from the best coarse candidates over single steps of period,
   warm-up, cool-down, Fn/Bn, rank and weight (a step that breaks the budget is retried one period
-  longer), then TCC factors at the chosen period where the method uses factors.
+  longer; steps scored on half the seeds, the best one on all), then TCC factors at the chosen
+  period where the method uses factors.
 """
 
 from __future__ import annotations
@@ -148,9 +149,11 @@ class Tuner:
 
     def _local(self, starts: list[Evaluation], limit: float, num: int, budget_evals: int, bar,
                seconds: float | None) -> Evaluation:
-        """Hill-climb from each start over single-dimension steps, at most `budget_evals` new scores."""
+        """Hill-climb from each start over single-dimension steps, at most `budget_evals` new scores:
+        the moves on half the seeds, the best move on all of them, kept if it beats the current one."""
         fitting = [e for e in starts if self._ok(e, seconds)]
         best = max(fitting or starts, key=lambda e: e.score)
+        half = max(1, num // 2)
         spent = 0
         for start in starts:
             current = start
@@ -167,9 +170,14 @@ class Tuner:
                     break
                 scored = []
                 for n in moves[: budget_evals - spent]:
-                    scored.append(self.evaluate(n, num, bar))
+                    scored.append(self.evaluate(n, half, bar))
                     spent += 1
-                top = max(scored, key=lambda e: e.score)
+                base = self.evaluate(current.candidate, half, bar).psnr[half]
+                top = max(scored, key=lambda e: e.psnr[half])
+                if top.psnr[half] <= base or spent >= budget_evals:
+                    break
+                top = self.evaluate(top.candidate, num, bar)
+                spent += 1
                 if self._ok(top, seconds) and top.score > best.score:
                     best = top
                 if top.score <= current.score:
