@@ -193,7 +193,8 @@ def make_tuner(model, steps: int = 20, *, data="fashion-mnist", prompt_embeds: d
         if trajectory and data is not None:
             def make_tcc(period: int) -> Factors:
                 return calibrate(model, data, svd="cd", rank=rank, num=calibration_num, steps=steps, period=period,
-                                 cfg_scale=cfg, trajectory="cached", trajectory_num=TCC_RUNS, progress=progress)
+                                 cfg_scale=cfg, trajectory="cached", trajectory_rounds=1, trajectory_num=TCC_RUNS,
+                                 progress=progress)
         cosines = find_goc_steps(model, steps, num=min(num, 16), cfg_scale=cfg).cosines if "goc" in methods else None
     space = Space(methods=tuple(methods)) if space is None else replace(
         space, methods=tuple(m for m in space.methods if m in methods))
