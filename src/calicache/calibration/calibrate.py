@@ -238,7 +238,7 @@ def calibrate(
     period: int = 2,
     forecast_weight: float = 1.0,
     trajectory: str = "uncached",
-    trajectory_rounds: int = 2,
+    trajectory_rounds: int = 1,
     trajectory_num: int = 64,
 ) -> Factors:
     """ICC factors for `model` (save them with `.save(path)`; use with `CacheConfig(method="icc", factors=...)`).

@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where CD statistics are taken: uncached sampler steps (the paper), or the cached sampler's "
                         "own runs, refined over --trajectory-rounds (trajectory-consistent calibration, TCC; "
                         "ICC at --period, guidance --cfg-scale, default the model's)")
-    g.add_argument("--trajectory-rounds", type=int, default=2, help="TCC rounds (each samples with the last factors)")
+    g.add_argument("--trajectory-rounds", type=int, default=1, help="TCC rounds (each samples with the last factors)")
     g.add_argument("--trajectory-num", type=int, default=64, help="TCC: cached sampling runs per round")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models; "
                    "PixArt: encodes --data instead of the pipeline's VAE")
