@@ -3,8 +3,8 @@
     python benchmarks/rank_allocation.py --steps 20 --period 2 --ranks 8,16 --out docs/benchmarks/ranks.json
 
 On the shipped model with CD statistics (256 Fashion-MNIST images) and ICC at a FORA period:
-uniform rank r; the greedy energy-per-MAC allocation (`--rank-budget`) at the MACs of rank r with
-floors of 0 (main's rule), 0.5 and 0.75 of the uniform rank; and the measured allocation
+uniform rank r; the greedy energy-per-MAC allocation (`budget_ranks`, formerly `--rank-budget`) at
+the MACs of rank r with floors of 0 (main's rule), 0.5 and 0.75 of the uniform rank; and the measured allocation
 (`refine_ranks`, branch ranks moved only when PSNR on the tuning seeds improves). Every variant is
 scored on held-out seeds disjoint from the tuning seeds.
 """
@@ -22,8 +22,9 @@ import calicache
 from calicache.adapters import get_adapter
 from calicache.bench.runs import markdown_table
 from calicache.cache import CacheConfig
+from calicache.cache.svd import scaled_singular_values
 from calicache.calibration.calibrate import factorize, gather_statistics
-from calicache.calibration.ranks import branch_groups, group_factors, search_branch_ranks
+from calicache.calibration.ranks import branch_groups, budget_ranks, group_factors, search_branch_ranks
 from calicache.commands.common import model_defaults
 from calicache.tune.score import ModelRunner, Reference
 
@@ -48,6 +49,7 @@ def main() -> None:
     specs = [s for b in branches for s in b.linears]
     stats = gather_statistics(model, "fashion-mnist", "cd", specs, num=256, steps=args.steps)
     scales = stats.scales(specs)
+    energies = {s.name: scaled_singular_values(s.weight(), *scales[s.name]) ** 2 for s in specs}
     top = calicache.cache.factors.Factors(factorize(model, branches, scales, 64), {"svd": "cd"})
     tuning = Reference(runner, args.tune_num, seed=1)
     held = Reference(runner, args.num, seed=0)
@@ -67,7 +69,8 @@ def main() -> None:
         one = calicache.count_macs(model, uniform, 2, cfg_scale)
         fraction = one["per_call"][1] / one["full_call"]
         for floor in (float(v) for v in args.floors.split(",")):
-            f = calicache.cache.factors.Factors(factorize(model, branches, scales, 0, fraction, rank_floor=floor),
+            chosen = budget_ranks(model, branches, energies, fraction, floor)
+            f = calicache.cache.factors.Factors(factorize(model, branches, scales, 0, ranks=chosen),
                                                 {"svd": "cd", "rank_budget": fraction})
             ranks = f.ranks().values()
             add(f"greedy budget floor {floor} (r{min(ranks)}-{max(ranks)})",

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..adapters import BranchSpec
+from ..adapters import BranchSpec, get_adapter
 from ..cache.factors import Factors
 
 
@@ -154,3 +155,22 @@ def search_branch_ranks(score: Callable[[dict[str, int]], float], branches: list
         top = {g: min(v, max_rank) for g, v in top.items()}
     start = {g: min(rank, top[g]) for g in unit}
     return refine_ranks(score, start, unit, top, step, rounds, on_eval=on_eval)
+
+
+def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[str, torch.Tensor],
+                 fraction: float, floor: float = 0.0) -> dict[str, int]:
+    """Greedy per-linear ranks (`allocate_ranks`) so that a calibrated call costs at most `fraction`
+    of a full call's MACs; what a calibrated call pays besides its rank units (embeddings, adaLN, final
+    layer, attention matmuls) is set aside first. Kept for benchmarks/rank_allocation.py: it lost to
+    uniform ranks at equal MACs, so calibration does not offer it."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction is the MACs share of a full call, 0 < F < 1; got {fraction}")
+    base = get_adapter(model).base_macs(model)
+    full_call = base + sum(b.full_macs() for b in branches)
+    fixed = base + sum(b.attention_macs() for b in branches)
+    if fraction * full_call < fixed:
+        raise ValueError(f"rank budget {fraction} is below the {fixed / full_call:.4f} of a full call that a "
+                         "calibrated call pays outside its low-rank factors")
+    cands = [RankCandidate(s.name, energies[s.name], b.tokens * (s.in_features + s.out_features))
+             for b in branches for s in b.linears]
+    return allocate_ranks(cands, fraction * full_call - fixed, floor)

@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the peer caches (cache-dit, diffusers hooks) where installed")
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--factors-dir", default=None,
-                   help="folder with CA/CD factor files (ca-full.safetensors, cd-budget0.3125.safetensors, ...; "
+                   help="folder with CA/CD factor files (ca-full.safetensors, cd-full.safetensors, ...; "
                         "a previous run's OUT/factors); missing ones are calibrated on Fashion-MNIST for pixel models")
     p.add_argument("--goc-file", default=None, help="GOC steps file for --steps at period 2 (default: found now)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the model's recommended, else 1)")

@@ -59,8 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CF: the forecast weight w the factors will be used with")
     g.add_argument("--scale", choices=SCALES, default="both", help="which side the CA/CD scaling weighs")
     g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
-    g.add_argument("--rank-budget", type=float, default=None,
-                   help="per-layer ranks instead: a calibrated call costs at most this share (0-1) of a full call")
     g.add_argument("--trajectory", choices=("uncached", "cached"), default="uncached",
                    help="where CD statistics are taken: uncached sampler steps (the paper), or the cached sampler's "
                         "own runs, refined over --trajectory-rounds (trajectory-consistent calibration, TCC; "
@@ -133,7 +131,7 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     factors = calibrate(model, args.data or "fashion-mnist", svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
-                        rank_budget=args.rank_budget, progress=distributed.is_main(),
+                        progress=distributed.is_main(),
                         data_dir=args.data_dir, period=args.period, forecast_weight=args.forecast_weight,
                         trajectory=args.trajectory, trajectory_rounds=args.trajectory_rounds,
                         trajectory_num=args.trajectory_num)
@@ -146,7 +144,7 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     report = {
         "method": "icc", "model": str(args.model), "out": args.out, "svd": args.svd, "scale": args.scale,
         "data": factors.meta["data"], "num": factors.meta["num"], "steps": steps, "sampler": args.sampler,
-        "spacing": args.spacing, "seed": args.seed, "cfg_scale": cfg_scale, "rank_budget": args.rank_budget,
+        "spacing": args.spacing, "seed": args.seed, "cfg_scale": cfg_scale,
         "trajectory": args.trajectory, **({"trajectory_rounds": args.trajectory_rounds, "period": args.period,
                                            "trajectory_num": args.trajectory_num} if cached else {}),
         "rank_min": min(ranks), "rank_max": max(ranks), "rank_mean": round(sum(ranks) / len(ranks), 2),
