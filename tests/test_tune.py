@@ -79,9 +79,14 @@ def test_tune_respects_the_budget_and_beats_its_coarse_rung(tuner, tmp_path):
     direct = sample(model, 3, STEPS, cfg_scale=2.0, seed=5)
     remove_cache(model)
     assert torch.equal(written, direct)
-    # a budget nothing fits in is a clear error
+    # a budget nothing fits in is a clear error; so is a time budget nothing meets
     with pytest.raises(ValueError, match="no configuration fits"):
         tune(None, budget=0.01, tuner=tuner)
+    with pytest.raises(ValueError, match="budget-seconds"):
+        tune(None, budget=0.6, tuner=tuner, heldout=3, heldout_seed=5, local=6, budget_seconds=1e-9)
+    # a time budget everything meets changes nothing (the scores are reused)
+    loose = tune(None, budget=0.6, tuner=tuner, heldout=3, heldout_seed=5, local=6, budget_seconds=1e9)
+    assert loose.chosen.candidate == chosen.candidate
 
 
 def test_tune_a_pixart_pipeline_from_prompt_embeddings(tmp_path):

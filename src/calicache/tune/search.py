@@ -141,9 +141,13 @@ class Tuner:
                 if i + 1 < len(rungs):
                     pool = [e.candidate for e in scored[:max(starts, round(len(scored) * keep))]]
             best = self._local(scored[:starts], limit, num, local, bar, budget_seconds)
-            best = self._trajectory(best, limit, num, bar)
+            best = self._trajectory(best, limit, num, bar, budget_seconds)
         finally:
             bar.close()
+        if not self._ok(best, budget_seconds):
+            fastest = min(e.seconds[e.seeds] / e.seeds for e in self.results.values())
+            raise ValueError(f"no configuration tried sampled within {budget_seconds} s per sample (the fastest took "
+                             f"{fastest:.3g} s); raise --budget-seconds or lower --budget")
         full = [e for e in self.results.values() if num in e.psnr and e.macs <= limit]
         return best, full
 
@@ -185,7 +189,8 @@ class Tuner:
                 current = top
         return best
 
-    def _trajectory(self, best: Evaluation, limit: float, num: int, bar) -> Evaluation:
+    def _trajectory(self, best: Evaluation, limit: float, num: int, bar, seconds: float | None = None
+                    ) -> Evaluation:
         """The chosen factor method again with TCC factors made at its period, kept if better."""
         c = best.candidate
         if self.make_tcc is None or c.method not in FACTOR_METHODS:
@@ -197,7 +202,7 @@ class Tuner:
         if not self.feasible(t, limit):
             return best
         e = self.evaluate(t, num, bar)
-        return e if e.score > best.score else best
+        return e if e.score > best.score and self._ok(e, seconds) else best
 
 
 def frontier(evaluations: list[Evaluation]) -> list[Evaluation]:
