@@ -72,7 +72,8 @@ class Tuner:
         self.runner, self.reference, self.factors = runner, reference, factors
         self.costs = Costs(runner.model, runner.steps, factors, text_tokens)
         max_rank = min(min(a.shape[1] for a, _ in f.tensors.values()) for f in factors.values()) if factors else 0
-        self.space = space.restrict(max_rank, self.costs.num_blocks, runner.steps)
+        width = self.costs.branches[0].linears[0].in_features
+        self.space = space.restrict(max_rank, self.costs.num_blocks, runner.steps, width)
         self.goc_cosines = goc_cosines
         self.make_tcc = make_tcc
         self.progress = progress

@@ -137,10 +137,23 @@ class Space:
     coarse_ranks: tuple[int, ...] = (8, 24)
     coarse_forecast: tuple[tuple[int, float], ...] = ((0, 1.0), (8, 0.5), (16, 1.0))
     coarse_goc_weights: tuple[float, ...] = (0.8,)
+    width_ranks: bool = True  # add the bench grid's ranks C/18, C/9, C/4 (the paper's 128 of 1152 is C/9)
 
-    def restrict(self, max_rank: int, num_blocks: int, steps: int) -> Space:
-        """Drop values the model or run cannot take (ranks above the factors', blocks it lacks)."""
+    def restrict(self, max_rank: int, num_blocks: int, steps: int, width: int | None = None) -> Space:
+        """Drop values the model or run cannot take (ranks above the factors', blocks it lacks); with
+        `width_ranks`, add the model's width-based ranks (C/9 also to the coarse rung)."""
         keep_blocks = tuple(b for b in self.blocks if 2 * b < num_blocks)
+        space = self
+        if self.width_ranks and width:
+            ninth = max(1, round(width / 9))
+            extra = {max(1, round(width / d)) for d in (18, 9, 4)}
+            space = replace(self, ranks=tuple(sorted(set(self.ranks) | extra)),
+                            forecast_ranks=tuple(sorted(set(self.forecast_ranks) | {ninth})),
+                            coarse_ranks=tuple(sorted(set(self.coarse_ranks) | {ninth})),
+                            coarse_forecast=tuple(sorted(set(self.coarse_forecast) | {(ninth, 1.0)})))
+        return space._restricted(max_rank, keep_blocks, num_blocks, steps)
+
+    def _restricted(self, max_rank: int, keep_blocks: tuple[int, ...], num_blocks: int, steps: int) -> Space:
         return replace(
             self,
             periods=tuple(p for p in self.periods if p < steps),
