@@ -21,7 +21,7 @@ import torch
 import calicache
 from calicache.adapters import get_adapter
 from calicache.bench.runs import markdown_table
-from calicache.cache import CacheConfig
+from calicache.cache import ICCConfig, MethodConfig, NoCacheConfig
 from calicache.cache.svd import scaled_singular_values
 from calicache.calibration.calibrate import factorize, gather_statistics
 from calicache.calibration.ranks import branch_groups, budget_ranks, group_factors, search_branch_ranks
@@ -53,10 +53,10 @@ def main() -> None:
     top = calicache.cache.factors.Factors(factorize(model, branches, scales, 64), {"svd": "cd"})
     tuning = Reference(runner, args.tune_num, seed=1)
     held = Reference(runner, args.num, seed=0)
-    uncached = runner.macs(CacheConfig("none"))
+    uncached = runner.macs(NoCacheConfig())
     rows = []
 
-    def add(name: str, config: CacheConfig, extra: dict | None = None) -> None:
+    def add(name: str, config: MethodConfig, extra: dict | None = None) -> None:
         macs = runner.macs(config)
         rows.append({"name": name, "macs_speedup": uncached / macs, "macs": macs,
                      "psnr": held.score(config), **(extra or {})})
@@ -64,7 +64,7 @@ def main() -> None:
 
     groups = branch_groups(branches)
     for r in (int(v) for v in args.ranks.split(",")):
-        uniform = CacheConfig("icc", period=args.period, svd="cd", factors=top, rank=r)
+        uniform = ICCConfig(period=args.period, svd="cd", factors=top, rank=r)
         add(f"uniform r{r}", uniform)
         one = calicache.count_macs(model, uniform, 2, cfg_scale)
         fraction = one["per_call"][1] / one["full_call"]
@@ -74,14 +74,14 @@ def main() -> None:
                                                 {"svd": "cd", "rank_budget": fraction})
             ranks = f.ranks().values()
             add(f"greedy budget floor {floor} (r{min(ranks)}-{max(ranks)})",
-                CacheConfig("icc", period=args.period, svd="cd", factors=f))
+                ICCConfig(period=args.period, svd="cd", factors=f))
         t0 = time.perf_counter()
         ranks, score, evals = search_branch_ranks(
-            lambda g: tuning.score(CacheConfig("icc", period=args.period, svd="cd",
+            lambda g: tuning.score(ICCConfig(period=args.period, svd="cd",
                                                factors=group_factors(top, groups, g))),
             branches, r, step=max(1, r // 4))
         add(f"measured (r{min(ranks.values())}-{max(ranks.values())})",
-            CacheConfig("icc", period=args.period, svd="cd", factors=group_factors(top, groups, ranks)),
+            ICCConfig(period=args.period, svd="cd", factors=group_factors(top, groups, ranks)),
             {"search_evals": evals, "search_seconds": round(time.perf_counter() - t0, 1), "ranks": ranks})
     print(f"\n## ICC cd, {args.steps} steps, period {args.period}, guidance {cfg_scale}; PSNR on {args.num} "
           f"held-out samples (measured allocation tuned on {args.tune_num} other seeds)\n")

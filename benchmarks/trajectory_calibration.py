@@ -18,7 +18,7 @@ import torch
 
 import calicache
 from calicache.bench.runs import markdown_table
-from calicache.cache import CacheConfig
+from calicache.cache import ICCConfig
 from calicache.commands.common import model_defaults
 from calicache.tune.score import ModelRunner, Reference
 
@@ -51,7 +51,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 factors = calicache.calibrate(model, "fashion-mnist", **common, **extra)
                 seconds = time.perf_counter() - t0
-                psnr = held.score(CacheConfig("icc", period=period, svd="cd", factors=factors))
+                psnr = held.score(ICCConfig(period=period, svd="cd", factors=factors))
                 rows.append({"period": period, "rank": rank, "name": name, "psnr": psnr,
                              "calibration_seconds": round(seconds, 1)})
                 print(rows[-1], flush=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from calicache import CacheConfig, CacheSchedule, apply_cache, count_macs, remove_cache, sample
+from calicache import CacheSchedule, FORAConfig, apply_cache, count_macs, remove_cache, sample
 from calicache.cache import cache_run, get_engine
 from calicache.cache.schedule import block_layout
 from conftest import tiny_model
@@ -113,7 +113,7 @@ def test_engine_binds_blocks_and_sampling_follows_the_pattern():
     torch.manual_seed(0)
     model = tiny_model(depth=3)
     s = CacheSchedule.fora(3, warmup=2, cooldown=2, first_blocks=1)
-    apply_cache(model, CacheConfig("fora", schedule=s))
+    apply_cache(model, FORAConfig(schedule=s))
     sample(model, 2, 9, cfg_scale=1.0)
     flags = np.array(get_engine(model).full_flags)
     assert np.array_equal(flags, get_engine(model).schedule.matrix(9, 6))
@@ -122,7 +122,7 @@ def test_engine_binds_blocks_and_sampling_follows_the_pattern():
     assert macs["cached_ratio"] == pytest.approx(1 - flags.mean())
     # a bare loop that never says the run length cannot use a cool-down
     remove_cache(model)
-    apply_cache(model, CacheConfig("fora", schedule=CacheSchedule.fora(2, cooldown=1)))
+    apply_cache(model, FORAConfig(schedule=CacheSchedule.fora(2, cooldown=1)))
     x, t, y = torch.randn(1, 1, 8, 8), torch.tensor([999]), torch.tensor([0])
     with pytest.raises(ValueError, match="run length"):
         model(x, t, y)
@@ -137,6 +137,6 @@ def test_pattern_on_a_pixart_transformer_has_three_branches_per_block():
     from test_diffusers_cache import tiny_pixart
 
     tr = tiny_pixart()
-    apply_cache(tr, CacheConfig("fora", schedule=CacheSchedule.fora(2, last_blocks=1)))
+    apply_cache(tr, FORAConfig(schedule=CacheSchedule.fora(2, last_blocks=1)))
     m = get_engine(tr).schedule.matrix(4, 6)
     assert m[1].tolist() == [0, 0, 0, 1, 1, 1]

@@ -4,7 +4,7 @@ never ends below its start at no more MACs than its start."""
 import pytest
 import torch
 
-from calicache import CacheConfig, calibrate
+from calicache import ICCConfig, calibrate
 from calicache.adapters import get_adapter
 from calicache.calibration.ranks import (
     RankCandidate,
@@ -70,10 +70,10 @@ def test_group_factors_truncate_exactly_and_the_search_runs_on_a_model():
             assert torch.equal(cut.tensors[name][0], top.tensors[name][0][:, :ranks[g]])
     runner = ModelRunner(model, 6, cfg_scale=1.0)
     ref = Reference(runner, 2, seed=0)
-    uniform = ref.score(CacheConfig("icc", period=2, factors=top, rank=4))
+    uniform = ref.score(ICCConfig(period=2, factors=top, rank=4))
     found, value, evals = search_branch_ranks(
-        lambda r: ref.score(CacheConfig("icc", period=2, factors=group_factors(top, groups, r))), branches, 4, 2,
+        lambda r: ref.score(ICCConfig(period=2, factors=group_factors(top, groups, r))), branches, 4, 2,
         rounds=1, max_rank=8)
     assert value >= uniform and evals >= 1 + len(groups)
-    macs = runner.macs(CacheConfig("icc", period=2, factors=group_factors(top, groups, found)))
-    assert macs <= runner.macs(CacheConfig("icc", period=2, factors=top, rank=4))
+    macs = runner.macs(ICCConfig(period=2, factors=group_factors(top, groups, found)))
+    assert macs <= runner.macs(ICCConfig(period=2, factors=top, rank=4))

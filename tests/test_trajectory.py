@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from calicache import CacheConfig, apply_cache, calibrate, remove_cache
+from calicache import ICCConfig, apply_cache, calibrate, remove_cache
 from calicache.adapters import get_adapter
 from calicache.cache import cache_run
 from calicache.cache.factors import Factors
@@ -33,7 +33,7 @@ def recorded_increments(model, factors, module: torch.nn.Module) -> tuple[np.nda
     cfg = model.config
     ins = []
     handle = module.register_forward_hook(lambda mod, a, out: ins.append(a[0].detach().clone()))
-    apply_cache(model, CacheConfig("icc", period=PERIOD, factors=factors))
+    apply_cache(model, ICCConfig(period=PERIOD, factors=factors))
     try:
         gens = [trajectory_generator(0, i) for i in range(NUM)]
         x = torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens])

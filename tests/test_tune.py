@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-import calicache
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample, save_model
+from calicache import (
+    MethodConfig,
+    NoCacheConfig,
+    apply_cache,
+    count_macs,
+    load_config,
+    remove_cache,
+    sample,
+    save_model,
+)
 from calicache.cli import main
-from calicache.tune import Candidate, Space, load_config, make_tuner, tune
+from calicache.tune import Candidate, Space, make_tuner, tune
 from calicache.tune.space import cache_config
 from conftest import tiny_model
 
@@ -45,7 +53,7 @@ def test_costs_equal_count_macs(tuner, c):
     steps = [s for s in range(2, STEPS) if not costs.gather(c)[s].all()] if c.method == "goc" else None
     expected = count_macs(tuner.runner.model, cache_config(c, tuner.factors, steps), STEPS)["total"]
     assert costs.macs(c, steps) == expected
-    assert costs.uncached == count_macs(tuner.runner.model, CacheConfig("none"), STEPS)["total"]
+    assert costs.uncached == count_macs(tuner.runner.model, NoCacheConfig(), STEPS)["total"]
 
 
 def test_candidates_refuse_mismatched_fields():
@@ -123,6 +131,6 @@ def test_cli_tune(tmp_path, capsys):
     assert report["chosen"]["method"] in ("fora", "icc") and (out / "config.json").is_file()
     assert report["chosen"]["macs_ratio"] <= 0.7
     config = load_config(out / "config.json")
-    assert isinstance(config, calicache.CacheConfig)
+    assert isinstance(config, MethodConfig)
     assert main([*argv[:-3], "--budget", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "budget" in capsys.readouterr().err and not (tmp_path / "bad" / "config.json").exists()

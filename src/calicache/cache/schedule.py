@@ -48,6 +48,12 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+def check_period(period: object, what: str = "") -> None:
+    """A FORA period: an integer >= 1 (1 = every call full). `what` says what the period is for."""
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"period must be an integer >= 1{what}, got {period!r}")
+
+
 @dataclass(frozen=True)
 class CacheSchedule:
     """A FORA-style pattern (any run length) or an explicit gather matrix (a fixed run length)."""
@@ -63,9 +69,8 @@ class CacheSchedule:
     def __post_init__(self) -> None:
         if (self.period is None) == (self.gather is None):
             raise ValueError("give exactly one of period or gather")
-        if self.period is not None and (isinstance(self.period, bool) or not isinstance(self.period, int)
-                                        or self.period < 1):
-            raise ValueError(f"period must be an integer >= 1, got {self.period!r}")
+        if self.period is not None:
+            check_period(self.period, " (1 = no caching)")
         for name in _PATTERN_FIELDS:
             _check_count(name, getattr(self, name))
         if self.gather is not None:

@@ -149,7 +149,7 @@ def search_branch_ranks(score: Callable[[dict[str, int]], float], branches: list
     """`refine_ranks` over branches from uniform `rank`: one rank per branch, at most the MACs of uniform `rank`.
 
     A branch's rank unit costs what all its linears' units cost together (N (C_in + C_out) each)."""
-    unit = {b.name: sum(b.tokens * (s.in_features + s.out_features) for s in b.linears) for b in branches}
+    unit = {b.name: sum(s.tokens * (s.in_features + s.out_features) for s in b.linears) for b in branches}
     top = {b.name: min(min(s.in_features, s.out_features) for s in b.linears) for b in branches}
     if max_rank is not None:
         top = {g: min(v, max_rank) for g, v in top.items()}
@@ -171,6 +171,6 @@ def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[st
     if fraction * full_call < fixed:
         raise ValueError(f"rank budget {fraction} is below the {fixed / full_call:.4f} of a full call that a "
                          "calibrated call pays outside its low-rank factors")
-    cands = [RankCandidate(s.name, energies[s.name], b.tokens * (s.in_features + s.out_features))
+    cands = [RankCandidate(s.name, energies[s.name], s.tokens * (s.in_features + s.out_features))
              for b in branches for s in b.linears]
     return allocate_ranks(cands, fraction * full_call - fixed, floor)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..adapters import BranchSpec
-from ..cache import CacheConfig, apply_cache, cache_run, remove_cache
+from ..cache import ICCConfig, apply_cache, cache_run, remove_cache
 from ..cache.factors import Factors
 from ..diffusion.guidance import guided_model_fn
 from ..diffusion.samplers import ddim
@@ -54,7 +54,7 @@ def trajectory_statistics(model: nn.Module, factors: Factors, branches: list[Bra
     mine = distributed.split_for_rank(num, batch_size)
     was_training = model.training
     model.eval()
-    apply_cache(model, CacheConfig("icc", period=period, factors=factors))
+    apply_cache(model, ICCConfig(period=period, factors=factors))
     try:
         with stats.collect():
             bar = tqdm(total=num, desc="calibrating (cached trajectories)", disable=not progress)

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..cache import CacheConfig, CacheSchedule
+from ..cache import MethodConfig
 from ..cache.factors import Factors
 from ..cache.pipeline import is_pipeline
 from ..utils import atomic_path
 from .score import ModelRunner, PipelineRunner, Reference
 from .search import Evaluation, Tuner, frontier
-from .space import FACTOR_METHODS, METHODS, Candidate, Space, cache_config
+from .space import FACTOR_METHODS, METHODS, Space, cache_config
 
-CONFIG_FORMAT = "calicache-config"
 TCC_RUNS = 32  # cached sampling runs per TCC round inside the search
 
 
@@ -35,7 +34,7 @@ class TuneResult:
     uncached_macs: int
     evaluated: list[Evaluation]
     factors: Factors | None  # the chosen candidate's factor set, truncated to its rank
-    config: CacheConfig
+    config: MethodConfig
     seconds: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> dict:
@@ -49,28 +48,19 @@ class TuneResult:
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
         }
 
-    def config_dict(self, factors_file: str | None) -> dict:
-        """The chosen configuration as the JSON fields of a cache config file."""
-        c = self.chosen.candidate
-        out = {"format": CONFIG_FORMAT, "method": c.method, "schedule": c.schedule().to_dict()}
-        if c.method in FACTOR_METHODS:
-            out.update(rank=c.rank, svd=self.factors.meta.get("svd", "plain"), factors=factors_file)
-        if c.weight is not None:
-            out["weight"] = c.weight
-        if c.method == "goc":
-            out["steps"] = self.chosen.goc_steps
-        return out
-
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """config.json (+ factors.safetensors), report.json and report.md in the folder `out`."""
+        """config.json (+ factors.safetensors), report.json and report.md in the folder `out`;
+        `calicache.load_config(out / "config.json")` reads the configuration back."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"config": out / "config.json", "report": out / "report.json", "table": out / "report.md"}
         if self.factors is not None:
             paths["factors"] = out / "factors.safetensors"
             self.factors.save(paths["factors"])
-        with atomic_path(paths["config"]) as tmp:
-            tmp.write_text(json.dumps(self.config_dict("factors.safetensors" if self.factors else None), indent=2))
+        c = self.chosen.candidate
+        factors = {c.factors: self.factors} if self.factors is not None else {}
+        file = str(paths["factors"]) if self.factors is not None else None
+        cache_config(c, factors, self.chosen.goc_steps, file).save(paths["config"], overwrite=True)
         with atomic_path(paths["report"]) as tmp:
             tmp.write_text(json.dumps(self.report(), indent=2))
         with atomic_path(paths["table"]) as tmp:
@@ -88,30 +78,6 @@ class TuneResult:
         lines += [f"| {f['label']} | {f['macs_ratio']:.3f} | {f['psnr']:.2f} |" for f in r["frontier"]]
         lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()), ""]
         return "\n".join(lines)
-
-
-def load_config(path: str | os.PathLike) -> CacheConfig:
-    """A cache config from a file `tune` wrote (factor paths relative to the file's folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cache config file {path} does not exist; write one with `calicache tune`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON cache config ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != CONFIG_FORMAT:
-        raise ValueError(f"{path}: not a calicache cache config (no \"format\": \"{CONFIG_FORMAT}\")")
-    kw: dict = {"schedule": CacheSchedule.from_dict(data.get("schedule", {"period": 1}))}
-    method = data.get("method")
-    if method in FACTOR_METHODS:
-        factors = data.get("factors")
-        kw.update(rank=data.get("rank"), svd=data.get("svd", "plain"),
-                  factors=None if factors is None else str(path.parent / factors))
-    if method == "forecast":
-        kw["forecast_weight"] = data["weight"]
-    if method == "goc":
-        kw.update(goc_weight=data["weight"], goc_steps=data.get("steps"))
-    return CacheConfig(method, **kw)
 
 
 def tune(model, steps: int = 20, budget: float = 0.5, *, data="fashion-mnist", prompt_embeds: dict | None = None,
@@ -203,4 +169,4 @@ def make_tuner(model, steps: int = 20, *, data="fashion-mnist", prompt_embeds: d
     return Tuner(runner, reference, {"cd": factors}, space, cosines, text_tokens, progress, make_tcc)
 
 
-__all__ = ["Candidate", "TuneResult", "load_config", "make_tuner", "tune"]
+__all__ = ["TuneResult", "make_tuner", "tune"]

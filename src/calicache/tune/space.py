@@ -9,9 +9,9 @@ import numpy as np
 from torch import nn
 
 from ..adapters import get_adapter
-from ..cache import CacheConfig, CacheSchedule
-from ..cache.engine import CacheEngine
+from ..cache import CacheSchedule, FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig
 from ..cache.factors import Factors
+from ..cache.macs import _Counter
 
 METHODS = ("fora", "icc", "forecast", "goc")
 FACTOR_METHODS = ("icc", "forecast")  # the methods that use low-rank factors
@@ -57,22 +57,24 @@ class Candidate:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def cache_config(c: Candidate, factors: dict[str, Factors], goc_steps: list[int] | None = None) -> CacheConfig:
-    """The cache config of a candidate, with its factor set in memory."""
-    kw: dict = {"schedule": c.schedule()}
-    if c.method in FACTOR_METHODS:
-        kw.update(factors=factors[c.factors], rank=c.rank, svd=factors[c.factors].meta.get("svd", "plain"))
-    if c.method == "forecast":
-        kw["forecast_weight"] = c.weight
+def cache_config(c: Candidate, factors: dict[str, Factors], goc_steps: list[int] | None = None,
+                 factors_file: str | None = None) -> MethodConfig:
+    """The cache config of a candidate, with its factor set in memory (or `factors_file`, where it was saved)."""
+    s = c.schedule()
+    if c.method == "fora":
+        return FORAConfig(schedule=s)
     if c.method == "goc":
-        kw.update(goc_weight=c.weight, goc_steps=goc_steps)
-    return CacheConfig(c.method, **kw)
+        return GOCConfig(schedule=s, weight=c.weight, steps=goc_steps)
+    f = factors[c.factors]
+    kw = dict(schedule=s, factors=f if factors_file is None else factors_file, rank=c.rank,
+              svd=f.meta.get("svd", "plain"))
+    return ICCConfig(**kw) if c.method == "icc" else ForecastConfig(**kw, weight=c.weight)
 
 
 class Costs:
     """MACs per sample of a candidate's run, as `count_macs` counts them (a test holds the two equal).
 
-    Per-layer costs at cached calls are read once per (method, rank) from a counting engine; a
+    Per-layer costs at cached calls are read once per (method, rank) from `count_macs`'s counter; a
     candidate's total is then the sum over its gather matrix."""
 
     def __init__(self, model: nn.Module, steps: int, factors: dict[str, Factors], text_tokens: int | None = None):
@@ -84,7 +86,7 @@ class Costs:
         self.base = adapter.base_macs(model)
         self.constant = adapter.constant_macs(model)  # paid at call 0 only under a cache
         self.full = np.array([b.full_macs() for b in self.branches], dtype=np.int64)
-        self.goc_update = np.array([b.tokens * b.linears[-1].out_features for b in self.branches], dtype=np.int64)
+        self.goc_update = np.array([b.output_elements() for b in self.branches], dtype=np.int64)
         self.uncached = steps * (self.base + self.constant + int(self.full.sum()))
         self._layer: dict[tuple, np.ndarray] = {}
 
@@ -99,8 +101,7 @@ class Costs:
         key = (c.method, c.rank, c.factors)
         if key not in self._layer:
             probe = replace(c, warmup=0, cooldown=0, first_blocks=0, last_blocks=0, period=2)
-            engine = CacheEngine(self.model, cache_config(probe, self.factors), self.adapter)
-            engine.remove()
+            engine = _Counter(self.model, cache_config(probe, self.factors), self.adapter)
             self._layer[key] = np.array([engine.method.cached_macs(i, 1) for i in range(len(self.branches))],
                                         dtype=np.int64)
         return self._layer[key]
