@@ -134,3 +134,26 @@ def test_cli_tune(tmp_path, capsys):
     assert isinstance(config, MethodConfig)
     assert main([*argv[:-3], "--budget", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "budget" in capsys.readouterr().err and not (tmp_path / "bad" / "config.json").exists()
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A saved tiny PixArt pipeline (no text encoder) and a prompt-embeddings file."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from test_diffusers_cache import pixart_pipe, prompts
+
+    pixart_pipe().save_pretrained(tmp_path / "pixart")
+    save_file({k: v.contiguous() for k, v in prompts(2).items() if v is not None}, str(tmp_path / "embeds.safetensors"))
+    return tmp_path
+
+
+def test_cli_tune_a_pipeline_folder(folders, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["tune", "--pipeline", str(folders / "pixart"), "--prompt-embeds", str(folders / "embeds.safetensors"),
+                 "--steps", "4", "--budget", "0.7", "--num", "2", "--heldout", "2", "--rank", "4", "--methods",
+                 "fora,icc", "--periods", "2,3", "--local", "1", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chosen"]["macs_ratio"] <= 0.7 and (out / "report.md").is_file()
+    assert isinstance(load_config(out / "config.json"), MethodConfig)
