@@ -94,8 +94,8 @@ def check_no_foreign_cache(model: nn.Module) -> None:
                 found.add(f"{type(hook).__name__} ({name})")
     if found:
         raise ValueError(f"this model already has a diffusers cache: {', '.join(sorted(found))}; two caches would "
-                         "serve each other's stale outputs. Remove it first (transformer.disable_cache(), or "
-                         "HookRegistry.remove_hook) and then apply_cache")
+                         "serve each other's stale outputs. Remove it (transformer.disable_cache(), or "
+                         "HookRegistry.remove_hook) to cache with calicache")
 
 
 class CacheEngine:
@@ -106,18 +106,18 @@ class CacheEngine:
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
-        self.schedule = config.schedule
+        self.schedule = config.schedule.for_branches([b.name for b in self.branches])
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
         self._patched: list[_Patch] = []
         self.explicit = False  # inside sample()'s begin_run/end_run
+        self.run_calls: int | None = None  # the explicit run's length (a schedule's cool-down needs it)
         self.active = False  # a run is in progress
         self.call = -1
         self.prev_t: float | None = None
         self.t: float | None = None  # timestep of the current call (None: an explicit run without timesteps)
         self.full: tuple[bool, ...] = (True,) * len(self.branches)  # per layer: full at this call
         self.last_use: tuple[bool, ...] = (False,) * len(self.branches)  # per layer: its references' last use
-        self.num_calls: int | None = None  # of the explicit run in progress
         self.timesteps: list[float] | None = None  # of the explicit run in progress, one per call
         self.peak_cache_bytes = 0
         self.full_flags: list[tuple[bool, ...]] = []  # one row per call of the current/last run
@@ -202,9 +202,9 @@ class CacheEngine:
         loop reads the timestep (and the input's finiteness, in the same transfer) once per call:
         that is how it sees a run start (the timestep went up)."""
         if self.explicit:
-            if self.num_calls is not None and self.call + 1 >= self.num_calls:
+            if self.run_calls is not None and self.call + 1 >= self.run_calls:
                 # Its last call may have consumed references in place: a further call must not meet them.
-                raise RuntimeError(f"this run was declared with {self.num_calls} model calls but the model was "
+                raise RuntimeError(f"this run was declared with {self.run_calls} model calls but the model was "
                                    f"called a {self.call + 2}th time; give cache_run the number of calls it makes")
             t = self.timesteps[self.call + 1] if self.timesteps is not None else None
         else:
@@ -215,13 +215,14 @@ class CacheEngine:
         self.t = t
         try:
             layers = len(self.branches)
-            self.full = tuple(self.schedule.row(self.call, layers).tolist())
+            self.full = tuple(self.schedule.row(self.call, layers, self.run_calls).tolist())
             self.full_flags.append(self.full)
             # A cached layer whose next call is full (or that ends the run) may consume its references
             # in place: the sampler told the run's length. A bare module's next call is unknown.
-            if self.explicit and self.num_calls is not None:
-                last = self.call + 1 >= self.num_calls
-                after = (True,) * layers if last else tuple(self.schedule.row(self.call + 1, layers).tolist())
+            if self.explicit and self.run_calls is not None:
+                last = self.call + 1 >= self.run_calls
+                after = ((True,) * layers if last
+                         else tuple(self.schedule.row(self.call + 1, layers, self.run_calls).tolist()))
                 self.last_use = tuple(not f and n for f, n in zip(self.full, after))
             else:
                 self.last_use = (False,) * layers
@@ -271,16 +272,17 @@ class CacheEngine:
         self.schedule.check(num_calls, len(self.branches))
         self.method.check_run(num_calls)
         self.check_attached()
+        check_no_foreign_cache(self.model)  # also one put on after ours
         self._start_run()
         self.explicit = True
-        self.num_calls = num_calls
+        self.run_calls = num_calls
         self.timesteps = timesteps
 
     def end_run(self) -> None:
         self._reset()
         self.explicit = False
         self.active = False
-        self.num_calls = None
+        self.run_calls = None
         self.timesteps = None
 
     def stats(self) -> dict:
