@@ -466,17 +466,12 @@ def test_a_diffusers_cache_added_after_ours_is_refused_at_the_next_run():
     remove_cache(pipe)
 
 
-def test_one_stored_input_per_attention_stream_and_none_for_fc2(kind):
-    """q, k and v of a stream see one tensor (stored once, with q); a feed-forward's output linear takes GELU of
-    its input linear's output (recomputed, not stored)."""
+def test_feed_forward_output_linear_reads_gelu_of_its_input_linear(kind):
+    """A feed-forward's output linear takes GELU of its input linear's output (calibration statistics recompute
+    that reference input instead of storing it)."""
     branches = get_engine(cached(kind, FORAConfig())).branches
     for b in branches:
-        by_name = {s.name.rsplit(".", 1)[-1] if "net" not in s.name else s.name.split(".net.")[-1]: s
-                   for s in b.linears}
-        for q, rest in (("to_q", ("to_k", "to_v")), ("add_q_proj", ("add_k_proj", "add_v_proj"))):
-            for k in rest:
-                if k in by_name:
-                    assert by_name[k].input_shared_with == by_name[q].name, (b.name, k)
+        by_name = {s.name.split(".net.")[-1]: s for s in b.linears if ".net." in s.name}
         if "2" in by_name:
             assert by_name["2"].input_from == by_name["0.proj"].name and by_name["2"].input_fn is not None
     assert sum("net.2" in s.name for b in branches for s in b.linears) >= 2

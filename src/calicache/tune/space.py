@@ -88,22 +88,25 @@ class Costs:
         self.full = np.array([b.full_macs() for b in self.branches], dtype=np.int64)
         self.goc_update = np.array([b.output_elements() for b in self.branches], dtype=np.int64)
         self.uncached = steps * (self.base + self.constant + int(self.full.sum()))
-        self._layer: dict[tuple, np.ndarray] = {}
+        self._layer: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def num_blocks(self) -> int:
         return len(set(b.name.rsplit(".", 1)[0] for b in self.branches))
 
-    def cached_layer_macs(self, c: Candidate) -> np.ndarray:
-        """MACs of each layer at a cached call (GOC's compensation excluded: see `macs`)."""
+    def layer_macs(self, c: Candidate) -> tuple[np.ndarray, np.ndarray]:
+        """MACs of each layer at a cached call (GOC's compensation excluded: see `macs`), and what a full
+        call adds to each layer's uncached MACs (ICC's B pass that stores its rank-space reference)."""
         if c.method in ("fora", "goc"):
-            return np.zeros(len(self.branches), dtype=np.int64)
+            zero = np.zeros(len(self.branches), dtype=np.int64)
+            return zero, zero
         key = (c.method, c.rank, c.factors)
         if key not in self._layer:
             probe = replace(c, warmup=0, cooldown=0, first_blocks=0, last_blocks=0, period=2)
-            engine = _Counter(self.model, cache_config(probe, self.factors), self.adapter)
-            self._layer[key] = np.array([engine.method.cached_macs(i, 1) for i in range(len(self.branches))],
-                                        dtype=np.int64)
+            method = _Counter(self.model, cache_config(probe, self.factors), self.adapter).method
+            layers = range(len(self.branches))
+            self._layer[key] = (np.array([method.cached_macs(i, 1) for i in layers], dtype=np.int64),
+                                np.array([method.full_macs(i, 0) for i in layers], dtype=np.int64))
         return self._layer[key]
 
     def gather(self, c: Candidate) -> np.ndarray:
@@ -111,8 +114,8 @@ class Costs:
 
     def macs(self, c: Candidate, goc_steps: list[int] | None = None) -> int:
         g = self.gather(c)
-        cached = self.cached_layer_macs(c)
-        total = self.steps * self.base + self.constant + int((g * self.full).sum() + (~g * cached).sum())
+        cached, extra = self.layer_macs(c)
+        total = self.steps * self.base + self.constant + int((g * (self.full + extra)).sum() + (~g * cached).sum())
         if c.method == "goc" and goc_steps:
             total += sum(int((~g[s] * self.goc_update).sum()) for s in goc_steps if s >= 2)
         return total
