@@ -37,6 +37,17 @@ def _class_labels(classes: Sequence[int] | int | None, num: int, num_classes: in
     return torch.tensor(labels, dtype=torch.long)
 
 
+FALLBACK_STEPS = 50
+
+
+def default_steps(model: nn.Module, steps: int | None = None) -> int:
+    """`steps` if given, else the steps the model recommends (stored with shipped and saved models),
+    else 50: the one default of sampling and of the calibrations that must match it."""
+    if steps is not None:
+        return steps
+    return int(dict(getattr(model, "calicache_defaults", {}) or {}).get("steps", FALLBACK_STEPS))
+
+
 def model_calls(steps: int, sampler: str = "ddim") -> int:
     """Model calls of one sampling run (every calicache sampler calls the model once per step)."""
     if sampler not in SAMPLERS:

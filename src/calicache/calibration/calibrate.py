@@ -25,6 +25,7 @@ from ..diffusion.guidance import guided_model_fn
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import Schedule
 from ..models.io import weight_hash
+from ..sampling import default_steps
 from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_images, select
 from .ranks import RankCandidate, allocate_ranks
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
@@ -211,7 +212,7 @@ def calibrate(
     rank: int | str = 128,
     num: int = 256,
     batch_size: int = 16,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "ddim",
     spacing: str = "adm",
     scale: str = "both",
@@ -235,12 +236,14 @@ def calibrate(
     - scale: "both" (default), "input" or "output" (the paper's Table 4 ablation).
     - rank: uniform rank (clamped to each weight's full rank) or "full"; rank_budget F (0 < F < 1)
       instead picks per-linear ranks so that a calibrated call costs at most F of a full call.
-    - steps / sampler / spacing: the sampling schedule the statistics are taken on.
+    - steps / sampler / spacing: the sampling schedule the statistics are taken on: the one you will
+      sample with (steps default: the model's recommended steps, as `calicache sample`, else 50).
     - cfg_scale: 1 (default) as the authors; > 1 gathers the statistics of guided calls.
     """
     from .._version import __version__
 
     _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler, period)
+    steps = default_steps(model, steps)
     if diffusers_family(getattr(model, "transformer", model)) == "pixart":  # images + class labels do not apply
         raise ValueError("PixArt is calibrated on prompt embeddings: use calicache.calibrate_text(transformer or "
                          "pipeline, prompt_embeds, latents=..., svd=...) or `calicache calibrate --pipeline DIR`")

@@ -23,6 +23,7 @@ from ..cache.config import SCALES
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
 from ..models.io import load_model, weight_hash
+from ..sampling import default_steps
 from ..shards import settings_digest
 from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
@@ -97,7 +98,7 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     """Every rank gathers its share and gets the same result (the factorisation of the summed
     statistics is cheap and deterministic, so no rank waits for a broadcast); rank 0 writes it."""
     defaults = model_defaults(model)
-    steps = args.steps or defaults.get("steps", 50)
+    steps = default_steps(model, args.steps)
     t0 = time.perf_counter()
     if args.method == "goc":
         try:
@@ -114,8 +115,15 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
             return 0
         found.save(args.out)
         report = {"method": "goc", "model": str(args.model), "out": args.out, "steps": steps,
-                  "cfg_scale": cfg_scale, "world_size": world, "wall_seconds": round(time.perf_counter() - t0, 2)}
-        print(json.dumps(report, indent=2) if args.json else f"wrote GOC steps to {args.out}")
+                  "cfg_scale": cfg_scale, "threshold": found.threshold, "cosines": found.cosines,
+                  "inflections": found.inflections, "compensated": found.steps,
+                  "world_size": world, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:  # the per-call cosines the steps were chosen from, then where they went
+            print(found.table())
+            print(f"compensated calls {','.join(map(str, found.steps)) or 'none'}; wrote GOC steps to {args.out} "
+                  f"in {report['wall_seconds']:.1f}s")
         return 0
 
     from ..cache.config import CacheConfig

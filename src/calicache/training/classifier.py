@@ -22,6 +22,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.io import shipped_file
 from ..utils import atomic_path
 
 FORMAT = "calicache-classifier"
@@ -185,7 +186,7 @@ def shipped_classifier_path() -> Path:
 
 def classifier_metadata(path: str | os.PathLike | None = None) -> dict:
     """The decoded metadata of a classifier file (the shipped one by default)."""
-    path = Path(path) if path is not None else shipped_classifier_path()
+    path = shipped_file(path) if path is not None else shipped_classifier_path()
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no classifier file; train one with `calicache train-classifier --out {path}`"
@@ -203,7 +204,7 @@ def classifier_metadata(path: str | os.PathLike | None = None) -> dict:
 
 def load_classifier(path: str | os.PathLike | None = None) -> FashionClassifier:
     """The classifier in eval mode from `path`, or the shipped Fashion-MNIST one by default."""
-    path = Path(path) if path is not None else shipped_classifier_path()
+    path = shipped_file(path) if path is not None else shipped_classifier_path()
     meta = classifier_metadata(path)
     cfg = dict(meta["config"])
     cfg["widths"] = tuple(cfg["widths"])

@@ -14,11 +14,10 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ...models.io import weight_hash
+from ...models.io import shipped_file, weight_hash
 from ...utils import atomic_path
 from ..config import CacheConfig
 from .base import BranchCache, Method
@@ -86,7 +85,8 @@ class GocSteps:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GocSteps:
-        path = Path(path)
+        """A steps file, or a shipped one by name (`fmnist-dit-goc20`)."""
+        path = shipped_file(path)
         if not path.exists():
             raise FileNotFoundError(f"GOC steps file {path} does not exist; make one with "
                                     "`calicache calibrate --method goc --model M --steps S --out PATH`")
