@@ -28,6 +28,9 @@ from ..shards import settings_digest
 from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
 
+# DiT-only options: None when not given, so that a pipeline (own scheduler, ICC only) refuses any value.
+DIT_DEFAULTS = {"sampler": "ddim", "spacing": "adm", "period": 2, "forecast_weight": 1.0, "threshold": 0.0}
+
 # Options each rank may set for itself; every other option must be the same on every rank.
 RANK_LOCAL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
 
@@ -38,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output file (ICC: factors.safetensors)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, "
                    "else 50; PixArt: the pipeline's, 20)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
-    p.add_argument("--spacing", choices=SPACINGS, default="adm")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="DiT sampler (default: ddim)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None, help="DiT timestep spacing (default: adm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=None, help="calibration images (ICC, default 256) or samples (GOC, "
                    "default 32); PixArt: CA pairs or CD sampling runs (default: every prompt row)")
@@ -56,18 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--svd", choices=("cd", "ca", "cf", "plain"), default="cd",
                    help="cd: channel-difference (the paper's best), ca: channel-activation, cf: forecast residuals "
                         "(for --method forecast at sampling), plain: unscaled")
-    g.add_argument("--forecast-weight", type=float, default=1.0,
-                   help="CF: the forecast weight w the factors will be used with")
+    g.add_argument("--forecast-weight", type=float, default=None,
+                   help="CF: the forecast weight w the factors will be used with (default: 1)")
     g.add_argument("--scale", choices=SCALES, default="both", help="which side the CA/CD scaling weighs")
     g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
     g.add_argument("--rank-budget", type=float, default=None,
                    help="per-layer ranks instead: a calibrated call costs at most this share (0-1) of a full call")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models; "
                    "PixArt: encodes --data instead of the pipeline's VAE")
-    p.add_argument("--period", type=int, default=2,
-                   help="the FORA period sampling will use (GOC's compensation; CF's forecast distance)")
+    p.add_argument("--period", type=int, default=None,
+                   help="the FORA period sampling will use (GOC's compensation; CF's forecast distance; default: 2)")
     g = p.add_argument_group("GOC")
-    g.add_argument("--threshold", type=float, default=0.0, help="GOC inflection threshold")
+    g.add_argument("--threshold", type=float, default=None, help="GOC inflection threshold (default: 0)")
     calibrate_pipeline.add_arguments(p)  # --pipeline DIR --prompt-embeds FILE: PixArt (text-to-image)
 
 
@@ -99,6 +102,9 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     statistics is cheap and deterministic, so no rank waits for a broadcast); rank 0 writes it."""
     defaults = model_defaults(model)
     steps = default_steps(model, args.steps)
+    for name, value in DIT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     t0 = time.perf_counter()
     if args.method == "goc":
         try:

@@ -83,12 +83,14 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
                         "(plain SVD without a file: width / 9)")
     g.add_argument("--svd", choices=SVD_KINDS, default="plain", help="where ICC's factors come from")
     g.add_argument("--scale", choices=SCALES, default="both", help="CA/CD scaling side (for calibration)")
-    g.add_argument("--factors", default=None, help="factor file from `calicache calibrate`")
+    g.add_argument("--factors", default=None, help="factor file from `calicache calibrate`, or a shipped one by name "
+                   "(fmnist-dit-cd)")
     g.add_argument("--cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of cached activations (default: the model's)")
     g.add_argument("--goc-weight", type=float, default=1.2, help="GOC compensation weight w")
     g.add_argument("--goc-steps", default=None, help="GOC compensated calls, comma-separated")
-    g.add_argument("--goc-file", default=None, help="GOC steps file from `calicache calibrate --method goc`")
+    g.add_argument("--goc-file", default=None, help="GOC steps file from `calicache calibrate --method goc`, or "
+                   "a shipped one by name (fmnist-dit-goc20)")
     g.add_argument("--forecast-weight", type=float, default=1.0, help="calibrated forecast weight w")
 
 
