@@ -15,6 +15,8 @@ An HTML comment on the line right above a block (not shown on rendered pages) st
     <!-- doc-run: reduce --num 4 --steps 4 -->
         a smaller run of the same commands: each flag replaces that flag's value in every calicache
         command of the block that has it, and is added to those that take it but lack it.
+    <!-- doc-run: reduce num=4 steps=8 -->
+        the same for a Python block: every keyword argument `num=...` written in it becomes `num=4`.
 
 Setup (`bash scripts/setup.sh`) and the test suite (`python -m pytest`), of which this check is a
 part, are never run. A block in another language (or none) that starts like a command is an error:
@@ -96,9 +98,9 @@ def _directives(lines: list[str], fence_index: int, where: str) -> tuple[str | N
             skip = reason[1:-1]
         elif word == "reduce":
             tokens = shlex.split(rest)
-            if not tokens or not tokens[0].startswith("--"):
-                raise DocError(f"{where}: `doc-run: reduce` takes flags with their values, e.g. "
-                               "`<!-- doc-run: reduce --num 4 --steps 4 -->`")
+            if not tokens or not (tokens[0].startswith("--") or "=" in tokens[0]):
+                raise DocError(f"{where}: `doc-run: reduce` takes flags with their values (`--num 4 --steps 4`) "
+                               "or, for Python, keyword arguments (`num=4 steps=8`)")
             reduce = tokens + reduce
         else:
             raise DocError(f"{where}: unknown directive `doc-run: {body}`; use `skip (why)` or `reduce --flag value`")
@@ -219,15 +221,27 @@ def reduce_argv(argv: list[str], flags: list[str]) -> tuple[list[str], set[str]]
 class Step:
     """One thing to run: a calicache command in this process, a shell line, or Python source."""
 
-    kind: str  # "cli", "shell", "python", "not-run"
+    kind: str  # "cli", "shell", "python", "python-c", "not-run"
     what: str
     argv: list[str] = field(default_factory=list)
+
+
+def reduce_python(source: str, assignments: list[str], where: str) -> str:
+    """Every keyword argument `name=literal` of the source set to the reduced value."""
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise DocError(f"{where}: Python blocks are reduced with keyword arguments (`num=4`), got {item!r}")
+        source, n = re.subn(rf"(?<![\w.]){name}=(?!=)[^,)\s]+", f"{name}={value}", source)
+        if n == 0:
+            raise DocError(f"{where}: reduce {item!r}: the block passes no `{name}=` argument")
+    return source
 
 
 def plan(block: Block) -> list[Step]:
     """What running a block means, with its reductions applied."""
     if block.lang == "python":
-        return [Step("python", block.text)]
+        return [Step("python", reduce_python(block.text, block.reduce, block.where))]
     steps: list[Step] = []
     applied: set[str] = set()
     for line in shell_lines(block.text):
@@ -248,6 +262,9 @@ def plan(block: Block) -> list[Step]:
                 steps.append(Step("not-run", f"{shlex.join(seg)}  ({reason})"))
                 continue
             start = calicache_argv_start(seg)
+            if len(seg) == 3 and seg[:2] == ["python", "-c"]:  # its own namespace, as its own process
+                steps.append(Step("python-c", seg[2]))
+                continue
             if start is None:
                 steps.append(Step("shell", shlex.join(seg)))
                 continue
@@ -322,7 +339,8 @@ def _run_shell(line: str, folder: Path) -> tuple[bool, str]:
 @contextlib.contextmanager
 def _page_folder(keep: bool = False):
     """A fresh folder outside the repository as the working directory, with this process's global
-    state (cwd, environment, torch threads and RNG) put back afterwards."""
+    state (cwd, environment, torch threads and RNG) put back afterwards. Commands run on one torch
+thread unless they ask for more (`--threads`)."""
     import torch
 
     folder = Path(tempfile.mkdtemp(prefix="calicache-docs-"))
@@ -331,7 +349,8 @@ def _page_folder(keep: bool = False):
     old_cwd, old_env = os.getcwd(), dict(os.environ)
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     os.environ.update({"CALICACHE_CACHE": str(folder / ".cache"), "CALICACHE_HOME": str(folder / ".home"),
-                       "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
+                       "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)  # tiny models: a second thread buys little, and on a shared machine it costs a lot
     os.chdir(folder)
     try:
         yield folder
@@ -367,6 +386,8 @@ def run_page(page: Path, log=None, keep: bool = False) -> list[Failure]:
                     ok, out = _run_cli(step.argv)
                 elif step.kind == "python":
                     ok, out = _run_python(step.what, namespace, block.where)
+                elif step.kind == "python-c":
+                    ok, out = _run_python(step.what, {"__name__": "__main__"}, f"{block.where} (python -c)")
                 else:
                     ok, out = _run_shell(step.what, folder)
                 if log:
