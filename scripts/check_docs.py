@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Run the commands and snippets of README.md and docs/ as a user copies them.
 
-Every fenced ```bash, ```sh and ```python block of README.md and docs/**/*.md runs, page by page,
+Every fenced ```bash, ```sh and ```python block of README.md and docs/**/*.md (but the generated
+docs/benchmarks/) runs, page by page,
 in a fresh temporary folder outside the repository, and any error fails the page. A page's blocks
 run in order, so later blocks may use the files and names earlier ones made: its Python blocks
 share one namespace; `calicache ...` and `python -m calicache ...` commands run in this process
@@ -79,9 +80,14 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+GENERATED = ("docs/benchmarks",)  # outputs of benchmark runs (their command lines are records, not instructions)
+
+
 def pages(root: Path = ROOT) -> list[Path]:
-    """README.md and every page under docs/, in a stable order."""
-    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    """README.md and every page under docs/ but the generated ones, in a stable order."""
+    docs = sorted(p for p in (root / "docs").rglob("*.md")
+                  if not any(str(p.relative_to(root)).startswith(g + "/") for g in GENERATED))
+    return [root / "README.md", *docs]
 
 
 def _directives(lines: list[str], fence_index: int, where: str) -> tuple[str | None, list[str]]:

@@ -80,8 +80,8 @@ def sample(
     `noise` gives x_T for all N instead. Each batch is one cache run of `steps` model calls.
     `start` lets several processes sample disjoint index ranges of one job (calicache.shards).
 
-    `clip_denoised=None` follows the model's recommended settings (the shipped pixel-space model
-    clips x0 to [-1, 1] as ADM does; DiT's latent models do not).
+    `clip_denoised=None` follows the model's recommended settings (stored with saved models; the
+    shipped model and models without a setting do not clip x0); True clamps x0 to [-1, 1] as ADM does.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
