@@ -347,13 +347,16 @@ def _page_folder(keep: bool = False):
     """A fresh folder outside the repository as the working directory, with this process's global
     state (cwd, environment, torch threads and RNG) put back afterwards. Commands run on one torch
 thread unless they ask for more (`--threads`)."""
+    import random
+
+    import numpy as np
     import torch
 
     folder = Path(tempfile.mkdtemp(prefix="calicache-docs-"))
     if ROOT in folder.resolve().parents:
         raise RuntimeError(f"the temporary folder {folder} is inside the repository; set TMPDIR elsewhere")
     old_cwd, old_env = os.getcwd(), dict(os.environ)
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    threads, rngs = torch.get_num_threads(), (torch.get_rng_state(), np.random.get_state(), random.getstate())
     os.environ.update({"CALICACHE_CACHE": str(folder / ".cache"), "CALICACHE_HOME": str(folder / ".home"),
                        "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)  # tiny models: a second thread buys little, and on a shared machine it costs a lot
@@ -365,7 +368,9 @@ thread unless they ask for more (`--threads`)."""
         os.environ.clear()
         os.environ.update(old_env)
         torch.set_num_threads(threads)
-        torch.set_rng_state(rng)
+        torch.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
 
