@@ -251,17 +251,18 @@ def plan(block: Block) -> list[Step]:
     steps: list[Step] = []
     applied: set[str] = set()
     for line in shell_lines(block.text):
-        tokens = shlex.split(line, comments=True)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        tokens = list(lexer)
+        if any(t != "&&" and set(t) <= set("|;<>&()") for t in tokens) or any("$" in t or "`" in t for t in tokens):
+            steps.append(Step("shell", line))  # pipes, redirections, variables: bash runs the line as written
+            continue
         segments = [[]]
         for tok in tokens:
             if tok == "&&":
                 segments.append([])
             else:
                 segments[-1].append(tok)
-        simple = not any(ch in line for ch in "|;<>$`") or all(calicache_argv_start(s) is None for s in segments)
-        if not simple:
-            steps.append(Step("shell", line))
-            continue
         for seg in segments:
             reason = next((r for cmd, r in NOT_RUN.items() if tuple(seg[: len(cmd)]) == cmd), None)
             if reason is not None:

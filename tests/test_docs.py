@@ -97,3 +97,11 @@ def test_every_flag_of_every_command_is_documented() -> None:
             if flag.startswith("--") and flag != "--help" and not re.search(re.escape(flag) + r"(?![\w-])", text):
                 missing.append(f"calicache {name} {flag}")
     assert not missing, "flags not in their command's docs (README's table says which page): " + ", ".join(missing)
+
+
+def test_shell_syntax_runs_in_bash(tmp_path: Path) -> None:
+    page = _page(tmp_path, "```bash\necho a | tr a b > out.txt\npython -c \"print(1); print(2)\"\n"
+                           "test -s out.txt\n```\n")
+    (block,) = check_docs.blocks(page)
+    assert [s.kind for s in check_docs.plan(block)] == ["shell", "python-c", "shell"]
+    assert check_docs.run_page(page) == []
