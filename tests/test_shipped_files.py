@@ -34,4 +34,16 @@ def test_cli_samples_with_shipped_names(tmp_path, capsys):
     assert main([*argv, "--method", "goc", "--goc-file", "fmnist-dit-goc20"]) == 0
     assert json.loads(capsys.readouterr().out)["cached_ratio"] == 0.5
     assert main([*argv, "--method", "icc", "--svd", "cd", "--factors", "fmnist-dit-cd"]) == 0
-    assert json.loads(capsys.readouterr().out)["factors"] == "fmnist-dit-cd"
+    assert json.loads(capsys.readouterr().out)["cache_config"]["factors"] == "fmnist-dit-cd"
+
+
+def test_config_files_keep_shipped_names(tmp_path, monkeypatch):
+    from calicache import GOCConfig, ICCConfig, load_config
+
+    monkeypatch.chdir(tmp_path)
+    for config in (ICCConfig(svd="cd", factors="fmnist-dit-cd"), GOCConfig(steps_file="fmnist-dit-goc20")):
+        path = config.save(tmp_path / "sub" / f"{config.method}.json")
+        key = "factors" if config.method == "icc" else "steps_file"
+        data = json.loads(path.read_text())
+        assert data[key] == getattr(config, key) and len(data[f"{key}_sha256"]) == 64
+        assert load_config(path) == config  # still the name, wherever the config file lies
