@@ -37,6 +37,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -305,7 +306,15 @@ def _subprocess_env(folder: Path) -> dict[str, str]:
     src = str(Path(calicache.__file__).resolve().parents[1])  # the calicache this process runs
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # torchrun's default port 29500 would collide with any other job on the machine doing the same
+    env.setdefault("PET_MASTER_PORT", str(_free_port()))
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run_cli(argv: list[str]) -> tuple[bool, str]:
