@@ -2,12 +2,13 @@
 """Run the commands and snippets of README.md and docs/ as a user copies them.
 
 Every fenced ```bash, ```sh and ```python block of README.md and docs/**/*.md (but the generated
-docs/benchmarks/) runs, page by page,
-in a fresh temporary folder outside the repository, and any error fails the page. A page's blocks
-run in order, so later blocks may use the files and names earlier ones made: its Python blocks
-share one namespace; `calicache ...` and `python -m calicache ...` commands run in this process
-through `calicache.cli.main` (what the installed `calicache` runs, without a Python start-up per
-command); other shell lines (`python -c`, `torchrun`) run with bash.
+docs/benchmarks/) runs, page by page, in a fresh temporary folder outside the repository, and any
+error fails the page. A page's blocks run in order, so later blocks may use the files and names
+earlier ones made: its Python blocks share one namespace; `calicache ...` and `python -m calicache ...`
+commands run in this process through `calicache.cli.main` (what the installed `calicache` runs,
+without a Python start-up per command); `python -c CODE` runs CODE in a namespace of its own; other
+shell lines (`torchrun`, pipes) run with bash. Everything runs on one torch thread unless a command
+asks for more.
 
 An HTML comment on the line right above a block (not shown on rendered pages) steers it:
 
