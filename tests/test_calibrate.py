@@ -68,6 +68,19 @@ def test_unit_scales_equal_plain_svd():
         assert torch.allclose(a0 @ b0, u[:, :r] @ torch.diag(s[:r]) @ vh[:r], atol=1e-5)
 
 
+def test_scaled_svd_in_float64_reproduces_w_under_wide_scales():
+    # Scales spanning 1e3 (as CA statistics do): the SVD runs in float64, so unscaling does not
+    # amplify float32 rounding; the float32 factors reproduce W to float32 precision.
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 64, generator=g)
+    s_in = torch.logspace(-3, 0, 64)[torch.randperm(64, generator=g)]
+    s_out = torch.logspace(0, 3, 96)[torch.randperm(96, generator=g)]
+    a, s, b = scaled_decomposition(w, s_in, s_out)
+    assert a.dtype == s.dtype == b.dtype == torch.float32
+    assert float((a @ b - w).abs().max()) < 2e-5
+    assert float((a.double() @ b.double() - w.double()).abs().max()) < 2e-5
+
+
 def test_scales_are_validated():
     w = torch.randn(6, 4)
     with pytest.raises(ValueError, match="shapes"):

@@ -69,3 +69,13 @@ def test_bad_inputs_are_clear_errors():
         classifier_input(np.zeros((2, 28, 28), np.float32))
     with pytest.raises(ValueError, match="labels"):
         class_agreement(np.zeros((3, 10)), np.zeros(2))
+
+
+def test_rgb_goes_through_bt601_luma_in_training_and_evaluation():
+    from calicache.training import classifier as training_classifier
+
+    rgb = np.zeros((1, 28, 28, 3), np.uint8)
+    rgb[..., 1] = 200  # pure green: luma 0.587 * 200 = 117.4 -> 117; a channel mean would give 66.67
+    x = classifier_input(rgb)
+    assert torch.equal(x, torch.full((1, 1, 28, 28), 117.0) / 127.5 - 1.0)
+    assert training_classifier.classifier_input is classifier_input

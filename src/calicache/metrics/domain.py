@@ -19,17 +19,25 @@ IMAGE_SIZE = 28
 
 
 def classifier_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W[, C]) -> float (N, 1, H, W) in [-1, 1]; channels averaged (replicated gray stays exact)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"in-domain metrics take uint8 images, got {images.dtype}")
-    x = torch.from_numpy(images.astype(np.float32))  # a copy: inputs may be read-only
-    if x.ndim == 4:
-        x = x.mean(dim=-1)
-    if x.ndim != 3 or tuple(x.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"the Fashion-MNIST classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images, got shape "
-                         f"{tuple(images.shape)}")
-    return (x / 127.5 - 1.0)[:, None]
+    """uint8 (N, 28, 28), (N, 28, 28, 1) or (N, 28, 28, 3) -> float (N, 1, 28, 28) in [-1, 1].
+
+    Three channels are reduced to luma with the ITU-R BT.601 weights in PIL's integer form,
+    (299 R + 587 G + 114 B + 500) // 1000 (PIL's `convert("L")`), which gives back a
+    grayscale-replicated image (as in samples.npz) exactly.
+    """
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise ValueError(f"the Fashion-MNIST classifier takes uint8 images, got {a.dtype}; convert with "
+                         "calicache.images.to_uint8 (or ((x + 1) * 127.5).round().astype(uint8))")
+    if a.ndim == 4 and a.shape[-1] == 3:
+        a = (a[..., 0].astype(np.int32) * 299 + a[..., 1].astype(np.int32) * 587
+             + a[..., 2].astype(np.int32) * 114 + 500) // 1000
+    elif a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"the Fashion-MNIST classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images (N, 28, 28[, 1 or 3]), "
+                         f"got shape {np.asarray(images).shape}")
+    return torch.from_numpy(a.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0  # a copy: inputs may be read-only
 
 
 @torch.inference_mode()

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..metrics.domain import IMAGE_SIZE, classifier_input
 from ..utils import atomic_path
 
 FORMAT = "calicache-classifier"
 SHIPPED_FILE = "fmnist-classifier.safetensors"
-IMAGE_SIZE = 28
 
 
 @dataclass(frozen=True)
@@ -75,25 +75,6 @@ class FashionClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
-
-
-def classifier_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28), (N, 28, 28, 1) or (N, 28, 28, 3) -> float (N, 1, 28, 28) in [-1, 1].
-
-    Three channels are reduced to luma with PIL's integer weights (299, 587, 114) / 1000, which
-    returns a grayscale-replicated image (as in samples.npz) exactly.
-    """
-    a = np.asarray(images)
-    if a.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images, got {a.dtype}; convert with ((x + 1) * 127.5).round().astype(uint8)")
-    if a.ndim == 4 and a.shape[-1] == 3:
-        a = (a[..., 0].astype(np.int32) * 299 + a[..., 1].astype(np.int32) * 587
-             + a[..., 2].astype(np.int32) * 114 + 500) // 1000
-    elif a.ndim == 4 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected 28x28 images (N, 28, 28[, 1 or 3]), got {np.asarray(images).shape}")
-    return torch.from_numpy(a.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0
 
 
 @torch.inference_mode()
