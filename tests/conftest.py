@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from calicache.models.dit import DiT, create_model
 
@@ -30,3 +31,19 @@ def tiny_model(seed: int = 0, **overrides) -> DiT:
 @pytest.fixture
 def model() -> DiT:
     return tiny_model()
+
+
+class TinyClassifier(nn.Module):
+    """The interface of calicache.training.classifier's model: logits (N, 10) and features (N, D) of (N, 1, 28, 28)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 5, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 12))
+        self.head = nn.Linear(12, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)) * 5

@@ -13,6 +13,7 @@ from calicache.metrics import inception
 from calicache.metrics.frechet import frechet_distance, gaussian_stats
 from calicache.metrics.inception import Activations, resize_tf_bilinear
 from calicache.metrics.reference import reference_stats
+from conftest import TinyClassifier
 
 
 class FakeExtractor:
@@ -158,20 +159,6 @@ def test_nothing_to_evaluate_is_a_clear_error(tmp_path, capsys):
     s = _save(tmp_path / "s.npz", _images(size=32))
     rc, _, err = _run(capsys, "--samples", str(s))
     assert rc == 2 and "nothing to evaluate" in err
-
-
-class TinyClassifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8))
-        self.head = torch.nn.Linear(8, 10)
-
-    def features(self, x):
-        return torch.tanh(self.body(x))
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def test_in_domain_metrics_with_the_classifier_module(tmp_path, capsys, monkeypatch, fake_inception):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..bench.runs import Variant, markdown_table, run_variant, score, side_by_side
+from ..bench.report import markdown_table, side_by_side
+from ..bench.runs import Variant, run_variant, score
 from ..cache import CacheConfig
 from ..images import save_png
 from ..models.io import SHIPPED, load_model, shipped_asset

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adm import inception_score
-from .frechet import frechet_distance, gaussian_stats
+from .frechet import feature_frechet_distance
 
 IMAGE_SIZE = 28
 
@@ -77,7 +77,7 @@ def domain_metrics(model: torch.nn.Module, samples: np.ndarray, labels: np.ndarr
         out["notes"].append("class agreement needs the sampled labels (arr_1 in the samples npz)")
     if reference is not None:
         _, ref_feats = classifier_outputs(model, reference, desc="classifier (reference)")
-        out["fd"] = frechet_distance(*gaussian_stats(feats), *gaussian_stats(ref_feats), method=fd_method)
+        out["fd"] = feature_frechet_distance(feats, ref_feats, method=fd_method)
         out["num_reference"] = int(len(reference))
     else:
         out["notes"].append("feature Frechet distance needs 28x28 reference images (--ref)")
