@@ -159,3 +159,17 @@ def write_report(out: Path, command: str, settings: str, notes: list[str], resul
     with atomic_path(out / "bench.json") as tmp:
         tmp.write_text(json.dumps(jsonable(report), indent=2))
     return report
+
+
+def replot(out: Path) -> Path:
+    """Redraw `out`/quality.png from `out`/bench.json (a previous run's numbers); returns its path."""
+    source = out / "bench.json"
+    try:
+        report = json.loads(source.read_text())
+        rows = report["rows"]
+        num = rows[0]["num"]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"{source}: not a readable `calicache bench` report ({e}); run `calicache bench --out "
+                         f"{out}` first") from e
+    quality_figure(rows, num, out / "quality.png", report.get("fd_range"))
+    return out / "quality.png"

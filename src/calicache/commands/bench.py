@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..bench.grid import FAMILIES, GridOptions, domain_inputs, plan_grid, run_grid
-from ..bench.report import COLUMNS, jsonable, markdown_table, mmacs, write_report
+from ..bench.report import COLUMNS, jsonable, markdown_table, mmacs, replot, write_report
 from ..bench.runs import inception_fid, score
 from ..models.io import load_model
 from .common import add_model_arguments, model_defaults, parse_arch, setup
@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-ref", default="fashion-mnist-test", help="FID reference: an npz batch or fashion-mnist-test")
     p.add_argument("--inception", default=None, help="Inception-v3 weights file for --fid")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw OUT/quality.png from OUT/bench.json (a previous run's numbers; no sampling)")
     p.set_defaults(_bench_parser=p)
 
 
@@ -94,6 +96,9 @@ def _options(args: argparse.Namespace, model) -> GridOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        print(f"wrote {replot(Path(args.out))}")
+        return 0
     t_start = time.perf_counter()
     setup(args)
     model = load_model(args.model, parse_arch(args.arch))
