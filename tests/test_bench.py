@@ -190,3 +190,14 @@ def test_bench_scores_come_from_metrics():
     assert band["num"] == 12 and band["low"] <= band["mean"] <= band["high"]
     # Real test images of the same size score inside the band's scale, far from 0 at n = 12.
     assert band["low"] > 0
+
+
+def test_replot_redraws_from_the_report(tmp_path, capsys):
+    rows = [{**r, "num": 32} for r in _rows(2)]
+    rows[0]["psnr"] = "inf"  # as bench.json writes it
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "fd_range": None}))
+    assert main(["bench", "--replot", "--out", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "quality.png") as img:
+        assert img.format == "PNG"
+    assert main(["bench", "--replot", "--out", str(tmp_path / "none")]) == 2
+    assert "run `calicache bench --out" in capsys.readouterr().err
