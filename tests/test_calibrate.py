@@ -13,7 +13,7 @@ from calicache.cache.svd import scaled_decomposition, scaled_svd
 from calicache.calibration.calibrate import gather_statistics
 from calicache.calibration.ranks import RankCandidate, allocate_ranks
 from calicache.calibration.stats import ChannelStatistics, channel_magnitude, finalise, minmax_normalise
-from conftest import tiny_model
+from conftest import rel, tiny_model
 
 STEPS = 10
 
@@ -35,10 +35,6 @@ def stats_means(model, kind, seed=0, batch_size=8, num=24):
     st = gather_statistics(model, fake_data(), kind, specs_of(model), num=num, batch_size=batch_size,
                            steps=STEPS, seed=seed)
     return st.means()
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 # -- scaled SVD ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample, save_model
 from calicache.cache.factors import Factors
 from calicache.cli import main
-from conftest import tiny_model
+from conftest import cli, tiny_model
 
 
 @pytest.fixture
@@ -21,8 +21,8 @@ def setup(tmp_path):
 
 
 def run(tmp_path, *extra):
-    return main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "d.npz"),
-                 "--num", "16", "--batch-size", "8", "--steps", "10", *extra])
+    return cli("calibrate", "--model", tmp_path / "m.safetensors", "--data", tmp_path / "d.npz", "--num", 16,
+               "--batch-size", 8, "--steps", 10, *extra)
 
 
 def test_cli_writes_factors_that_sample_uses(setup, capsys):
