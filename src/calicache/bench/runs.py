@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..cache import CacheConfig, apply_cache, get_engine, remove_cache
 from ..cache.macs import count_macs
 from ..images import to_uint8
-from ..metrics.domain import class_agreement, classifier_outputs
+from ..metrics.domain import class_agreement, classifier_outputs, classifier_pass
 from ..metrics.fidelity import fidelity
 from ..metrics.frechet import feature_frechet_distance, frechet_distance, gaussian_stats, subset_frechet_range
 from ..sampling import _class_labels, sample
@@ -128,7 +128,7 @@ def score(results: list[Result], reference: Result, classifier: nn.Module | None
         return None
     test_features = None
     if test_images is not None:
-        _, test_features = classifier_outputs(classifier, test_images, desc="classifier (test images)")
+        test_features = classifier_pass([classifier.features], test_images, desc="classifier (test images)")[0]
     for r in tqdm(results, desc="classifier", leave=False):
         logits, features = classifier_outputs(classifier, r.images)
         labels = _class_labels(None, len(r.images), logits.shape[1]).numpy()

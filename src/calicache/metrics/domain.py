@@ -41,16 +41,25 @@ def classifier_input(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def classifier_pass(fns, images: np.ndarray, batch_size: int = 500, desc: str = "classifier") -> list[np.ndarray]:
+    """Each of `fns` (e.g. `model`, `model.features`) over uint8 images in batches: float64 (N, ...) arrays,
+    one per function, flattened to (N, D)."""
+    x = classifier_input(images)
+    if len(x) == 0:
+        raise ValueError("no images given to the classifier")
+    outs: list[list[torch.Tensor]] = [[] for _ in fns]
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
+        xb = x[start : start + batch_size]
+        for out, fn in zip(outs, fns):
+            out.append(fn(xb).flatten(1).double())
+    return [torch.cat(out).numpy() for out in outs]
+
+
 def classifier_outputs(model: torch.nn.Module, images: np.ndarray, batch_size: int = 500,
                        desc: str = "classifier") -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, K), features (N, D)) as float64 numpy arrays."""
-    x = classifier_input(images)
-    logits, feats = [], []
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
-        xb = x[start : start + batch_size]
-        logits.append(model(xb).double())
-        feats.append(model.features(xb).flatten(1).double())
-    return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+    logits, feats = classifier_pass([model, model.features], images, batch_size, desc)
+    return logits, feats
 
 
 def class_agreement(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..metrics.domain import IMAGE_SIZE, classifier_input
+from ..metrics.domain import IMAGE_SIZE, classifier_input, classifier_pass
 from ..utils import atomic_path
 
 FORMAT = "calicache-classifier"
@@ -77,22 +77,14 @@ class FashionClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-@torch.inference_mode()
-def _batched(fn, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    x = classifier_input(images)
-    if len(x) == 0:
-        raise ValueError("no images given")
-    return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
-
-
 def predict_uint8(model: FashionClassifier, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Predicted labels int64 (N,) for uint8 images (NHW, or NHWC such as samples.npz's arr_0)."""
-    return _batched(model, images, batch_size).argmax(-1).numpy().astype(np.int64)
+    return classifier_pass([model], images, batch_size)[0].argmax(-1).astype(np.int64)
 
 
 def features_uint8(model: FashionClassifier, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Penultimate features float64 (N, D) for uint8 images (NHW or NHWC)."""
-    return _batched(model.features, images, batch_size).double().numpy()
+    return classifier_pass([model.features], images, batch_size)[0]
 
 
 def accuracy(model: FashionClassifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
