@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import CacheConfig, apply_cache, get_engine, remove_cache
+from ..cache import MethodConfig, apply_cache, get_engine, remove_cache
 from ..cache.macs import count_macs
 from ..images import to_uint8
 from ..metrics.domain import class_agreement, classifier_outputs, classifier_pass
@@ -34,7 +34,7 @@ class Variant:
     """One row of a comparison: a label, a cache config and the step count it samples with."""
 
     name: str
-    config: CacheConfig
+    config: MethodConfig
     steps: int
     family: str = ""
 

@@ -26,6 +26,7 @@ import torch
 from ..bench.grid import FAMILIES, GridOptions, domain_inputs, plan_grid, run_grid
 from ..bench.report import COLUMNS, jsonable, markdown_table, mmacs, replot, write_report
 from ..bench.runs import inception_fid, score
+from ..cache import load_config
 from ..models.io import load_model
 from .common import add_model_arguments, model_defaults, parse_arch, setup
 
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factors-dir", default=None,
                    help="folder with CA/CD factor files (ca-full.safetensors, cd-budget0.3125.safetensors, ...; "
                         "a previous run's OUT/factors); missing ones are calibrated on Fashion-MNIST for pixel models")
+    p.add_argument("--config", default=None, help="also run this cache config file (config.save(path))")
     p.add_argument("--goc-file", default=None, help="GOC steps file for --steps at period 2 (default: found now)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the model's recommended, else 1)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per sampling run (default: all)")
@@ -92,7 +94,9 @@ def _options(args: argparse.Namespace, model) -> GridOptions:
     cfg = args.cfg_scale if args.cfg_scale is not None else model_defaults(model).get("cfg_scale", 1.0)
     return GridOptions(steps=steps, num=num, cfg_scale=float(cfg), seed=args.seed, batch_size=args.batch_size,
                        quick=args.quick, families=families, factors_dir=factors_dir, goc_file=args.goc_file,
-                       data_dir=args.data_dir, out=Path(args.out))
+                       data_dir=args.data_dir, out=Path(args.out),
+                       config=load_config(args.config) if args.config else None,
+                       config_name=Path(args.config).name if args.config else "config")
 
 
 def run(args: argparse.Namespace) -> int:
