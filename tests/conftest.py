@@ -5,6 +5,7 @@ Import them with `from conftest import ...`; diffusers is imported only by the h
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -86,6 +87,24 @@ class TinyClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)) * 5
+
+
+@pytest.fixture
+def calibrate_files(tmp_path):
+    """(tmp_path, model): a tiny model saved as tmp_path/m.safetensors and 40 labelled 8x8 images as tmp_path/d.npz."""
+    from calicache import save_model
+
+    model = tiny_model()
+    save_model(model, tmp_path / "m.safetensors")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), rng.integers(0, 4, 40))
+    return tmp_path, model
+
+
+def calibrate_cli(tmp_path, *extra) -> int:
+    """`calicache calibrate` on the files of `calibrate_files` (16 images, batch 8, 10 steps) and `extra` flags."""
+    return cli("calibrate", "--model", tmp_path / "m.safetensors", "--data", tmp_path / "d.npz", "--num", 16,
+               "--batch-size", 8, "--steps", 10, *extra)
 
 
 # -- tiny diffusers pipelines (diffusers initialises nothing to zero, so outputs are non-trivial as built) --
