@@ -107,6 +107,20 @@ def calibrate_cli(tmp_path, *extra) -> int:
                "--batch-size", 8, "--steps", 10, *extra)
 
 
+def count_linear(monkeypatch, weights):
+    """Counts F.linear calls per weight (what nn.Linear.forward computes), seen through every hook."""
+    counts = {id(w): 0 for w in weights}
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        if id(w) in counts:
+            counts[id(w)] += 1
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    return counts
+
+
 # -- tiny diffusers pipelines (diffusers initialises nothing to zero, so outputs are non-trivial as built) --
 def tiny_vae():
     from diffusers import AutoencoderKL
