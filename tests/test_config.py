@@ -15,16 +15,13 @@ from calicache import (
     GOCConfig,
     ICCConfig,
     NoCacheConfig,
-    apply_cache,
     cli,
     load_config,
-    remove_cache,
-    sample,
 )
 from calicache.cache.methods import config_from_dict
 from calicache.commands.common import add_cache_arguments, cache_config_from_args
 from calicache.models.io import save_model
-from conftest import tiny_model
+from conftest import run_cached, tiny_model
 
 STEPS = 6
 
@@ -37,10 +34,7 @@ def factors(tmp_path):
 
 
 def run(config) -> torch.Tensor:
-    model = apply_cache(tiny_model(), config)
-    out = sample(model, 3, STEPS, cfg_scale=2.0, seed=1)
-    remove_cache(model)
-    return out
+    return run_cached(tiny_model(), config, STEPS, num=3, cfg_scale=2.0, seed=1)
 
 
 @pytest.mark.parametrize("config", [

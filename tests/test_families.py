@@ -21,7 +21,7 @@ from calicache.adapters import get_adapter
 from calicache.cache import get_engine
 from calicache.cache.pipeline import PIPE_ATTR
 from calicache.calibration.text import calibrate_text
-from conftest import count_linear
+from conftest import cli, count_linear, rel
 
 diffusers = pytest.importorskip("diffusers")
 from tiny_families import (  # noqa: E402
@@ -38,10 +38,6 @@ from tiny_families import (  # noqa: E402
     wan,
     with_vae,
 )
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module", params=sorted(PIPES))
@@ -242,12 +238,6 @@ def folders(tmp_path_factory):
         save_file({k: v.clone().contiguous() for k, v in call_kwargs(kind).items() if isinstance(v, torch.Tensor)},
                   str(root / f"{kind}.safetensors"))
     return root
-
-
-def cli(*argv):
-    from calicache.cli import main
-
-    return main([str(a) for a in argv])
 
 
 def test_cli_calibrates_and_samples_every_family(kind, folders, tmp_path, capsys):

@@ -15,9 +15,10 @@ from .diffusion.samplers import SAMPLERS
 from .diffusion.schedule import Schedule
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of one sample: its noise depends only on (seed, index)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+def sample_generator(seed: int, index: int, *stream: int) -> torch.Generator:
+    """The generator of one sample: its draws depend only on (seed, index) and the `stream` tag
+    (calibration passes its own, so its draws never repeat sampling's noise)."""
+    state = np.random.SeedSequence([int(seed), int(index), *map(int, stream)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -35,6 +36,17 @@ def _class_labels(classes: Sequence[int] | int | None, num: int, num_classes: in
     if bad:
         raise ValueError(f"class labels {sorted(set(bad))[:5]} are outside 0..{num_classes - 1}")
     return torch.tensor(labels, dtype=torch.long)
+
+
+FALLBACK_STEPS = 50
+
+
+def default_steps(model: nn.Module, steps: int | None = None) -> int:
+    """`steps` if given, else the steps the model recommends (stored with shipped and saved models),
+    else 50: the one default of sampling and of the calibrations that must match it."""
+    if steps is not None:
+        return steps
+    return int(dict(getattr(model, "calicache_defaults", {}) or {}).get("steps", FALLBACK_STEPS))
 
 
 def model_calls(steps: int, sampler: str = "ddim") -> int:
@@ -93,8 +105,8 @@ def sample(
     The model's outputs are checked for NaN/inf on the device at every step and read once per
     batch (no model call waits on the device); a non-finite output raises with its step.
 
-    `clip_denoised=None` follows the model's recommended settings (the shipped pixel-space model
-    clips x0 to [-1, 1] as ADM does; DiT's latent models do not).
+    `clip_denoised=None` follows the model's recommended settings (stored with saved models; the
+    shipped model and models without a setting do not clip x0); True clamps x0 to [-1, 1] as ADM does.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")

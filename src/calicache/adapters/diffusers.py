@@ -1,7 +1,8 @@
 """diffusers' `DiTTransformer2DModel` and `PixArtTransformer2DModel`: every `BasicTransformerBlock`
 has the cacheable branches self-attention `attn1`, cross-attention `attn2` (PixArt; no gate) and
 feed-forward `ff`, cached pre-gate, so L = 3 x depth with cross-attention, 2 x depth without
-(ALGORITHMS.md).
+(the ICC paper, arXiv 2505.05829 Sec. 3, caches DiT's attention and MLP branches; cross-attention
+is PixArt-alpha's third branch per block).
 
 The cross-attention keys and values and PixArt's caption projection depend on the prompt only; the
 adapter names them as run constants, which the engine computes once per run and reuses exactly

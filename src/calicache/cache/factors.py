@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..adapters import LinearSpec
+from ..models.io import shipped_file
 from ..utils import atomic_path
 
 FORMAT = "calicache-factors"
@@ -72,7 +72,8 @@ class Factors:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Factors:
-        path = Path(path)
+        """A factor file, or a shipped one by name (`fmnist-dit-cd`)."""
+        path = shipped_file(path)
         if not path.exists():
             raise FileNotFoundError(f"factor file {path} does not exist; make one with `calicache calibrate`")
         try:

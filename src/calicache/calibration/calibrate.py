@@ -23,20 +23,21 @@ from ..cache.schedule import check_period
 from ..cache.state import get_engine
 from ..cache.svd import SCALES, SVD_KINDS, check_rank, scaled_decomposition, truncate
 from ..diffusion.guidance import guided_model_fn
-from ..diffusion.samplers import SAMPLERS
+from ..diffusion.samplers import SAMPLERS, ddim_step
 from ..diffusion.schedule import Schedule
 from ..models.io import weight_hash
+from ..sampling import default_steps, sample_generator
 from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_images, select
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
+CALIBRATION_STREAM = 0x1CC  # sample_generator's tag for calibration draws
 TRAJECTORIES = ("uncached", "cached")  # where CD statistics are taken: uncached steps, or the cached sampler's
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
 
 
 def calibration_generator(seed: int, index: int) -> torch.Generator:
     """Generator of calibration sample `index`: its step, label drop and noise depend only on (seed, index)."""
-    state = np.random.SeedSequence([int(seed), int(index), 0x1CC]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return sample_generator(seed, index, CALIBRATION_STREAM)
 
 
 def _draw(gens: list[torch.Generator], low: int, high: int, shape: tuple[int, ...]
@@ -46,14 +47,6 @@ def _draw(gens: list[torch.Generator], low: int, high: int, shape: tuple[int, ..
     drop = torch.stack([torch.rand((), generator=g) < LABEL_DROP for g in gens])
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
     return index, drop, noise
-
-
-def _ddim_step(z: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, abar_next: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM update (eta = 0) with a per-sample step, as `diffusion.samplers.ddim`."""
-    a = abar.view(-1, 1, 1, 1).to(z)
-    ap = abar_next.view(-1, 1, 1, 1).to(z)
-    x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-    return ap.sqrt() * x0 + (1 - ap).sqrt() * eps
 
 
 @torch.inference_mode()
@@ -126,7 +119,7 @@ def gather_statistics(
                 for phase in passes:
                     stats.reference() if phase == "reference" else stats.idle()
                     eps = fn(z, t)[:, : z.shape[1]]
-                    z = _ddim_step(z, eps, abar[index], abar[index - 1])
+                    z = ddim_step(z, eps, abar[index].view(-1, 1, 1, 1).to(z), abar[index - 1].view(-1, 1, 1, 1).to(z))
                     index = index - 1
                     t = timesteps[index].to(device)
                 stats.measure()
@@ -194,7 +187,7 @@ def calibrate(
     rank: int | str = 128,
     num: int = 256,
     batch_size: int = 16,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "ddim",
     spacing: str = "adm",
     scale: str = "both",
@@ -219,7 +212,8 @@ def calibrate(
       schedule of `period`: references at sampler steps i and i - period, measured at i - period - 1).
     - scale: "both" (default), "input" or "output" (the paper's Table 4 ablation).
     - rank: uniform rank (clamped to each weight's full rank) or "full".
-    - steps / sampler / spacing: the sampling schedule the statistics are taken on.
+    - steps / sampler / spacing: the sampling schedule the statistics are taken on: the one you will
+      sample with (steps default: the model's recommended steps, as `calicache sample`, else 50).
     - cfg_scale: 1 (default) as the authors; > 1 gathers the statistics of guided calls.
     - trajectory: "uncached" (the paper's CD) or "cached" (svd="cd" only): trajectory-consistent
       calibration, `trajectory_rounds` rounds of CD statistics along `trajectory_num` runs of the
@@ -230,6 +224,7 @@ def calibrate(
 
     _check_args(svd, rank, scale, cfg_scale, sampler, period)
     _check_trajectory(svd, trajectory, trajectory_rounds, trajectory_num)
+    steps = default_steps(model, steps)
     if diffusers_family(getattr(model, "transformer", model)) == "pixart":  # images + class labels do not apply
         raise ValueError("PixArt is calibrated on prompt embeddings: use calicache.calibrate_text(transformer or "
                          "pipeline, prompt_embeds, latents=..., svd=...) or `calicache calibrate --pipeline DIR`")

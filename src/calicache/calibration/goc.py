@@ -92,7 +92,7 @@ def compensation_steps(cosines: Sequence[float | None], period: int = 2, thresho
 
 def find_goc_steps(
     model: nn.Module,
-    steps: int,
+    steps: int | None = None,
     sampler: str = "ddim",
     spacing: str = "adm",
     num: int = 32,
@@ -104,14 +104,15 @@ def find_goc_steps(
     progress: bool = False,
 ) -> GocSteps:
     """Run uncached sampling of `num` samples (classes i % num_classes, seeds (seed, i)) and choose
-    the compensation steps for FORA period `period` (see the module docstring).
+    the compensation steps for FORA period `period` (see the module docstring). `steps` defaults to
+    the model's recommended steps, else 50 (`calicache.sampling.default_steps`).
 
     Branch outputs are read by temporary forward hooks and reduced to cosine sums on the fly.
     """
     from ..adapters import get_adapter
     from ..cache.state import get_engine
     from ..models.io import weight_hash
-    from ..sampling import model_calls, sample
+    from ..sampling import default_steps, model_calls, sample
 
     if get_engine(model) is not None:
         raise ValueError("the model has a cache attached; the finder needs uncached outputs: remove_cache(model) first")
@@ -120,6 +121,7 @@ def find_goc_steps(
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     check_period(period)
+    steps = default_steps(model, steps)
     calls = model_calls(steps, sampler)
     if calls < 3:
         raise ValueError(f"a run of {calls} calls has no call with two earlier changes; use --steps >= 3")

@@ -23,9 +23,13 @@ from ..cache.svd import SCALES, SVD_KINDS, parse_rank
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
 from ..models.io import load_model, weight_hash
+from ..sampling import default_steps
 from ..shards import settings_digest
 from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
+
+# DiT-only options: None when not given, so that a pipeline (own scheduler, ICC only) refuses any value.
+DIT_DEFAULTS = {"sampler": "ddim", "spacing": "adm", "period": 2, "forecast_weight": 1.0, "threshold": 0.0}
 
 # Options each rank may set for itself; every other option must be the same on every rank.
 RANK_LOCAL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
@@ -37,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output file (ICC: factors.safetensors)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, "
                    "else 50; PixArt: the pipeline's, 20)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
-    p.add_argument("--spacing", choices=SPACINGS, default="adm")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="DiT sampler (default: ddim)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None, help="DiT timestep spacing (default: adm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=None, help="calibration images (ICC, default 256) or samples (GOC, "
                    "default 32); PixArt: CA pairs or CD sampling runs (default: every prompt row)")
@@ -55,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--svd", choices=SVD_KINDS, default="cd",
                    help="cd: channel-difference (the paper's best), ca: channel-activation, cf: forecast residuals "
                         "(for --method forecast at sampling), plain: unscaled")
-    g.add_argument("--forecast-weight", type=float, default=1.0,
-                   help="CF: the forecast weight w the factors will be used with")
+    g.add_argument("--forecast-weight", type=float, default=None,
+                   help="CF: the forecast weight w the factors will be used with (default: 1)")
     g.add_argument("--scale", choices=SCALES, default="both", help="which side the CA/CD scaling weighs")
     g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
     g.add_argument("--trajectory", choices=("uncached", "cached"), default="uncached",
@@ -67,10 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trajectory-num", type=int, default=64, help="TCC: cached sampling runs per round")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models; "
                    "PixArt: encodes --data instead of the pipeline's VAE")
-    p.add_argument("--period", type=int, default=2,
-                   help="the FORA period sampling will use (GOC's compensation; CF's forecast distance)")
+    p.add_argument("--period", type=int, default=None,
+                   help="the FORA period sampling will use (GOC's compensation; CF's forecast distance; default: 2)")
     g = p.add_argument_group("GOC")
-    g.add_argument("--threshold", type=float, default=0.0, help="GOC inflection threshold")
+    g.add_argument("--threshold", type=float, default=None, help="GOC inflection threshold (default: 0)")
     calibrate_pipeline.add_arguments(p)  # --pipeline DIR --prompt-embeds FILE: PixArt (text-to-image)
 
 
@@ -92,14 +96,13 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     """Every rank gathers its share and gets the same result (the factorisation of the summed
     statistics is cheap and deterministic, so no rank waits for a broadcast); rank 0 writes it."""
     defaults = model_defaults(model)
-    steps = args.steps or defaults.get("steps", 50)
+    steps = default_steps(model, args.steps)
+    for name, value in DIT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     t0 = time.perf_counter()
     if args.method == "goc":
-        try:
-            from ..calibration.goc import find_goc_steps
-        except ImportError as e:
-            raise RuntimeError("GOC calibration needs calicache.calibration.goc, which this installation lacks; "
-                               "update calicache") from e
+        from ..calibration.goc import find_goc_steps
 
         cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
         found = find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num or 32,
@@ -109,8 +112,15 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
             return 0
         found.save(args.out)
         report = {"method": "goc", "model": str(args.model), "out": args.out, "steps": steps,
-                  "cfg_scale": cfg_scale, "world_size": world, "wall_seconds": round(time.perf_counter() - t0, 2)}
-        print(json.dumps(report, indent=2) if args.json else f"wrote GOC steps to {args.out}")
+                  "cfg_scale": cfg_scale, "threshold": found.threshold, "cosines": found.cosines,
+                  "inflections": found.inflections, "compensated": found.steps,
+                  "world_size": world, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:  # the per-call cosines the steps were chosen from, then where they went
+            print(found.table())
+            print(f"compensated calls {','.join(map(str, found.steps)) or 'none'}; wrote GOC steps to {args.out} "
+                  f"in {report['wall_seconds']:.1f}s")
         return 0
 
     from ..cache.macs import count_macs

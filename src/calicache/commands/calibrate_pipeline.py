@@ -131,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if args.method != "icc":
         raise ValueError("calibrating a PixArt pipeline makes ICC factors (--method icc); GOC steps are found on "
                          "calicache DiTs")
-    if args.period != 2 or args.forecast_weight != 1.0 or args.threshold != 0.0:
+    if args.period is not None or args.forecast_weight is not None or args.threshold is not None:
         raise ValueError("--period, --forecast-weight and --threshold belong to GOC / CF calibration of calicache "
                          "DiTs; PixArt's ICC factors do not depend on them")
-    if args.sampler != "ddim" or args.spacing != "adm":
+    if args.sampler is not None or args.spacing is not None:
         raise ValueError("--sampler and --spacing belong to calicache's DiT sampler; a pipeline follows "
                          "--scheduler pipeline|ddim|dpmpp_2m")
     if args.svd == "ca" and (args.latents is None) == (args.data is None):

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the Inception-v3 suite; --ref then serves the in-domain metrics only")
     p.add_argument("--classifier", default="auto",
                    help="in-domain classifier: auto (calicache.training.classifier's shipped one, skipped if absent), "
-                        "none, or a weights file for calicache.training.classifier.load_classifier")
+                        "none, a weights file for calicache.training.classifier.load_classifier, or a shipped one "
+                        "by name (fmnist-classifier)")
     p.add_argument("--clip", default=None, help="local transformers CLIP folder for the CLIP score")
     p.add_argument("--prompts", default=None, help="text file, one prompt per sample (else `prompts` in the npz)")
     p.add_argument("--fd-method", choices=METHODS, default="sqrtm",

@@ -1,6 +1,8 @@
 """Count multiply-accumulates of one sampling run (per sample, the papers' convention).
 
-Prints total, per_call, full_call, total_with_cfg, speedup and cached_ratio. A registry name is
+Prints the total per sample, the full call, the speed-up and the cached share (with --cfg-scale > 1
+also the total with the guidance doubling); --json prints the whole dict: total, per_call (one entry
+per call), full_call, total_with_cfg, speedup and cached_ratio. A registry name is
 counted on the meta device (no weights, no memory); a checkpoint path counts that model. A diffusers
 folder given as --pipeline (or a PixArt folder as --model) is counted as diffusers runs its transformer,
 built from config.json on the meta device: a DiT block's own embedders, PixArt's cross-attention with
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}, {args.steps} calls, method {config.method}: {macs['total'] / 1e9:.2f} GMACs per sample "
               f"(full call {macs['full_call'] / 1e9:.2f} G, {macs['speedup']:.2f}x fewer than uncached, "
               f"{macs['cached_ratio']:.0%} of branch computations served from the cache)")
+        if args.cfg_scale != 1:
+            print(f"with guidance (doubled batch): {macs['total_with_cfg'] / 1e9:.2f} GMACs per sample")
     return 0
 
 

@@ -19,7 +19,7 @@ from ..cache import apply_cache, get_engine
 from ..cache.macs import count_macs
 from ..images import decode_latents, to_uint8
 from ..models.io import load_model
-from ..sampling import _class_labels, sample
+from ..sampling import _class_labels, default_steps, sample
 from . import sample_pipeline
 from .common import (
     add_cache_arguments,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     setup(args)
     model = load_model(args.model, parse_arch(args.arch)).to(distributed.device())  # CPU outside torchrun
     defaults = model_defaults(model)
-    steps = args.steps if args.steps is not None else defaults.get("steps", 50)
+    steps = default_steps(model, args.steps)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
     classes = parse_classes(args.classes)
     if model.config.in_channels not in (1, 3) and args.vae is None:

@@ -187,6 +187,18 @@ def shipped_path(name: str) -> Path:
     return shipped_asset(SHIPPED[name])
 
 
+def shipped_file(name_or_path: str | os.PathLike) -> Path:
+    """A file argument that also takes a shipped asset's name: `fmnist-dit-cd` (factors),
+    `fmnist-dit-goc20` (GOC steps), `fmnist-classifier`, from any folder. A file that exists
+    under that name wins; anything else is returned as a path for the caller to open."""
+    path = Path(name_or_path)
+    if path.exists() or path.name != str(name_or_path):
+        return path
+    assets = resources.files("calicache") / "assets"
+    match = [a for a in assets.iterdir() if a.name.split(".")[0] == path.name] if assets.is_dir() else []
+    return Path(str(match[0])) if match else path
+
+
 def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) -> DiT:
     """A DiT in eval mode from a file, a shipped model name, or a registry name with weights."""
     key = str(path_or_name)

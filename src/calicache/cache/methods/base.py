@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ...metrics.inception import file_sha256
+from ...models.io import shipped_file
 from ...utils import atomic_path
 from ..schedule import CacheSchedule, check_period
 
@@ -161,8 +162,8 @@ class MethodConfig:
                 if not isinstance(v, (str, os.PathLike)):
                     raise ValueError(f"{f.name} is an in-memory {type(v).__name__}; save it to a file first "
                                      f"(`.save(path)`) and pass {f.name}=path")
-                out[f.name] = _relative(os.fspath(v), base)
-                out[f"{f.name}_sha256"] = file_sha256(v)
+                out[f.name] = os.fspath(v) if _shipped_name(v) else _relative(os.fspath(v), base)
+                out[f"{f.name}_sha256"] = file_sha256(shipped_file(v))
             else:
                 out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
@@ -199,9 +200,10 @@ class MethodConfig:
                 v = _schedule_from_json(v, where)
             elif k == "schedule" or k in cls.files:
                 _check_type(k, v, (str,), "a file path")
-                if v is not None:
+                if v is not None and not (k in cls.files and _shipped_name(v)):
                     v = _resolve(v, base)
-                    _verify(k, v, data.get(f"{k}_sha256"), where)
+                if v is not None:
+                    _verify(k, shipped_file(v), data.get(f"{k}_sha256"), where)
             elif k == "cache_dtype":
                 _check_type(k, v, (str,), f"one of {sorted(DTYPES)} or null")
             kwargs[k] = v
@@ -215,6 +217,11 @@ def _relative(path: str, base: str | os.PathLike | None) -> str:
     if base is None:
         return path
     return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+
+
+def _shipped_name(path: str | os.PathLike) -> bool:
+    """A shipped file's name (`fmnist-dit-cd`), kept as a name in config files: it works from any folder."""
+    return shipped_file(path) != Path(path)
 
 
 def _resolve(path: str, base: str | os.PathLike | None) -> str:

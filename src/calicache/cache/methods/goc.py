@@ -15,11 +15,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from ...models.io import shipped_file
 from ...utils import atomic_path
 from .base import Argument, BranchCache, Method, MethodConfig, each, tensors
 
@@ -86,7 +86,8 @@ class GocSteps:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GocSteps:
-        path = Path(path)
+        """A steps file, or a shipped one by name (`fmnist-dit-goc20`)."""
+        path = shipped_file(path)
         if not path.exists():
             raise FileNotFoundError(f"GOC steps file {path} does not exist; make one with "
                                     "`calicache calibrate --method goc --model M --steps S --out PATH`")
@@ -229,7 +230,8 @@ class GOCConfig(MethodConfig):
     arguments: ClassVar[tuple[Argument, ...]] = MethodConfig.arguments + (
         Argument("--goc-weight", "weight", "GOC compensation weight w", float),
         Argument("--goc-steps", "steps", "GOC compensated calls, comma-separated", parse_steps),
-        Argument("--goc-file", "steps_file", "GOC steps file from `calicache calibrate --method goc`"),
+        Argument("--goc-file", "steps_file", "GOC steps file from `calicache calibrate --method goc`, "
+                 "or a shipped one by name (fmnist-dit-goc20)"),
     )
     files: ClassVar[tuple[str, ...]] = ("steps_file",)
 

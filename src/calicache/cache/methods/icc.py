@@ -207,7 +207,8 @@ class ICCConfig(MethodConfig):
         Argument("--rank", "rank", "ICC rank: an integer, 'full', or omitted = the factor file's per-layer ranks "
                  "(plain SVD without a file: width / 9)", parse_rank),
         Argument("--svd", "svd", "where ICC's factors come from", choices=SVD_KINDS),
-        Argument("--factors", "factors", "factor file from `calicache calibrate`"),
+        Argument("--factors", "factors", "factor file from `calicache calibrate`, or a shipped one by name "
+                 "(fmnist-dit-cd)"),
     )
     files: ClassVar[tuple[str, ...]] = ("factors",)
 
