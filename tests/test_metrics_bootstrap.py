@@ -8,6 +8,7 @@ from calicache.metrics.bootstrap import (
     FrechetBootstrap,
     PrecisionRecallBootstrap,
     bootstrap,
+    centred_interval,
     percentile_interval,
     resamples,
     share,
@@ -51,6 +52,10 @@ def test_resamples_and_intervals():
     half = 1.96 * np.sqrt(0.21 / 400)
     assert out["lo"] < out["value"] < out["hi"] and out["value"] == x.mean()
     assert 0.7 * half < (out["hi"] - out["lo"]) / 2 < 1.3 * half
+    assert (out["lo"], out["hi"]) == pytest.approx(percentile_interval(out["values"]), abs=0.01)
+    # an upward-shifted bootstrap distribution is placed around the measured value, the shift reported
+    lo, hi, shift = centred_interval(10.0, np.arange(100.0) / 10 + 12)  # median 16.95, q2.5 12.2475, q97.5 21.6525
+    assert (lo, hi, shift) == pytest.approx((10 - 4.7025, 10 + 4.7025, 6.95))
 
 
 def test_weighted_inception_score_equals_the_score_of_the_repeated_set():
