@@ -4,6 +4,8 @@
     python benchmarks/quality.py --num 2000 --num-fd 5000 --out runs/quality-full
     # the reduced run (end to end in minutes)
     python benchmarks/quality.py --num 200 --num-fd 200 --ref-num 1000 --bootstrap 200 --out runs/quality-200
+    # what the full run would cost here, from the reduced run's timings
+    python benchmarks/quality.py --estimate runs/quality-200/quality.json --num 2000 --num-fd 5000
 
 Configurations (shipped model, guidance = its recommended scale, DDIM adm spacing, classes index % 10,
 the same noise per sample index in every configuration): uncached at `--steps` (20), FORA p=2,
@@ -210,6 +212,38 @@ def tables(rows: list[dict], comps: list[dict]) -> str:
     return markdown_table(show, cols) + "\n\n" + markdown_table(comp, ccols)
 
 
+def estimate(done: dict, num: int, num_fd: int, bootstrap: int, ref_num: int = 10000) -> dict:
+    """Seconds a run at (num, num_fd, bootstrap) would take, from a finished run's timings (sampling
+    and Inception scale linearly in their sample counts) and the bootstrap's cost timed now at the
+    full sizes on synthetic features (it grows faster than linearly)."""
+    rng = np.random.default_rng(0)
+    costs = {}
+    for name, n, d in (("fid", num, 2048), ("sfid", num, 2023), ("fd", num_fd, 128)):
+        fb = FrechetBootstrap(np.zeros(d), np.eye(d)).fit(rng.normal(size=(n, d)))
+        w = resamples(n, 2, seed=1)
+        t0 = time.perf_counter()
+        for row in w:
+            fb(row)
+        costs[name] = (time.perf_counter() - t0) / len(w)
+    t0 = time.perf_counter()
+    pr = PrecisionRecallBootstrap(rng.normal(size=(ref_num, 2048)), rng.normal(size=(num, 2048)))
+    costs["pr_setup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pr.recall(resamples(num, 1, seed=2)[0])
+    costs["pr"] = time.perf_counter() - t0
+    rows = done["rows"]
+    sampling = sum(r["sampling_seconds"] for r in rows) * num_fd / done["num_fd"]
+    inception_per_image = sum(r["inception_seconds"] for r in rows) / (len(rows) * done["num"])
+    inception = inception_per_image * (num * len(rows) + ref_num)
+    boot = len(rows) * (bootstrap * (costs["fid"] + costs["sfid"] + costs["fd"] + costs["pr"]) + costs["pr_setup"])
+    return {"configurations": len(rows), "num": num, "num_fd": num_fd, "bootstrap": bootstrap,
+            "seconds": {"sampling": round(sampling), "inception": round(inception), "bootstrap": round(boot),
+                        "total": round(sampling + inception + boot)},
+            "inception_seconds_per_image": round(inception_per_image, 3),
+            "bootstrap_seconds_per_resample": {k: round(v, 3) for k, v in costs.items()},
+            "from": {"num": done["num"], "num_fd": done["num_fd"], "threads": done["threads"]}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fmnist-dit", help="a shipped model name (its factor and GOC files are used)")
@@ -226,7 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/quality-bench")
+    p.add_argument("--estimate", default=None, metavar="QUALITY_JSON",
+                   help="only estimate the run time of --num/--num-fd/--bootstrap from a finished run's quality.json")
     args = p.parse_args(argv)
+    if args.estimate:
+        torch.set_num_threads(args.threads)
+        est = estimate(json.loads(Path(args.estimate).read_text()), args.num, args.num_fd, args.bootstrap)
+        print(json.dumps(est, indent=2))
+        return est
     if args.num_fd < args.num:
         raise SystemExit(f"--num-fd ({args.num_fd}) must be >= --num ({args.num}): the Inception samples are "
                          "the first --num of the in-domain ones")

@@ -100,3 +100,12 @@ def test_rerun_reuses_the_samples(run):
     assert [r["fd"] for r in again["rows"]] == [r["fd"] for r in res["rows"]]
     with pytest.raises(SystemExit, match="must be >= --num"):
         mod.main(["--num", "20", "--num-fd", "10"])
+
+
+def test_estimate_scales_a_finished_run(run):
+    mod, _, out, res = run
+    small = mod.estimate(res, num=8, num_fd=12, bootstrap=20, ref_num=40)
+    big = mod.estimate(res, num=16, num_fd=24, bootstrap=20, ref_num=40)
+    assert small["configurations"] == len(res["rows"])
+    assert big["seconds"]["sampling"] == pytest.approx(2 * small["seconds"]["sampling"], abs=1)
+    assert big["seconds"]["total"] >= small["seconds"]["total"]
