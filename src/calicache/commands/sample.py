@@ -10,19 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import distributed
 from ..cache import apply_cache, get_engine
 from ..cache.macs import count_macs
-from ..images import decode_latents, grid, save_npz, save_png, to_uint8
+from ..images import decode_latents, to_uint8
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
-from ..utils import atomic_path
 from . import sample_pipeline
 from .common import (
     add_cache_arguments,
@@ -33,7 +30,9 @@ from .common import (
     clip_flag,
     model_defaults,
     parse_arch,
+    parse_classes,
     setup,
+    write_sample_outputs,
 )
 
 
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = model_defaults(model)
     steps = args.steps if args.steps is not None else defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
-    classes = _parse_classes(args.classes)
+    classes = parse_classes(args.classes)
     if model.config.in_channels not in (1, 3) and args.vae is None:
         raise ValueError(f"{args.model} works on {model.config.in_channels}-channel latents: pass --vae "
                          "(e.g. stabilityai/sd-vae-ft-ema) to decode them")
@@ -95,38 +94,10 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "batch_size": args.batch_size or args.num, "vae": args.vae,
         "model_calls_per_batch": steps, "wall_seconds": round(wall, 3),
         "threads": torch.get_num_threads(), "world_size": world,
-        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
-        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
-        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "method": config.method, "cache_config": config.to_dict(),
         "macs": macs, "cached_ratio": macs["cached_ratio"],
         "cache_bytes": get_engine(model).stats()["cache_bytes"],
     }
-    _write_outputs(out, images, labels, report)
+    write_sample_outputs(out, images, labels, report)
     print(json.dumps(report, indent=2) if args.json else f"wrote {args.num} samples to {out} in {wall:.1f}s")
     return 0
-
-
-def _parse_classes(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(c) for c in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--classes must be comma-separated integers such as 0,3,7; got {text!r}") from None
-
-
-def _write_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
-    """All three files or none: each is written under a temporary name, and all are renamed only
-    once every one is complete (a folder this call created is removed again on failure)."""
-    created = not out.exists()
-    try:
-        with ExitStack() as stack:
-            tmp = {name: stack.enter_context(atomic_path(out / name))
-                   for name in ("samples.npz", "grid.png", "report.json")}
-            save_npz(tmp["samples.npz"], arr_0=images, arr_1=labels)
-            save_png(grid(images[:64]), tmp["grid.png"])
-            tmp["report.json"].write_text(json.dumps(report, indent=2))
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
