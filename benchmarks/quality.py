@@ -38,7 +38,7 @@ import torch
 
 import calicache
 from calicache.bench.runs import Variant, markdown_table, run_variant
-from calicache.cache import CacheConfig
+from calicache.cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig, NoCacheConfig
 from calicache.cache.macs import count_macs
 from calicache.data.fashion_mnist import load_fashion_mnist
 from calicache.images import save_npz
@@ -65,7 +65,7 @@ METRICS = ("fd", "class_agreement", "is_domain", "fid", "sfid", "precision", "re
 @dataclass
 class Config:
     name: str
-    config: CacheConfig
+    config: MethodConfig
     steps: int
     family: str
     matches: str | None = None  # for "fewer steps" rows: the cached configurations with these MACs
@@ -79,20 +79,18 @@ def cached_configs(model_name: str, steps: int, goc_file: str | None) -> list[Co
     factors = str(shipped_asset(f"{model_name}-cd.safetensors"))
     goc = goc_file or str(shipped_asset(f"{model_name}-goc{steps}.json"))
     return [
-        Config("FORA p=2", CacheConfig("fora", period=2), steps, "FORA"),
-        Config(f"ICC CD r={RANK} p=2", CacheConfig("icc", period=2, rank=RANK, svd="cd", factors=factors), steps,
-               "ICC CD"),
-        Config(f"ICC plain SVD r={RANK} p=2", CacheConfig("icc", period=2, rank=RANK, svd="plain"), steps,
-               "ICC plain"),
-        Config("GOC p=2", CacheConfig("goc", period=2, goc_file=goc), steps, "GOC"),
-        Config(f"forecast CD r={RANK} p=2", CacheConfig("forecast", period=2, rank=RANK, svd="cd", factors=factors),
-               steps, "forecast CD"),
+        Config("FORA p=2", FORAConfig(period=2), steps, "FORA"),
+        Config(f"ICC CD r={RANK} p=2", ICCConfig(period=2, rank=RANK, svd="cd", factors=factors), steps, "ICC CD"),
+        Config(f"ICC plain SVD r={RANK} p=2", ICCConfig(period=2, rank=RANK, svd="plain"), steps, "ICC plain"),
+        Config("GOC p=2", GOCConfig(period=2, steps_file=goc), steps, "GOC"),
+        Config(f"forecast CD r={RANK} p=2", ForecastConfig(period=2, rank=RANK, svd="cd", factors=factors), steps,
+               "forecast CD"),
     ]
 
 
 def plan(model: torch.nn.Module, model_name: str, steps: int, cfg_scale: float, goc_file: str | None) -> list[Config]:
     """Uncached at `steps`, the cached configurations, and uncached runs at their matched step counts."""
-    base = Config(f"no cache, {steps} steps", CacheConfig("none"), steps, "uncached")
+    base = Config(f"no cache, {steps} steps", NoCacheConfig(), steps, "uncached")
     cached = cached_configs(model_name, steps, goc_file)
     full = count_macs(model, base.config, steps, cfg_scale)["total"]
     matched: dict[int, list[str]] = {}
@@ -100,7 +98,7 @@ def plan(model: torch.nn.Module, model_name: str, steps: int, cfg_scale: float, 
         c.macs = count_macs(model, c.config, steps, cfg_scale)["total"]
         k = max(1, round(steps * c.macs / full))
         matched.setdefault(k, []).append(c.name)
-    fewer = [Config(f"no cache, {k} steps", CacheConfig("none"), k, "fewer steps", ", ".join(names))
+    fewer = [Config(f"no cache, {k} steps", NoCacheConfig(), k, "fewer steps", ", ".join(names))
              for k, names in sorted(matched.items()) if k != steps]
     for c in [base, *fewer]:
         c.macs = count_macs(model, c.config, c.steps, cfg_scale)["total"]
