@@ -25,16 +25,26 @@ from calicache.metrics.inception import InceptionExtractor
 
 
 class Bf16:
-    """The fast extractor with its forward under CPU bf16 autocast."""
+    """The fast extractor's network under CPU bf16 autocast, outputs cast back to float32."""
 
     def __init__(self, inner: InceptionExtractor):
         self.inner = inner
+        forward = inner.net.forward
+
+        def bf16_forward(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = forward(x)
+            return tuple(None if t is None else t.float() for t in out)
+
+        self.net_forward = bf16_forward
+        self.plain_forward = forward
 
     def __call__(self, images: np.ndarray, batch_size: int = 64, desc: str = ""):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            acts = self.inner(images, batch_size=batch_size, desc=desc)
-        acts.pool = acts.pool.astype(np.float32)
-        return acts
+        self.inner.net.forward = self.net_forward
+        try:
+            return self.inner(images, batch_size=batch_size, desc=desc)
+        finally:
+            self.inner.net.forward = self.plain_forward
 
 
 def main() -> None:
