@@ -224,7 +224,9 @@ def estimate(done: dict, num: int, num_fd: int, bootstrap: int, ref_num: int = 1
             fb(row)
         costs[name] = (time.perf_counter() - t0) / len(w)
     t0 = time.perf_counter()
-    pr = PrecisionRecallBootstrap(rng.normal(size=(ref_num, 2048)), rng.normal(size=(num, 2048)))
+    # the reference radii come from the cached reference statistics in a real run
+    pr = PrecisionRecallBootstrap(rng.normal(size=(ref_num, 2048)), rng.normal(size=(num, 2048)),
+                                  ref_radii=np.ones(ref_num, dtype=np.float32))
     costs["pr_setup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     pr.recall(resamples(num, 1, seed=2)[0])
