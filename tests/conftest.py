@@ -30,3 +30,17 @@ def tiny_model(seed: int = 0, **overrides) -> DiT:
 @pytest.fixture
 def model() -> DiT:
     return tiny_model()
+
+
+def count_linear(monkeypatch, weights):
+    """Counts F.linear calls per weight (what nn.Linear.forward computes), seen through every hook."""
+    counts = {id(w): 0 for w in weights}
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        if id(w) in counts:
+            counts[id(w)] += 1
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    return counts

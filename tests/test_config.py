@@ -98,6 +98,10 @@ def test_schedule_inline_and_by_path(tmp_path):
     assert load_config(tmp_path / "inline.json") == inline != FORAConfig(schedule=other)
     assert torch.equal(run(load_config(tmp_path / "inline.json")), ref)
     assert torch.equal(run(load_config(tmp_path / "by_path.json")), ref)
+    # A schedule file kept by path is checked like a factor file: changed, the config would cache other calls.
+    calicache.CacheSchedule.from_matrix(other).save(tmp_path / "s.json")
+    with pytest.raises(ValueError, match="schedule file .* changed since the config was saved"):
+        load_config(tmp_path / "by_path.json")
 
 
 def test_save_refuses_to_overwrite(tmp_path):

@@ -24,7 +24,7 @@ from calicache.cache import cache_run, get_engine
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule
-from conftest import tiny_model
+from conftest import count_linear, tiny_model
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -221,28 +221,20 @@ def test_failed_call_then_good_call(kind, ref):
 
 
 def test_inference_mode_and_cache_run(kind, ref):
-    pipe = cached(kind, FORAConfig(period=1))
+    pipe = cached(kind, FORAConfig(period=2))
+    own = run(pipe)
+    assert rel(own, ref) > 1e-4  # the cache served calls
     with torch.inference_mode():
-        assert torch.equal(run(pipe), ref)
-    with cache_run(pipe, STEPS):  # the caller's own run boundary is respected
-        assert torch.equal(run(pipe), ref)
+        assert torch.equal(run(pipe), own)
+    with cache_run(pipe, 2 * STEPS):  # the caller's own run boundary is respected: two pipeline calls, one run
+        assert torch.equal(run(pipe), own)
+        assert get_engine(pipe).explicit and get_engine(pipe).stats()["calls"] == STEPS
+        run(pipe)
+        assert get_engine(pipe).stats()["calls"] == 2 * STEPS
+    assert not get_engine(pipe).explicit
 
 
 # -- prompt-constant cross-attention K/V --------------------------------------------------------
-def count_linear(monkeypatch, weights):
-    """Counts F.linear calls per weight (what nn.Linear.forward computes), seen through every hook."""
-    counts = {id(w): 0 for w in weights}
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        if id(w) in counts:
-            counts[id(w)] += 1
-        return linear(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
-    return counts
-
-
 def test_cross_attention_kv_once_per_run(monkeypatch):
     pipe = cached("pixart", ICCConfig(period=2, rank=4))
     blocks = pipe.transformer.transformer_blocks

@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train",
     "train-classifier": "train_classifier",
     "convert": "convert",
+    "tune": "tune",
 }
 
 

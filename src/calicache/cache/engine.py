@@ -94,8 +94,8 @@ def check_no_foreign_cache(model: nn.Module) -> None:
                 found.add(f"{type(hook).__name__} ({name})")
     if found:
         raise ValueError(f"this model already has a diffusers cache: {', '.join(sorted(found))}; two caches would "
-                         "serve each other's stale outputs. Remove it first (transformer.disable_cache(), or "
-                         "HookRegistry.remove_hook) and then apply_cache")
+                         "serve each other's stale outputs. Remove it (transformer.disable_cache(), or "
+                         "HookRegistry.remove_hook) to cache with calicache")
 
 
 class CacheEngine:
@@ -106,11 +106,12 @@ class CacheEngine:
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
-        self.schedule = config.schedule
+        self.schedule = config.schedule.for_branches([b.name for b in self.branches])
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
         self._patched: list[_Patch] = []
         self.explicit = False  # inside sample()'s begin_run/end_run
+        self.run_calls: int | None = None  # the explicit run's length (a schedule's cool-down needs it)
         self.active = False  # a run is in progress
         self.call = -1
         self.prev_t: float | None = None
@@ -187,7 +188,7 @@ class CacheEngine:
             self.call += 1
             self.t = t
             try:
-                self.full = self.schedule.row(self.call, len(self.branches))
+                self.full = self.schedule.row(self.call, len(self.branches), self.run_calls if self.explicit else None)
                 self.full_flags.append(self.full)
                 if self.constants is not None:
                     self.constants.begin_call(self.adapter.text_input(args, kwargs))
@@ -216,8 +217,10 @@ class CacheEngine:
         self.schedule.check(num_calls, len(self.branches))
         self.method.check_run(num_calls)
         self.check_attached()
+        check_no_foreign_cache(self.model)  # also one put on after ours
         self._start_run()
         self.explicit = True
+        self.run_calls = num_calls
 
     def end_run(self) -> None:
         self._reset()
