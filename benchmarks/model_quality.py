@@ -2,7 +2,8 @@
 
     python benchmarks/model_quality.py --model fmnist-dit --num 1000 --steps 50 --cfg-scales 2,3,4
 
-Samples (DDIM, adm spacing, classes index % 10) are classified by the shipped classifier; the
+Samples (DDIM, adm spacing, classes index % 10) are classified by the shipped classifier (overall
+and per class agreement with the class each sample was drawn for); the
 Frechet distance in its feature space is measured against the Fashion-MNIST test set, next to the
 distance between the training and test sets (the floor a perfect generator would reach).
 """
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 import calicache
+from calicache.data import FASHION_MNIST_CLASSES
 from calicache.data.fashion_mnist import load_fashion_mnist
 from calicache.images import to_uint8
 from calicache.metrics.domain import domain_metrics
-from calicache.training.classifier import load_classifier
+from calicache.training.classifier import load_classifier, predict_uint8
 
 
 def main() -> None:
@@ -46,8 +48,13 @@ def main() -> None:
         x = calicache.sample(model, args.num, args.steps, cfg_scale=g, batch_size=250, clip_denoised=clip,
                              progress=True)
         images = to_uint8(x)[..., 0]
-        m = domain_metrics(clf, images, labels=np.arange(args.num) % 10, reference=test)
+        labels = np.arange(args.num) % 10
+        m = domain_metrics(clf, images, labels=labels, reference=test)
+        pred = predict_uint8(clf, images)
+        per_class = {name: round(float((pred[labels == k] == k).mean()), 4)
+                     for k, name in enumerate(FASHION_MNIST_CLASSES)}
         rows.append({"cfg_scale": g, "class_agreement": m["class_agreement"], "fd": m["fd"], "is": m["is"],
+                     "worst_class": min(per_class, key=per_class.get), "per_class_agreement": per_class,
                      "wall_seconds": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
     out = {"model": args.model, "num": args.num, "steps": args.steps, "fd_train_vs_test": floor, "rows": rows}

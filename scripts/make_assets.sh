@@ -17,7 +17,7 @@ share=$(python -c "
 import calicache
 from calicache.models.io import shipped_asset
 m = calicache.load_model('fmnist-dit')
-d = calicache.count_macs(m, calicache.CacheConfig('icc', svd='cd', factors=str(shipped_asset('fmnist-dit-cd.safetensors'))), 2)
+d = calicache.count_macs(m, calicache.ICCConfig(svd='cd', factors=str(shipped_asset('fmnist-dit-cd.safetensors'))), 2)
 print(round(d['per_call'][1] / d['full_call'], 4))")
 calicache calibrate --model fmnist-dit --svd cd --rank-budget "$share" --steps 20 --num 256 --threads 2 \
     --out $a/fmnist-dit-cd-budget.safetensors

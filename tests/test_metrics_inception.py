@@ -50,7 +50,7 @@ def test_input_scaling_and_gray_replication():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load, the file's own forward
 def test_real_inception_gives_2048_pool3_and_matches_the_torchscript_forward():
     path = _real_file()
-    ext = InceptionExtractor()
+    ext = InceptionExtractor(fast=False)  # the plain graph; the fast path is compared with it below
     images = _images()
     acts = ext(images, batch_size=2)
     assert acts.pool.shape == (2, 2048) and acts.spatial.shape == (2, 7 * 17 * 17) and acts.logits is None
@@ -143,3 +143,57 @@ def test_missing_and_bad_weights_are_clear_errors(tmp_path, monkeypatch):
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, partial)
     with pytest.raises(ValueError, match="do not fit Inception-v3"):
         InceptionExtractor(partial)
+
+
+def _random_convbn(c_in: int, c_out: int, seed: int = 0):
+    from calicache.metrics.inception_net import ConvBN
+
+    g = torch.Generator().manual_seed(seed)
+    m = ConvBN(c_in, c_out, 3, stride=2, padding=0)
+    with torch.no_grad():
+        for t in (m.weight, m.beta, m.mean):
+            t.copy_(torch.randn(t.shape, generator=g))
+        m.var.copy_(torch.rand(c_out, generator=g) + 0.1)
+        m.gamma.copy_(torch.rand(c_out, generator=g) + 0.5)
+    return m
+
+
+def test_fused_conv_and_one_channel_gray_equal_the_plain_conv():
+    import copy
+
+    plain = _random_convbn(3, 5)
+    fused = copy.deepcopy(plain)
+    fused.fuse_()
+    fused.fuse_()  # idempotent: a second call must not scale the weights twice
+    g = torch.Generator().manual_seed(1)
+    rgb = torch.randn(2, 3, 9, 9, generator=g)
+    gray = torch.randn(2, 1, 9, 9, generator=g)
+    with torch.no_grad():
+        ref_rgb, ref_gray = plain(rgb), plain(gray.expand(-1, 3, -1, -1))
+        assert ref_rgb.abs().max() > 0.1 and (ref_rgb == 0).any()  # ReLU active on both sides of 0
+        for m in (plain, fused):
+            assert torch.allclose(m(gray), ref_gray, atol=1e-5)
+        assert torch.allclose(fused(rgb), ref_rgb, atol=1e-5)
+        # without the folded BN the result would differ: the test can fail
+        assert not torch.allclose(torch.relu(torch.nn.functional.conv2d(rgb, plain.weight, None, 2)), ref_rgb,
+                                  atol=1e-2)
+
+
+def test_fast_extractor_matches_the_plain_graph(tmp_path):
+    path = _real_file()
+    net, _ = load_inception_net(path)
+    state = _to_torchvision_names(net.state_dict())
+    # a BN scale that is not 1 (as in torchvision-style files) must be folded too
+    state["Mixed_6b.branch1x1.bn.weight"] = torch.linspace(0.5, 1.5, 192)
+    pth = tmp_path / "scaled.pth"
+    torch.save(state, pth)
+    gray = _images(n=2, seed=2)
+    same = np.repeat(gray, 3, axis=-1)
+    colour = _images(n=2, c=3, seed=3)
+    fast, plain = InceptionExtractor(pth), InceptionExtractor(pth, fast=False)
+    assert fast.describe()["fast_path"] and not plain.describe()["fast_path"]
+    for images in (gray, same, colour):
+        a, b = fast(images), plain(images)
+        for x, y in ((a.pool, b.pool), (a.spatial, b.spatial)):
+            assert np.abs(x - y).max() <= 1e-5 * np.abs(y).max(), np.abs(x - y).max() / np.abs(y).max()
+    assert fast.fingerprint == plain.fingerprint  # the same features, so the same reference cache

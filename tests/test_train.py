@@ -131,3 +131,86 @@ def test_cli_train_bad_data(tmp_path, capsys):
     assert cli_train(tmp_path / "missing.npz", tmp_path / "run") == 2
     assert "no such .npz file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_min_snr_weight_follows_the_paper():
+    from calicache.diffusion.losses import min_snr_weight, training_loss
+    from calicache.diffusion.schedule import Schedule
+
+    sched = Schedule.create(None)
+    abar = torch.as_tensor(sched.alphas_cumprod)
+    snr = abar / (1 - abar)
+    t = torch.arange(len(sched))
+    w = min_snr_weight(sched, t, gamma=5.0)
+    # 1 where SNR <= 5 (high noise), 5 / SNR where the step is easy; monotone in t
+    assert torch.equal(w[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    assert torch.allclose(w[snr > 5].double(), 5 / snr[snr > 5], rtol=1e-6)
+    assert w[0] < 1e-3 and bool((w[1:] >= w[:-1]).all())
+    # the weighted loss is the uniform loss with its MSE part scaled, the bound term untouched
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(6, 1, 4, 4, generator=g)
+    out = torch.randn(6, 2, 4, 4, generator=g)
+    ts = torch.tensor([0, 3, 40, 200, 600, 999])
+    x_t = sched.q_sample(x0, ts, noise)
+    uniform = training_loss(out, x0, x_t, ts, noise, sched)
+    weighted = training_loss(out, x0, x_t, ts, noise, sched, "min-snr", 5.0)
+    mse = ((noise - out[:, :1]) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(uniform - weighted, mse * (1 - min_snr_weight(sched, ts)), atol=1e-6)
+    assert weighted[-1] == uniform[-1] and weighted[0] < uniform[0]
+    with pytest.raises(ValueError, match="loss weighting must be one of"):
+        training_loss(out, x0, x_t, ts, noise, sched, "p2")
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        TrainConfig(loss_weighting="min-snr", snr_gamma=0)
+
+
+def test_min_snr_training_learns_and_resumes(tmp_path):
+    images, labels = tiny_data(24)
+    kw = dict(model="DiT-Tiny/2", batch_size=8, lr=1e-3, warmup=4, ckpt_every=5, loss_weighting="min-snr")
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train(TrainConfig(steps=10, **kw), images, labels, straight, model_overrides=TINY, progress=False)
+    train(TrainConfig(steps=5, **kw), images, labels, cut, model_overrides=TINY, progress=False)
+    with pytest.raises(ValueError, match="other training settings"):  # the weighting is part of the settings
+        train(TrainConfig(steps=10, **(kw | {"loss_weighting": "uniform"})), images, labels, cut, resume=True,
+              model_overrides=TINY, progress=False)
+    train(TrainConfig(steps=10, **kw), images, labels, cut, resume=True, model_overrides=TINY, progress=False)
+    assert state(straight)["losses"] == state(cut)["losses"]
+    # the same seed with uniform weighting sees the same batches and timesteps but another loss
+    plain = tmp_path / "plain"
+    train(TrainConfig(steps=10, **(kw | {"loss_weighting": "uniform"})), images, labels, plain,
+          model_overrides=TINY, progress=False)
+    assert state(plain)["losses"][0] != state(straight)["losses"][0]
+
+
+def test_resume_accepts_states_written_before_new_settings(tmp_path):
+    images, labels = tiny_data(16)
+    cfg = TrainConfig(model="DiT-Tiny/2", steps=2, batch_size=8, ckpt_every=2)
+    train(cfg, images, labels, tmp_path, model_overrides=TINY, progress=False)
+    st = state(tmp_path)
+    old = json.loads(st["config"])
+    for new_field in ("loss_weighting", "snr_gamma"):
+        del old[new_field]
+    st["config"] = json.dumps(old, sort_keys=True)
+    torch.save(st, tmp_path / "state.pt")
+    train(TrainConfig(model="DiT-Tiny/2", steps=4, batch_size=8, ckpt_every=2), images, labels, tmp_path,
+          resume=True, model_overrides=TINY, progress=False)
+    assert state(tmp_path)["step"] == 4
+
+
+def test_init_from_a_model_file(tmp_path):
+    images, labels = tiny_data(16)
+    cfg = TrainConfig(model="DiT-Tiny/2", steps=2, batch_size=8, ckpt_every=2)
+    train(cfg, images, labels, tmp_path / "a", model_overrides=TINY, progress=False)
+    src = load_model(tmp_path / "a" / "model.safetensors").state_dict()
+    tune = TrainConfig(model="DiT-Tiny/2", steps=1, batch_size=8, ckpt_every=1, lr=1e-12, warmup=1,
+                       ema_decay=0.5)
+    train(tune, images, labels, tmp_path / "b", model_overrides=TINY, progress=False,
+          init_from=tmp_path / "a" / "model.safetensors")
+    st = state(tmp_path / "b")
+    # both the model and its EMA start from the file's weights (lr ~0: one step barely moves them)
+    for part in ("model", "ema"):
+        for k, v in src.items():
+            assert torch.allclose(st[part][k], v, atol=1e-9), (part, k)
+    fresh = TrainConfig(model="DiT-Tiny/2", steps=1, batch_size=8, ckpt_every=1, seed=1)
+    train(fresh, images, labels, tmp_path / "c", model_overrides=TINY, progress=False)
+    assert any(not torch.allclose(state(tmp_path / "c")["model"][k], v) for k, v in src.items())

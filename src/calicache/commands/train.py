@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from ..data import load_dataset
+from ..diffusion.losses import LOSS_WEIGHTINGS
 from ..training.train import LR_DECAYS, TrainConfig, train
 from .common import setup
 
@@ -32,13 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear learning-rate warm-up steps")
     p.add_argument("--lr-decay", choices=LR_DECAYS, default=d.lr_decay,
                    help="after warm-up: constant, or cosine decay to 0 at the last of --steps")
+    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=d.loss_weighting,
+                   help="weighting of the eps-MSE over timesteps: uniform, or min-snr (Hang et al. 2023)")
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="gamma of --loss-weighting min-snr")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     p.add_argument("--init-from", default=None,
-                   help="fine-tune: start from another run's state.pt (model and EMA; fresh optimiser)")
+                   help="fine-tune: start from another run's state.pt (model and EMA) or a model file or "
+                        "shipped name such as fmnist-dit (its weights start both); fresh optimiser")
     p.add_argument("--out", required=True)
 
 
@@ -47,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     images, labels = load_dataset(args.data, "train", args.data_dir, size=args.image_size)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
-                      seed=args.seed, flip=not args.no_flip, warmup=args.warmup, lr_decay=args.lr_decay)
+                      seed=args.seed, flip=not args.no_flip, warmup=args.warmup, lr_decay=args.lr_decay,
+                      loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma)
     overrides = json.loads(args.model_overrides) if args.model_overrides else {}
     if labels is None:  # unlabelled images: one class, i.e. an unconditional model
         labels = np.zeros(len(images), dtype=np.int64)

@@ -1,5 +1,7 @@
 """DiT's training objective: epsilon MSE plus the variational bound term for the learned variance
-(Nichol & Dhariwal 2021, "hybrid" loss with the mean frozen inside the bound term)."""
+(Nichol & Dhariwal 2021, "hybrid" loss with the mean frozen inside the bound term), with an
+optional min-SNR-gamma weighting of the MSE term (Hang et al. 2023, "Efficient Diffusion Training
+via Min-SNR Weighting Strategy")."""
 
 from __future__ import annotations
 
@@ -38,12 +40,38 @@ def _take(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.view(-1, *([1] * (like.dim() - 1)))
 
 
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+
+
+def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma weight of the eps-MSE at timestep indices `t`: min(SNR, gamma) / SNR, SNR = abar / (1 - abar).
+
+    For eps prediction this equals an x0-MSE weighted by min(SNR, gamma) (Hang et al. 2023, Eq. 9):
+    1 at high noise (SNR <= gamma), gamma / SNR at low noise, where the easy steps would
+    otherwise pull the shared weights their way.
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float64)[t.cpu()]
+    snr = abar / (1.0 - abar)
+    return (snr.clamp(max=gamma) / snr).to(torch.float32).to(t.device)
+
+
 def training_loss(model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                  noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """Per-sample loss: mean-squared eps error + the bound term (in bits per dim)."""
+                  noise: torch.Tensor, schedule: Schedule, weighting: str = "uniform",
+                  snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss: (weighted) mean-squared eps error + the bound term (in bits per dim).
+
+    `weighting="min-snr"` multiplies the MSE by `min_snr_weight` (gamma `snr_gamma`); the bound
+    term, which only trains the variance, stays unweighted as in the authors' code.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
     c = x0.shape[1]
     eps, v = model_out[:, :c], model_out[:, c:]
     mse = ((noise - eps) ** 2).mean(dim=tuple(range(1, x0.dim())))
+    if weighting == "min-snr":
+        mse = mse * min_snr_weight(schedule, t, snr_gamma)
     if v.shape[1] == 0:
         return mse
     # The bound term trains only the variance: the mean comes from a detached eps.

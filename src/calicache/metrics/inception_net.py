@@ -37,9 +37,27 @@ class ConvBN(nn.Module):
         self.var = nn.Parameter(torch.ones(c_out))
         # torchvision-style weights carry a BN scale; TF's graph has none (ones). Not saved.
         self.register_buffer("gamma", torch.ones(c_out), persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)  # set by fuse_(): BN folded into the conv
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """Fold the (inference-mode) batch norm into the conv: W' = W g / sqrt(var + eps),
+        b' = beta - mean g / sqrt(var + eps). Equal up to float rounding; the weights no longer
+        match a weight file, so a fused module is for inference only."""
+        if self.fused_bias is not None:
+            return
+        scale = self.gamma / torch.sqrt(self.var + 1e-3)
+        self.weight.mul_(scale[:, None, None, None])
+        self.fused_bias = self.beta - self.mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        w = self.weight
+        if x.shape[1] == 1 and w.shape[1] == 3:
+            # A grayscale image replicated to RGB: conv(gray on 3 channels, W) = conv(gray, sum_c W_c).
+            w = w.sum(1, keepdim=True)
+        if self.fused_bias is not None:
+            return F.relu(F.conv2d(x, w, self.fused_bias, self.stride, self.padding))
+        x = F.conv2d(x, w, None, self.stride, self.padding)
         x = F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, training=False, eps=1e-3)
         return F.relu(x)
 
@@ -134,7 +152,8 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """Input (N, 3, 299, 299) scaled as (x - 128) / 128; returns pool3 (N, 2048), the ADM spatial
+    """Input (N, 3, 299, 299) scaled as (x - 128) / 128 (or (N, 1, 299, 299) for grayscale, the same as
+    replicating it to three channels); returns pool3 (N, 2048), the ADM spatial
     features (N, 2023: mixed_6/conv, first 7 channels, flattened in NHWC order as TF does) and the
     1008-way logits when the weights have them (else None)."""
 
@@ -160,6 +179,14 @@ class InceptionV3(nn.Module):
         self.mixed_10 = InceptionE(2048, max_pool=True)
         # ADM's IS uses only the matmul of softmax/logits (no bias), so neither do we.
         self.fc = nn.Linear(POOL_DIM, NUM_LOGITS, bias=False) if with_logits else None
+
+    def fuse_(self) -> InceptionV3:
+        """Inference fast path: batch norms folded into the convs and channels-last memory (oneDNN's
+        preferred layout on CPU). Same outputs up to float rounding; see metrics/inception.py."""
+        for m in self.modules():
+            if isinstance(m, ConvBN):
+                m.fuse_()
+        return self.to(memory_format=torch.channels_last)
 
     _STEM = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1",
              "mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5")

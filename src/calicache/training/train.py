@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.losses import training_loss
+from ..diffusion.losses import LOSS_WEIGHTINGS, training_loss
 from ..diffusion.schedule import Schedule
 from ..images import to_model_space
 from ..models.dit import DiT, create_model
-from ..models.io import save_model
+from ..models.io import load_model, save_model
 from ..utils import atomic_path
 
 LR_DECAYS = ("constant", "cosine")
@@ -41,10 +41,16 @@ class TrainConfig:
     flip: bool = True
     warmup: int = 200
     lr_decay: str = "constant"
+    loss_weighting: str = "uniform"
+    snr_gamma: float = 5.0
 
     def __post_init__(self) -> None:
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0, got {self.snr_gamma}")
         for name in ("steps", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -67,6 +73,25 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tenso
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
     return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def _config_key(cfg: TrainConfig | dict) -> str:
+    """The settings a resumed run must share with the stored state (all but `steps`).
+
+    Fields added after a state was written count with their defaults, so older states still resume.
+    """
+    d = asdict(TrainConfig()) | (asdict(cfg) if isinstance(cfg, TrainConfig) else cfg)
+    return json.dumps(d | {"steps": None}, sort_keys=True)
+
+
+def _initial_weights(init_from: str | Path) -> tuple[dict, dict]:
+    """(model, EMA) state dicts to fine-tune from: a training `state.pt`, or a model file or shipped
+    name that `load_model` reads (its weights then start both the model and its EMA)."""
+    if Path(init_from).suffix == ".pt":
+        st = torch.load(init_from, map_location="cpu", weights_only=True)
+        return st["model"], st["ema"]
+    weights = load_model(init_from).state_dict()
+    return weights, weights
 
 
 @torch.no_grad()
@@ -113,7 +138,7 @@ def train(
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: no training state at {state_path}")
         st = torch.load(state_path, map_location="cpu", weights_only=True)
-        if st["config"] != json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True):
+        if _config_key(json.loads(st["config"])) != _config_key(cfg):
             raise ValueError(f"{state_path} was written with other training settings; use a new --out")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
@@ -121,16 +146,16 @@ def train(
         torch.set_rng_state(st["rng"])
         step, losses, elapsed = int(st["step"]), list(st["losses"]), float(st["elapsed"])
     elif init_from is not None:
-        # Fine-tuning: model and EMA weights from another run's state, a fresh optimiser and schedule.
-        st = torch.load(init_from, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
+        # Fine-tuning: model and EMA weights from another run, a fresh optimiser and schedule.
+        weights, ema_weights = _initial_weights(init_from)
+        model.load_state_dict(weights)
+        ema.load_state_dict(ema_weights)
     model.train()
 
     def checkpoint() -> None:
         st = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
               "rng": torch.get_rng_state(), "step": step, "losses": losses, "elapsed": elapsed,
-              "config": json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True)}
+              "config": _config_key(cfg)}
         with atomic_path(state_path) as tmp:
             torch.save(st, tmp)
         save_model(ema, out / "model.safetensors", train_step=step)
@@ -146,7 +171,8 @@ def train(
         t = torch.randint(0, len(schedule), (len(x0),))
         noise = torch.randn_like(x0)
         x_t = schedule.q_sample(x0, t, noise)
-        loss = training_loss(model(x_t, t, y), x0, x_t, t, noise, schedule).mean()
+        loss = training_loss(model(x_t, t, y), x0, x_t, t, noise, schedule, cfg.loss_weighting,
+                             cfg.snr_gamma).mean()
         for g in opt.param_groups:
             g["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
