@@ -14,10 +14,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
-from ..utils import atomic_path
+from ..tensorfile import decode_metadata, load_tensors, read_header, save_tensors
+from ..utils import Outputs, atomic_path
 from .dit import DIT_MODELS, DiT, DiTConfig, make_config
 
 FORMAT = "calicache-dit"
@@ -46,23 +45,20 @@ def weight_hash(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) ->
     return h.hexdigest()
 
 
-def save_model(model: DiT, path: str | os.PathLike, **metadata: object) -> None:
-    """Weights and config in one safetensors file (config and extras as JSON metadata)."""
+MODEL_FIX = "re-create or re-download it"
+
+
+def save_model(model: DiT, path: str | os.PathLike, outputs: Outputs | None = None, **metadata: object) -> None:
+    """Weights and config in one safetensors file (config and extras as JSON metadata, plus a content
+    checksum); with `outputs` the file is committed with that set of outputs."""
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_tensors(path, model.state_dict(), meta, outputs)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a calicache safetensors file (values decoded)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create or re-download it") from e
-    return {k: json.loads(v) if k != "format" else v for k, v in raw.items()}
+    return decode_metadata(read_header(path, MODEL_FIX), path, MODEL_FIX)
 
 
 def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = None) -> DiTConfig:
@@ -211,11 +207,9 @@ def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) 
         from .convert import load_diffusers_dit
         return load_diffusers_dit(path)
     if path.suffix == ".safetensors":
-        meta = read_metadata(path)
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read weights ({e}); the file may be truncated") from e
+        # Files of other tools (and calicache's from before checksums) load unverified, with a note.
+        state, header = load_tensors(path, MODEL_FIX, require_checksum=False)
+        meta = decode_metadata(header, path, MODEL_FIX)
         if "config" in meta:
             cfg = _stored_config(meta["config"], arch, path)
         else:

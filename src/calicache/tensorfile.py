@@ -1,0 +1,107 @@
+"""calicache's tensor files: safetensors with JSON metadata and a content checksum.
+
+Every file calicache writes (models, factor files, classifiers) stores `sha256`, a digest of its
+tensors (names, dtypes, shapes and bytes), in the metadata; loading recomputes it, so a file whose
+tensors were changed after writing (tampering, a bad copy) is a clear error instead of silently
+different outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as save_bytes
+
+from .utils import Outputs
+
+CHECKSUM_KEY = "sha256"
+
+
+def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors in name order: name, dtype, shape and raw bytes of each."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 outputs: Outputs | None = None) -> None:
+    """Write `tensors` and string `metadata` (plus their checksum) to `path`, exclusively and atomically.
+
+    With `outputs`, the file joins that set and is committed with it; else it is committed now."""
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(metadata) | {CHECKSUM_KEY: tensor_checksum(state)}
+    data = save_bytes(state, metadata=meta)
+    own = outputs is None
+    outputs = Outputs() if own else outputs
+    tmp = outputs.temp(path)
+    try:
+        with open(tmp, "r+b") as f:
+            f.write(data)
+    except BaseException:
+        if own:
+            outputs.discard()
+        raise
+    if own:
+        outputs.commit()
+
+
+def read_header(path: str | os.PathLike, fix: str) -> dict[str, str]:
+    """The raw string metadata of a safetensors file; an unreadable file is an error ending in `fix`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); {fix}") from e
+
+
+def load_tensors(path: str | os.PathLike, fix: str,
+                 require_checksum: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, raw metadata) of a safetensors file, with its checksum verified.
+
+    A file without a checksum is an error when `require_checksum` (calicache has always written it
+    for that kind of file), else loads with a note on stderr (files from before checksums, or made
+    by other tools). `fix` says how to get a good file."""
+    path = Path(path)
+    header = read_header(path, fix)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read the tensors ({e}); the file may be truncated. {fix}") from e
+    stored = header.get(CHECKSUM_KEY)
+    if stored is None:
+        if require_checksum:
+            raise ValueError(f"{path}: the file carries no content checksum (`{CHECKSUM_KEY}` in its metadata), so "
+                             f"its tensors cannot be verified; {fix}")
+        if "format" in header:  # a calicache file from before checksums
+            print(f"calicache: note: {path} carries no content checksum (written by an older calicache); "
+                  "its tensors are not verified", file=sys.stderr)
+    elif tensor_checksum(tensors) != stored:
+        raise ValueError(f"{path}: the tensors do not match the file's checksum: the file was changed or damaged "
+                         f"after it was written; {fix}")
+    return tensors, header
+
+
+def decode_metadata(header: Mapping[str, str], path: object, fix: str) -> dict:
+    """JSON-decoded metadata values (`format` and the checksum stay strings)."""
+    out = {}
+    for k, v in header.items():
+        if k in ("format", CHECKSUM_KEY):
+            out[k] = v
+            continue
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: unreadable metadata {k!r} ({e}); {fix}") from e
+    return out
