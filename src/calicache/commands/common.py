@@ -45,10 +45,22 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")
 
 
+def json_object(text: str, flag: str, example: str) -> dict:
+    """A JSON object given on the command line; anything else is an error naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}); give an object such as "
+                         f"{example}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object such as {example}, got {text!r}")
+    return value
+
+
 def parse_arch(text: str | None) -> str | dict | None:
-    if text is None or not text.strip().startswith("{"):
+    if text is None or not text.strip().startswith(("{", "[")):
         return text
-    return json.loads(text)
+    return json_object(text, "--arch", '\'{"num_heads": 6}\' or a registry name such as DiT-S/2')
 
 
 def setup(args: argparse.Namespace) -> None:

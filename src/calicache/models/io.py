@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -61,10 +62,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return decode_metadata(read_header(path, MODEL_FIX), path, MODEL_FIX)
 
 
-def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = None) -> DiTConfig:
-    """A DiT config from the tensor shapes; `arch` supplies what shapes cannot tell (heads)."""
-    overrides = dict(arch) if isinstance(arch, dict) else {}
-    name = arch if isinstance(arch, str) else overrides.pop("name", None)
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict:
+    """The config fields a DiT state dict's shapes tell (all but heads, classes and label dropout)."""
     required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
                 "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
     missing = [k for k in required if k not in state]
@@ -72,18 +71,46 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
         raise ValueError(f"not a DiT state dict: missing {missing}")
     hidden, in_ch, p, _ = state["x_embedder.proj.weight"].shape
     tokens = state["pos_embed"].shape[1]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    rows = state["y_embedder.embedding_table.weight"].shape[0]
     out = state["final_layer.linear.weight"].shape[0] // (p * p)
-    shapes = dict(
+    return dict(
         input_size=math.isqrt(tokens) * p,
         patch_size=p,
         in_channels=in_ch,
         hidden_size=hidden,
-        depth=depth,
+        depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         learn_sigma=out == 2 * in_ch,
     )
+
+
+def _registry_heads(shapes: dict) -> int:
+    """Heads of the registry architectures with this width and depth; none or several is an error."""
+    heads = {c.num_heads for c in DIT_MODELS.values()
+             if (c.hidden_size, c.depth, c.mlp_ratio) == (shapes["hidden_size"], shapes["depth"], shapes["mlp_ratio"])}
+    if len(heads) != 1:
+        raise ValueError(
+            f"the attention head count cannot be read from the weights, and no registry architecture has width "
+            f"{shapes['hidden_size']} and depth {shapes['depth']}"
+            + (f" with one head count (candidates {sorted(heads)})" if heads else "")
+            + "; pass --arch (arch=) with a registry name, e.g. --arch DiT-S/2, or the heads, e.g. "
+            f"--arch '{{\"num_heads\": {max(1, shapes['hidden_size'] // 64)}}}'"
+        )
+    return heads.pop()
+
+
+def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = None) -> DiTConfig:
+    """A DiT config from the tensor shapes; `arch` supplies what shapes cannot tell (heads).
+
+    Without `arch` the heads come from the registry architecture of the same width and depth;
+    when there is none, the heads cannot be known and this is an error naming `--arch`."""
+    overrides = dict(arch) if isinstance(arch, dict) else {}
+    name = arch if isinstance(arch, str) else overrides.pop("name", None)
+    unknown = sorted(set(overrides) - set(DiTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--arch (arch=) has fields that are not DiT config fields {unknown}; fields: "
+                         f"{sorted(DiTConfig.__dataclass_fields__)}, or a registry name {sorted(DIT_MODELS)}")
+    shapes = _shapes(state)
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
     # A null-class row exists exactly when label dropout was used in training.
     if name is not None:
         base = make_config(name)
@@ -92,7 +119,8 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
         shapes["num_heads"] = base.num_heads
     else:
         shapes["num_classes"] = rows - 1
-        shapes["num_heads"] = hidden // 72 if hidden % 72 == 0 and hidden >= 1152 else max(1, hidden // 64)
+        if "num_heads" not in overrides:
+            shapes["num_heads"] = _registry_heads(shapes)
     shapes.update(overrides)
     # Compared before building the config, whose own checks (e.g. heads) would hide the real mismatch.
     if name is not None:
@@ -106,30 +134,59 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
     return DiTConfig(**shapes)
 
 
-def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+def _arch_from_args(args: argparse.Namespace, state: Mapping[str, torch.Tensor], path: Path) -> dict:
+    """The architecture a facebookresearch/DiT train.py checkpoint records in its `args`:
+    the registry name `args.model` and `args.num_classes`; sizes the data set (input size, channels,
+    learned variance) come from the shapes."""
+    name = getattr(args, "model", None)
+    if name not in DIT_MODELS:
+        raise ValueError(f"{path}: the checkpoint's args name the model {name!r}, which is not a registry "
+                         f"architecture {sorted(DIT_MODELS)}; pass --arch (arch=) with its name or JSON fields")
+    shapes = _shapes(state)
+    arch = {"name": name, **{k: shapes[k] for k in ("input_size", "in_channels", "learn_sigma")}}
+    if isinstance(getattr(args, "num_classes", None), int):
+        arch["num_classes"] = args.num_classes
+    return arch
+
+
+def read_torch(path: str | os.PathLike, fix: str) -> object:
+    """A torch checkpoint loaded weights-only (tensors, plain containers and the original train.py's
+    argparse.Namespace, which only holds plain values). Anything else, including a file that is not
+    a checkpoint at all, is an error ending in `fix`; pickled code never runs."""
     try:
-        # The original train.py stores its argparse.Namespace under "args"; a Namespace only holds
-        # plain values, so allowing it keeps the weights-only guarantee.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is long and suggests weights_only=False; keep the line naming the object.
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e))
-        raise ValueError(
-            f"{path}: refused to load: the file holds pickled objects other than tensors ({detail}). "
-            "calicache loads weights only; re-save the checkpoint as a plain state dict"
-        ) from e
+        # torch's message suggests loading with weights_only=False (running the file's code): never pass that on.
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
+        if detail is not None:
+            raise ValueError(f"{path}: refused to load: the file holds pickled objects other than tensors "
+                             f"({detail}); calicache loads weights only. {fix}") from e
+        raise ValueError(f"{path}: not a torch weights file (it does not unpickle as tensors); {fix}") from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(
-            f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); the file may be truncated or corrupt"
-        ) from e
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first}); "
+                         f"the file may be truncated or corrupt; {fix}") from e
+    except Exception as e:  # noqa: BLE001 - random bytes make the unpickler fail in many ways
+        raise ValueError(f"{path}: not a torch checkpoint ({type(e).__name__} while unpickling); {fix}") from e
+
+
+def _torch_state(path: Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
+    """The weights of a torch checkpoint (EMA first), and the original train.py's `args` if present."""
+    obj = read_torch(path, "pass a state dict of tensors (torch.save(model.state_dict(), path)) or a DiT "
+                           "checkpoint of the original train.py")
+    ckpt_args = obj.get("args") if isinstance(obj, dict) else None
+    ckpt_args = ckpt_args if isinstance(ckpt_args, argparse.Namespace) else None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # training checkpoints of the original code: the EMA weights sample best
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    return obj
+    return obj, ckpt_args
 
 
 def _build(state: Mapping[str, torch.Tensor], cfg: DiTConfig, path: object) -> DiT:
@@ -218,7 +275,9 @@ def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) 
         # Recommended sampling settings (cfg_scale, steps) travel with the weights.
         model.calicache_defaults = dict(meta.get("recommended", {}))
         return model
-    state = _torch_state(path)
+    state, ckpt_args = _torch_state(path)
+    if arch is None and ckpt_args is not None:  # the original train.py records its architecture
+        arch = _arch_from_args(ckpt_args, state, path)
     return _build(state, _infer(state, arch, path), path)
 
 

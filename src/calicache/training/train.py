@@ -22,8 +22,8 @@ from ..diffusion.losses import training_loss
 from ..diffusion.schedule import Schedule
 from ..images import to_model_space
 from ..models.dit import DiT, create_model
-from ..models.io import save_model
-from ..utils import atomic_path
+from ..models.io import read_torch, save_model
+from ..utils import Outputs, atomic_path, check_output
 
 LR_DECAYS = ("constant", "cosine")
 
@@ -76,6 +76,21 @@ def _ema_update(ema: DiT, model: DiT, decay: float) -> None:
             e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+STATE_KEYS = ("model", "ema", "opt", "rng", "step", "losses", "elapsed", "config")
+
+
+def _read_state(path: str | Path, flag: str) -> dict:
+    """A training state written by `calicache train` (weights-only load; anything else is refused)."""
+    fix = "pass the state.pt a `calicache train` run wrote"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag}: no training state at {path}; {fix}")
+    st = read_torch(path, fix)
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise ValueError(f"{flag} {path}: not a calicache training state (missing {missing}); {fix}")
+    return st
+
+
 def train(
     cfg: TrainConfig,
     images: np.ndarray,
@@ -85,9 +100,20 @@ def train(
     model_overrides: dict | None = None,
     progress: bool = True,
     init_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Train and return a summary dict (also written to OUT/train.json)."""
+    """Train and return a summary dict (also written to OUT/train.json).
+
+    A folder that already holds a run is continued only with `resume`, replaced only with `overwrite`."""
     out = Path(out)
+    check_output(out, flag="--out", folder=True)
+    if not resume:
+        for name in ("state.pt", "model.safetensors", "train.json"):
+            if (out / name).exists() and not overwrite:
+                raise ValueError(f"--out {out} already holds a training run ({name}); pass --resume to continue it, "
+                                 "--overwrite to start over (its state.pt, model.safetensors and train.json are "
+                                 "replaced), or choose another --out")
+            check_output(out / name, overwrite=True, inputs=[init_from] if init_from else ())
     out.mkdir(parents=True, exist_ok=True)
     data = to_model_space(images)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -112,7 +138,7 @@ def train(
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: no training state at {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = _read_state(state_path, "--resume")
         if st["config"] != json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True):
             raise ValueError(f"{state_path} was written with other training settings; use a new --out")
         model.load_state_dict(st["model"])
@@ -122,7 +148,7 @@ def train(
         step, losses, elapsed = int(st["step"]), list(st["losses"]), float(st["elapsed"])
     elif init_from is not None:
         # Fine-tuning: model and EMA weights from another run's state, a fresh optimiser and schedule.
-        st = torch.load(init_from, map_location="cpu", weights_only=True)
+        st = _read_state(init_from, "--init-from")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
     model.train()
@@ -131,9 +157,10 @@ def train(
         st = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
               "rng": torch.get_rng_state(), "step": step, "losses": losses, "elapsed": elapsed,
               "config": json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True)}
-        with atomic_path(state_path) as tmp:
-            torch.save(st, tmp)
-        save_model(ema, out / "model.safetensors", train_step=step)
+        with Outputs() as outputs:  # state and exported model are replaced together
+            with open(outputs.temp(state_path), "wb") as f:
+                torch.save(st, f)
+            save_model(ema, out / "model.safetensors", outputs, train_step=step)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress)
     t0 = time.perf_counter() - elapsed
