@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 # Subcommand name -> module in calicache.commands with `add_arguments(parser)` and `run(args)`.
@@ -37,11 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `torchrun ... -m calicache -- sample --num N`: `--` keeps torchrun off our flags
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    # Every float option up front: NaN or inf anywhere (a weight, a scale, eta) would only show as black images.
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        print(f"calicache {args.command}: error: {', '.join(bad)}: must be a finite number", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"calicache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"calicache {args.command}: interrupted; outputs are written only when complete, so none was "
+              "replaced or left half-written (train keeps its last checkpoint and sampling under torchrun its "
+              "finished shards, for a rerun)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

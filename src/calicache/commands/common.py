@@ -66,6 +66,10 @@ def parse_arch(text: str | None) -> str | dict | None:
 def setup(args: argparse.Namespace) -> None:
     """Seed first, then threads: every command starts the same way."""
     seed = getattr(args, "seed", 0)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer in 0..2**63-1, got {seed}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1 (or omitted for torch's choice), got {args.threads}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -113,7 +117,14 @@ def cache_config_from_args(args: argparse.Namespace):
             rank = int(rank)
         except ValueError as e:
             raise ValueError(f"--rank must be an integer or 'full', got {args.rank!r}") from e
-    goc_steps = [int(s) for s in args.goc_steps.split(",")] if args.goc_steps else None
+    try:
+        goc_steps = [int(s) for s in args.goc_steps.split(",")] if args.goc_steps else None
+    except ValueError:
+        raise ValueError(f"--goc-steps must be comma-separated call indices such as 3,7,12; got {args.goc_steps!r}"
+                         ) from None
+    if args.factors is not None and args.method not in ("icc", "forecast"):
+        raise ValueError(f"--factors is used by --method icc and forecast only, not {args.method}; drop --factors "
+                         "or choose one of those methods")
     return CacheConfig(method=args.method, period=args.period, schedule=args.schedule, rank=rank, svd=args.svd,
                        scale=args.scale, factors=args.factors, cache_dtype=args.cache_dtype,
                        goc_weight=args.goc_weight, goc_steps=goc_steps, goc_file=args.goc_file,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from ..cache.macs import count_macs
 from ..images import decode_latents, grid, save_npz, save_png, to_uint8
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
-from ..utils import atomic_path
+from ..utils import Outputs, check_output
 from . import sample_pipeline
 from .common import (
     add_cache_arguments,
@@ -47,12 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated class labels, repeated over the samples; index %% classes if not given")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples.npz, grid.png and report.json in --out (nothing else there is touched)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_distributed_arguments(p)
     sample_pipeline.add_arguments(p)  # --pipeline DIR --prompt/--prompt-embeds: sampling through diffusers
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args)  # before any work: a bad --out must not cost a sampling run
     if args.pipeline is not None:
         return sample_pipeline.run(args)
     if args.prompt is not None or args.prompt_embeds is not None:
@@ -67,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} works on {model.config.in_channels}-channel latents: pass --vae "
                          "(e.g. stabilityai/sd-vae-ft-ema) to decode them")
     config = cache_config_from_args(args)
+    if args.method != "none" and args.schedule is None and args.period > steps:
+        raise ValueError(f"--period {args.period} is larger than --steps {steps}: every call would be full, so "
+                         f"--method {args.method} would cache nothing; choose a period of at most {steps}")
     apply_cache(model, config)
     macs = count_macs(model, None, steps, cfg_scale)
     out = Path(args.out)
@@ -115,17 +120,28 @@ def _parse_classes(text: str | None) -> list[int] | None:
         raise ValueError(f"--classes must be comma-separated integers such as 0,3,7; got {text!r}") from None
 
 
+OUTPUT_NAMES = ("samples.npz", "grid.png", "report.json")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse a --out that cannot take the outputs (a file, a read-only place, existing outputs without
+    --overwrite, or a file the command reads) before any work."""
+    out = check_output(args.out, flag="--out", folder=True)
+    inputs = [v for v in vars(args).values() if isinstance(v, str) and Path(v).is_file()]
+    for name in OUTPUT_NAMES:
+        check_output(out / name, args.overwrite, "--out", inputs)
+
+
 def _write_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
-    """All three files or none: each is written under a temporary name, and all are renamed only
-    once every one is complete (a folder this call created is removed again on failure)."""
+    """All three files or none: each is written to an exclusive temporary file, and all are renamed
+    together once every one is complete (the old set is put back if a rename fails; a folder this
+    call created is removed again on failure)."""
     created = not out.exists()
     try:
-        with ExitStack() as stack:
-            tmp = {name: stack.enter_context(atomic_path(out / name))
-                   for name in ("samples.npz", "grid.png", "report.json")}
-            save_npz(tmp["samples.npz"], arr_0=images, arr_1=labels)
-            save_png(grid(images[:64]), tmp["grid.png"])
-            tmp["report.json"].write_text(json.dumps(report, indent=2))
+        with Outputs() as outputs:
+            save_npz(outputs.temp(out / "samples.npz"), arr_0=images, arr_1=labels)
+            save_png(grid(images[:64]), outputs.temp(out / "grid.png"))
+            outputs.temp(out / "report.json").write_text(json.dumps(report, indent=2))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
