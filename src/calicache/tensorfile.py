@@ -63,7 +63,7 @@ def read_header(path: str | os.PathLike, fix: str) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); {fix}") from e
+        raise ValueError(f"{path}: not a readable safetensors file ({e}; it may be truncated or damaged); {fix}") from e
 
 
 def load_tensors(path: str | os.PathLike, fix: str,

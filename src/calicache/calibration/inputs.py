@@ -16,9 +16,10 @@ from ..images import LATENT_SCALE, to_model_space
 DataArg = tuple[np.ndarray, np.ndarray | None] | str | os.PathLike
 
 
-def load_images(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None
+def load_images(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None, size: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images uint8 (N, H, W[, C]), labels (N,) or None) of the training split named by `spec`.
+    """(images uint8 (N, H, W[, C]), labels (N,) or None) of the training split named by `spec`;
+    images of a folder are resized and center-cropped to `size` (the model's) when given.
 
     Uses `calicache.data.load_dataset` (fashion-mnist, image folders, .npz) where it exists;
     otherwise reads Fashion-MNIST and .npz files (arr_0 images, optional arr_1 labels) itself.
@@ -28,7 +29,7 @@ def load_images(spec: str | os.PathLike, data_dir: str | os.PathLike | None = No
     except ImportError:
         load_dataset = None
     if load_dataset is not None:
-        return load_dataset(spec, split="train", data_dir=data_dir)
+        return load_dataset(spec, split="train", data_dir=data_dir, size=size if Path(str(spec)).is_dir() else None)
     key = str(spec)
     if key == "fashion-mnist":
         from ..data.fashion_mnist import load_fashion_mnist

@@ -17,24 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from .. import distributed
 from ..cache.config import SCALES
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
-from ..models.io import load_model, weight_hash
+from ..models.io import SHIPPED, load_model, shipped_path, weight_hash
 from ..shards import settings_digest
+from ..utils import check_output
 from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
 
 # Options each rank may set for itself; every other option must be the same on every rank.
-RANK_LOCAL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
+RANK_LOCAL_OPTIONS = frozenset({"out", "overwrite", "json", "threads", "model", "dist_timeout", "command"})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--method", choices=("icc", "goc"), default="icc", help="what to calibrate")
     p.add_argument("--out", required=True, help="output file (ICC: factors.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a file it reads)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, "
                    "else 50; PixArt: the pipeline's, 20)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
@@ -79,7 +82,17 @@ def _rank(text: str) -> int | str:
         raise ValueError(f"--rank must be an integer or 'full', got {text!r}") from e
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """Before any work: --out must be a writable file path, not a folder, not one of the inputs (the
+    model above all), and not an existing file unless --overwrite."""
+    inputs = [v for v in vars(args).values() if isinstance(v, str) and Path(v).is_file()]
+    if args.model in SHIPPED:
+        inputs.append(str(shipped_path(args.model)))
+    check_output(args.out, args.overwrite, "--out", inputs)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_out(args)
     if calibrate_pipeline.wanted(args):
         return calibrate_pipeline.run(args)
     setup(args)
