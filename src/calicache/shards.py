@@ -29,7 +29,7 @@ from . import __version__, distributed
 from .images import decode_latents, save_npz, to_uint8
 from .models.io import weight_hash
 from .sampling import _class_labels, sample
-from .utils import atomic_path
+from .utils import atomic_path, stale_temps
 
 SHARD_DIR = "shards"
 SHARD_KEYS = ("images", "labels", "indices", "settings")
@@ -118,7 +118,7 @@ def merge_shards(folder: Path, digest: str, batches: Sequence[range]) -> tuple[n
             images = np.empty((batches[-1].stop, *part.shape[1:]), dtype=np.uint8)
         images[idx.start : idx.stop] = part
         labels[idx.start : idx.stop] = part_labels
-    for tmp in folder.glob(".batch-*.tmp-*"):  # left by ranks killed mid-write; every rank is done now
+    for tmp in stale_temps(folder, "batch-*.npz"):  # left by ranks killed mid-write; every rank is done now
         tmp.unlink(missing_ok=True)
     return images, labels
 

@@ -36,10 +36,11 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                 outputs: Outputs | None = None) -> None:
+                 outputs: Outputs | None = None) -> Path:
     """Write `tensors` and string `metadata` (plus their checksum) to `path`, exclusively and atomically.
 
-    With `outputs`, the file joins that set and is committed with it; else it is committed now."""
+    With `outputs`, the file joins that set and is committed with it (the temporary file it is in until
+    then is returned); else it is committed now and `path` is returned."""
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = dict(metadata) | {CHECKSUM_KEY: tensor_checksum(state)}
     data = save_bytes(state, metadata=meta)
@@ -55,6 +56,8 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
         raise
     if own:
         outputs.commit()
+        return Path(path)
+    return tmp
 
 
 def read_header(path: str | os.PathLike, fix: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-TEMP_SUFFIX = ".calicache-tmp"  # every temporary output ends with this (rank 0 removes stale shard temps by it)
+TEMP_MARK = ".tmp"  # temporaries are named .NAME.<random>.tmp<suffix of NAME> (the suffix kept for loaders)
 
 
 def _umask() -> int:
@@ -60,8 +60,8 @@ def make_temp(path: Path, directory: bool = False) -> Path:
     (O_EXCL, so an existing name or a planted link is never opened)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX))
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK + path.suffix)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions open() gives
     os.close(fd)
     return Path(name)
@@ -145,6 +145,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield outputs.temp(path)
 
 
-def is_temp(path: Path) -> bool:
-    """True for a temporary output left behind by a killed process."""
-    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and stat.S_ISREG(path.lstat().st_mode)
+def stale_temps(folder: Path, name_pattern: str) -> list[Path]:
+    """Temporary files for outputs named like `name_pattern` (a glob) left in `folder` by killed processes."""
+    suffix = Path(name_pattern).suffix
+    return [p for p in folder.glob(f".{name_pattern}.*{TEMP_MARK}{suffix}") if stat.S_ISREG(p.lstat().st_mode)]

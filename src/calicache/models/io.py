@@ -49,12 +49,13 @@ def weight_hash(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) ->
 MODEL_FIX = "re-create or re-download it"
 
 
-def save_model(model: DiT, path: str | os.PathLike, outputs: Outputs | None = None, **metadata: object) -> None:
+def save_model(model: DiT, path: str | os.PathLike, outputs: Outputs | None = None, **metadata: object) -> Path:
     """Weights and config in one safetensors file (config and extras as JSON metadata, plus a content
-    checksum); with `outputs` the file is committed with that set of outputs."""
+    checksum); with `outputs` the file is committed with that set of outputs (the temporary file it is
+    in until then is returned)."""
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    save_tensors(path, model.state_dict(), meta, outputs)
+    return save_tensors(path, model.state_dict(), meta, outputs)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
