@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `torchrun ... -m calicache -- sample --num N`: `--` keeps torchrun off our flags
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    args._argv = argv  # --nproc-per-node starts workers that run the same command line
     # Every float option up front: NaN or inf anywhere (a weight, a scale, eta) would only show as black images.
     bad = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
            if isinstance(v, float) and not math.isfinite(v)]

@@ -35,7 +35,8 @@ SHARD_DIR = "shards"
 SHARD_KEYS = ("images", "labels", "indices", "settings")
 # Command-line options that never change a pixel. Every other option goes into the settings hash,
 # so an option added later can only make shards be recomputed, never merge stale ones.
-NON_PIXEL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
+NON_PIXEL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "nproc_per_node", "overwrite",
+                               "command"})
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -30,7 +30,8 @@ from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
 
 # Options each rank may set for itself; every other option must be the same on every rank.
-RANK_LOCAL_OPTIONS = frozenset({"out", "overwrite", "json", "threads", "model", "dist_timeout", "command"})
+RANK_LOCAL_OPTIONS = frozenset({"out", "overwrite", "json", "threads", "model", "dist_timeout", "nproc_per_node",
+                                "command"})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +94,8 @@ def check_out(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_out(args)
+    if args.nproc_per_node is not None:  # this process starts the workers, which run the same command
+        return distributed.launch(args.nproc_per_node, args._argv)
     if calibrate_pipeline.wanted(args):
         return calibrate_pipeline.run(args)
     setup(args)

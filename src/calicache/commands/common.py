@@ -40,6 +40,9 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     """Options of commands that also run under torchrun (see docs/distributed.md)."""
     from .. import distributed
 
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start this many worker processes on this machine (torchrun for you; gloo on CPU, one GPU "
+                        "each with CUDA); see docs/distributed.md")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a collective waits for a missing rank "
                         f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")

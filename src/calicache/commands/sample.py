@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(args)  # before any work: a bad --out must not cost a sampling run
+    if args.nproc_per_node is not None:  # this process starts the workers, which run the same command
+        return distributed.launch(args.nproc_per_node, args._argv)
     if args.pipeline is not None:
         return sample_pipeline.run(args)
     if args.prompt is not None or args.prompt_embeds is not None:
