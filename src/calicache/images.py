@@ -68,6 +68,17 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
         image.save(tmp, format="PNG")
 
 
+def open_npz(path: str | os.PathLike, fix: str) -> np.lib.npyio.NpzFile:
+    """An .npz archive opened without pickles; any other file is an error ending in `fix` (never numpy's
+    advice to allow pickles)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz file (an .npz is a zip archive of arrays); {fix}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e}); {fix}") from e
+
+
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """np.savez's format (one stored .npy member per array), but with fixed zip timestamps:
     equal arrays give equal file bytes, so sharded and single-process runs can be compared."""

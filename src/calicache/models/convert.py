@@ -297,6 +297,13 @@ def read_diffusers_dit(folder: str | os.PathLike) -> DiTTransformer2DModel:
     name = config.get("_class_name")
     if name not in ("DiTTransformer2DModel", "Transformer2DModel"):
         raise ValueError(f"{config_path}: {name} is not a DiT; calicache loads DiTTransformer2DModel folders")
+    weights = root / (sub or "")
+    bins = sorted(weights.glob("diffusion_pytorch_model*.bin"))
+    if bins and not any(weights.glob("diffusion_pytorch_model*.safetensors")):
+        from .io import read_torch
+
+        for b in bins:  # diffusers' own message for a refused pickle only says "unable to load"
+            read_torch(b, "re-save the model with save_pretrained(folder, safe_serialization=True)")
     cls = _diffusers_cls()
     try:
         # low_cpu_mem_usage=False: the plain load path, which needs no `accelerate`.

@@ -165,7 +165,7 @@ def read_torch(path: str | os.PathLike, fix: str) -> object:
         detail = next((line for line in lines if "GLOBAL" in line), None)
         if detail is not None:
             raise ValueError(f"{path}: refused to load: the file holds pickled objects other than tensors "
-                             f"({detail}); calicache loads weights only. {fix}") from e
+                             f"({detail}); calicache loads weights only: {fix}") from e
         raise ValueError(f"{path}: not a torch weights file (it does not unpickle as tensors); {fix}") from e
     except (RuntimeError, EOFError, OSError) as e:
         first = (str(e).splitlines() or [""])[0]
