@@ -107,10 +107,13 @@ class Outputs:
                 placed += 1
         except BaseException:
             for i, (path, backup) in reversed(list(enumerate(done))):  # roll back: the folder keeps the old set
-                if i < placed:
-                    path.unlink()
-                if backup is not None:
-                    os.replace(backup, path)
+                try:
+                    if i < placed:
+                        path.unlink()
+                    if backup is not None:
+                        os.replace(backup, path)
+                except OSError:  # best effort: the original error is the one to report
+                    pass
             self.discard()
             raise
         for _, backup in done:

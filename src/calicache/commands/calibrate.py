@@ -86,7 +86,7 @@ def _rank(text: str) -> int | str:
 def check_out(args: argparse.Namespace) -> None:
     """Before any work: --out must be a writable file path, not a folder, not one of the inputs (the
     model above all), and not an existing file unless --overwrite."""
-    inputs = [v for v in vars(args).values() if isinstance(v, str) and Path(v).is_file()]
+    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and Path(v).is_file()]
     if args.model in SHIPPED:
         inputs.append(str(shipped_path(args.model)))
     check_output(args.out, args.overwrite, "--out", inputs)

@@ -129,7 +129,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Refuse a --out that cannot take the outputs (a file, a read-only place, existing outputs without
     --overwrite, or a file the command reads) before any work."""
     out = check_output(args.out, flag="--out", folder=True)
-    inputs = [v for v in vars(args).values() if isinstance(v, str) and Path(v).is_file()]
+    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and Path(v).is_file()]
     for name in OUTPUT_NAMES:
         check_output(out / name, args.overwrite, "--out", inputs)
 
