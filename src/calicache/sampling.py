@@ -108,7 +108,7 @@ def _nonfinite_error(model: nn.Module, cfg_scale: float, noise: torch.Tensor | N
     else:
         hint = ""
     return NonFiniteSamplesError(f"sampling produced NaN or infinite values (batch starting at sample {first}); "
-                                 f"likely source: {'; '.join(sources)}. Nothing was written.{hint}")
+                                 f"likely source: {'; '.join(sources)}.{hint}")
 
 
 def model_calls(steps: int, sampler: str = "ddim") -> int:
