@@ -39,7 +39,7 @@ from ..bench.plot import PALETTE, line_chart, side_by_side_charts
 from ..bench.runs import markdown_table, score, side_by_side
 from ..images import save_png
 from ..models.io import load_model
-from ..utils import atomic_path
+from ..utils import Outputs, check_output
 from .common import add_model_arguments, model_defaults, parse_arch, setup
 
 COLUMNS = [("name", "configuration", ""), ("steps", "steps", "d"), ("mmacs", "MMACs/sample", ",.1f"),
@@ -170,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     setup(args)
     model = load_model(args.model, parse_arch(args.arch))
     opts = _options(args, model)
+    for name in ("bench.md", "bench.json", "quality.png", "side_by_side.png"):  # bench replaces its own reports
+        check_output(opts.out / name, overwrite=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     grid = plan_grid(model, opts)
     t_runs = time.perf_counter()
@@ -205,24 +207,23 @@ def run(args: argparse.Namespace) -> int:
     wins = winners(rows, levels + [(f"{opts.steps} steps (all)", ref_macs)])
     side_macs = levels[len(levels) // 2][1] if levels else ref_macs // 2
     picked = pick_level(results, side_macs)
-    save_png(side_by_side(picked), opts.out / "side_by_side.png")
     charts = [_chart(rows, "psnr", "PSNR dB to uncached")]
     charts.append(_chart(rows, "fd", "FD (classifier) to test set") if any(r.get("fd") is not None for r in rows)
                   else _chart(rows, "ssim", "SSIM to uncached"))
-    save_png(side_by_side_charts(charts), opts.out / "quality.png")
     command = command_line(args)
     settings = (f"Model `{args.model}` (width {model.config.hidden_size}, depth {model.config.depth}), {opts.num} "
                 f"samples per configuration (classes index % {model.config.num_classes}, seed {opts.seed}), DDIM "
                 f"{opts.steps} steps (adm spacing), guidance {opts.cfg_scale}, {torch.get_num_threads()} CPU threads.")
     side_level = f"about {side_macs / 1e6:,.1f} MMACs per sample (the reference first, then each family's closest)"
     grid.seconds["total"] = time.perf_counter() - t_start
-    with atomic_path(opts.out / "bench.md") as tmp:
-        tmp.write_text(_markdown(command, settings, grid.notes, rows, wins, side_level))
     report = {"command": command, "settings": settings, "notes": grid.notes, "rows": rows, "winners": wins,
               "seconds": {k: round(v, 1) for k, v in grid.seconds.items()},
               "side_by_side": [r.variant.name for r in picked]}
-    with atomic_path(opts.out / "bench.json") as tmp:
-        tmp.write_text(json.dumps(_jsonable(report), indent=2))
+    with Outputs() as outputs:  # the four report files are replaced together
+        save_png(side_by_side(picked), outputs.temp(opts.out / "side_by_side.png"))
+        save_png(side_by_side_charts(charts), outputs.temp(opts.out / "quality.png"))
+        outputs.temp(opts.out / "bench.md").write_text(_markdown(command, settings, grid.notes, rows, wins, side_level))
+        outputs.temp(opts.out / "bench.json").write_text(json.dumps(_jsonable(report), indent=2))
     if args.json:
         print(json.dumps(_jsonable(report), indent=2))
     else:
