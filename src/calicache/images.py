@@ -72,7 +72,12 @@ def open_npz(path: str | os.PathLike, fix: str) -> np.lib.npyio.NpzFile:
     """An .npz archive opened without pickles; any other file is an error ending in `fix` (never numpy's
     advice to allow pickles)."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz file (an .npz is a zip archive of arrays); {fix}")
+        with open(path, "rb") as f:
+            start = f.read(6)
+        what = ("not a readable .npz file (a truncated or damaged zip archive)" if start.startswith(b"PK\x03\x04")
+                else "not an .npz file: it holds a single .npy array, not an .npz archive" if start == b"\x93NUMPY"
+                else "not an .npz file (an .npz is a zip archive of arrays)")
+        raise ValueError(f"{path}: {what}; {fix}")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
