@@ -200,8 +200,8 @@ def sample(
             try:
                 with cache_run(model, model_calls(steps, sampler)):
                     x = sampler_fn(fn, x, schedule, noise_fn=noise_fn, **extra)
-            except ValueError as e:  # a per-call finiteness check in the engine or sampler
-                if "NaN" not in str(e) and "infinite" not in str(e):
+            except (ValueError, RuntimeError) as e:  # a per-step finiteness check in the engine or sampler
+                if not any(word in str(e) for word in ("NaN", "infinite", "non-finite")):
                     raise
                 raise _nonfinite_error(model, cfg_scale, x_T, start + first) from e
             if not torch.isfinite(x).all():  # once per batch, after sampling
