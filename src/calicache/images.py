@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .utils import atomic_path
+from .utils import write_file
 
 LATENT_SCALE = 0.18215
 
@@ -63,9 +63,14 @@ def grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    write_file(path, png_bytes(image))
 
 
 def open_npz(path: str | os.PathLike, fix: str) -> np.lib.npyio.NpzFile:
@@ -85,6 +90,11 @@ def open_npz(path: str | os.PathLike, fix: str) -> np.lib.npyio.NpzFile:
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez's format with fixed zip timestamps (see npz_bytes), written in one step."""
+    write_file(path, npz_bytes(**arrays))
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
     """np.savez's format (one stored .npy member per array), but with fixed zip timestamps:
     equal arrays give equal file bytes, so sharded and single-process runs can be compared."""
     buf = io.BytesIO()
@@ -93,5 +103,4 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    return buf.getvalue()

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as save_bytes
 
-from .utils import Outputs
+from .utils import Outputs, write_file
 
 CHECKSUM_KEY = "sha256"
 
@@ -44,20 +44,10 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = dict(metadata) | {CHECKSUM_KEY: tensor_checksum(state)}
     data = save_bytes(state, metadata=meta)
-    own = outputs is None
-    outputs = Outputs() if own else outputs
-    tmp = outputs.temp(path)
-    try:
-        with open(tmp, "r+b") as f:
-            f.write(data)
-    except BaseException:
-        if own:
-            outputs.discard()
-        raise
-    if own:
-        outputs.commit()
+    if outputs is None:
+        write_file(path, data)
         return Path(path)
-    return tmp
+    return outputs.write(path, data)
 
 
 def read_header(path: str | os.PathLike, fix: str) -> dict[str, str]:

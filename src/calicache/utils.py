@@ -55,16 +55,22 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
     return path
 
 
-def make_temp(path: Path, directory: bool = False) -> Path:
-    """An exclusive, unpredictably named temporary file (or folder) beside `path`, created now
-    (O_EXCL, so an existing name or a planted link is never opened)."""
+def _mkstemp(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK))
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK + path.suffix)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions open() gives
+    return fd, Path(name)
+
+
+def make_temp(path: Path, directory: bool = False) -> Path:
+    """An exclusive, unpredictably named temporary file (or private folder) beside `path`, created now
+    (O_EXCL, so an existing name or a planted link is never opened)."""
+    if directory:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK))
+    fd, name = _mkstemp(path)
     os.close(fd)
-    return Path(name)
+    return name
 
 
 def _remove(path: Path) -> None:
@@ -85,10 +91,21 @@ class Outputs:
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final path)
 
-    def temp(self, path: str | os.PathLike, directory: bool = False) -> Path:
+    def temp(self, path: str | os.PathLike) -> Path:
+        """A temporary file for `path`, for writers that need a file name (prefer `write`)."""
         path = Path(path)
-        tmp = make_temp(path, directory)
+        tmp = make_temp(path)
         self._pending.append((tmp, path))
+        return tmp
+
+    def write(self, path: str | os.PathLike, data: bytes | str) -> Path:
+        """`data` into a new temporary file for `path`, through the descriptor that created it (the
+        name is never opened again, so nothing can be swapped in between); returns the temporary."""
+        path = Path(path)
+        fd, tmp = _mkstemp(path)
+        self._pending.append((tmp, path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         return tmp
 
     def commit(self) -> None:
@@ -135,6 +152,12 @@ class Outputs:
             self.commit()
         else:
             self.discard()
+
+
+def write_file(path: str | os.PathLike, data: bytes | str) -> None:
+    """Replace `path` by `data` in one step (see Outputs.write)."""
+    with Outputs() as outputs:
+        outputs.write(path, data)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from ..bench.grid import (
 )
 from ..bench.plot import PALETTE, line_chart, side_by_side_charts
 from ..bench.runs import markdown_table, score, side_by_side
-from ..images import save_png
+from ..images import png_bytes
 from ..models.io import load_model
 from ..utils import Outputs, check_output
 from .common import add_model_arguments, model_defaults, parse_arch, setup
@@ -220,10 +220,10 @@ def run(args: argparse.Namespace) -> int:
               "seconds": {k: round(v, 1) for k, v in grid.seconds.items()},
               "side_by_side": [r.variant.name for r in picked]}
     with Outputs() as outputs:  # the four report files are replaced together
-        save_png(side_by_side(picked), outputs.temp(opts.out / "side_by_side.png"))
-        save_png(side_by_side_charts(charts), outputs.temp(opts.out / "quality.png"))
-        outputs.temp(opts.out / "bench.md").write_text(_markdown(command, settings, grid.notes, rows, wins, side_level))
-        outputs.temp(opts.out / "bench.json").write_text(json.dumps(_jsonable(report), indent=2))
+        outputs.write(opts.out / "side_by_side.png", png_bytes(side_by_side(picked)))
+        outputs.write(opts.out / "quality.png", png_bytes(side_by_side_charts(charts)))
+        outputs.write(opts.out / "bench.md", _markdown(command, settings, grid.notes, rows, wins, side_level))
+        outputs.write(opts.out / "bench.json", json.dumps(_jsonable(report), indent=2))
     if args.json:
         print(json.dumps(_jsonable(report), indent=2))
     else:

@@ -16,7 +16,7 @@ import torch
 
 from ..bench.runs import Variant, markdown_table, run_variant, score, side_by_side
 from ..cache import CacheConfig
-from ..images import save_png
+from ..images import png_bytes
 from ..models.io import SHIPPED, load_model, shipped_asset
 from ..utils import Outputs, check_output
 from .common import add_model_arguments, model_defaults, parse_arch, setup
@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     md = (f"# calicache demo\n\n{settings}.\n\nPSNR/SSIM are against the uncached {args.steps}-step samples "
           f"(same seeds); MACs per sample exclude the guidance doubling.\n\n{table}\n\n![side by side](demo.png)\n")
     with Outputs() as outputs:  # the three files are replaced together
-        save_png(side_by_side(results), outputs.temp(out / "demo.png"))
-        outputs.temp(out / "demo.md").write_text(md)
-        outputs.temp(out / "demo.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+        outputs.write(out / "demo.png", png_bytes(side_by_side(results)))
+        outputs.write(out / "demo.md", md)
+        outputs.write(out / "demo.json", json.dumps({"settings": settings, "rows": rows}, indent=2))
     print(json.dumps(rows, indent=2) if args.json else f"\n{settings}\n\n{table}\n\nwrote {out}/demo.png, demo.md")
     return 0

@@ -18,7 +18,7 @@ import torch
 from .. import distributed
 from ..cache import apply_cache, get_engine
 from ..cache.macs import count_macs
-from ..images import decode_latents, grid, save_npz, save_png, to_uint8
+from ..images import decode_latents, grid, npz_bytes, png_bytes, to_uint8
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
 from ..utils import Outputs, check_output
@@ -141,9 +141,9 @@ def _write_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: di
     created = not out.exists()
     try:
         with Outputs() as outputs:
-            save_npz(outputs.temp(out / "samples.npz"), arr_0=images, arr_1=labels)
-            save_png(grid(images[:64]), outputs.temp(out / "grid.png"))
-            outputs.temp(out / "report.json").write_text(json.dumps(report, indent=2))
+            outputs.write(out / "samples.npz", npz_bytes(arr_0=images, arr_1=labels))
+            outputs.write(out / "grid.png", png_bytes(grid(images[:64])))
+            outputs.write(out / "report.json", json.dumps(report, indent=2))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

@@ -8,6 +8,7 @@ Training state (model, EMA, optimiser, RNG, step) goes to `OUT/state.pt` atomica
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import time
@@ -158,8 +159,9 @@ def train(
               "rng": torch.get_rng_state(), "step": step, "losses": losses, "elapsed": elapsed,
               "config": json.dumps(asdict(cfg) | {"steps": None}, sort_keys=True)}
         with Outputs() as outputs:  # state and exported model are replaced together
-            with open(outputs.temp(state_path), "wb") as f:
-                torch.save(st, f)
+            buf = io.BytesIO()
+            torch.save(st, buf)
+            outputs.write(state_path, buf.getvalue())
             save_model(ema, out / "model.safetensors", outputs, train_step=step)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress)
