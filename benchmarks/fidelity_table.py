@@ -21,7 +21,7 @@ import torch
 import calicache
 from calicache.bench.peers import Peer, missing, run_peer
 from calicache.bench.runs import Variant, markdown_table, run_variant, score
-from calicache.cache import CacheConfig
+from calicache.cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, NoCacheConfig
 from calicache.calibration.goc import find_goc_steps
 from calicache.commands.common import model_defaults
 
@@ -59,13 +59,13 @@ def main() -> None:
             f = factor_file(model, f, steps, svd=svd, rank=max(ranks))
             for r in ranks:
                 factors[(svd, r)] = f
-        variants = [Variant("no cache", CacheConfig("none"), steps, "uncached"),
-                    Variant(f"FORA p={period}", CacheConfig("fora", period=period), steps, "fora")]
+        variants = [Variant("no cache", NoCacheConfig(), steps, "uncached"),
+                    Variant(f"FORA p={period}", FORAConfig(period=period), steps, "fora")]
         for (svd, r), f in factors.items():
-            variants.append(Variant(f"ICC {svd} r{r}", CacheConfig("icc", period=period, svd=svd, factors=f, rank=r),
+            variants.append(Variant(f"ICC {svd} r{r}", ICCConfig(period=period, svd=svd, factors=f, rank=r),
                                     steps,
                                     "icc"))
-        icc_share = calicache.count_macs(model, CacheConfig("icc", period=period, svd="cd",
+        icc_share = calicache.count_macs(model, ICCConfig(period=period, svd="cd",
                                                             factors=factors[("cd", ranks[0])],
                                                             rank=ranks[0]), 2)
         budget = round(icc_share["per_call"][1] / icc_share["full_call"], 4)
@@ -75,24 +75,24 @@ def main() -> None:
             for side in ("input", "output"):
                 f = work / f"{svd}-{side}-r{max(ranks)}-s{steps}.safetensors"
                 f = factor_file(model, f, steps, svd=svd, rank=max(ranks), scale=side)
-                variants += [Variant(f"ICC {svd} {side}-scaled r{r}", CacheConfig("icc", period=period, svd=svd,
+                variants += [Variant(f"ICC {svd} {side}-scaled r{r}", ICCConfig(period=period, svd=svd,
                                                                                   factors=str(f), rank=r),
                                      steps, "icc") for r in ranks]
-        variants.append(Variant(f"ICC cd budget={budget}", CacheConfig("icc", period=period, svd="cd", factors=str(fb)),
+        variants.append(Variant(f"ICC cd budget={budget}", ICCConfig(period=period, svd="cd", factors=str(fb)),
                                 steps, "icc"))
         fcf = work / f"cf-r{max(ranks)}-s{steps}-p{period}.safetensors"
         fcf = factor_file(model, fcf, steps, svd="cf", rank=max(ranks), period=period)
         for (svd, r), f in list(factors.items()) + [(("cf", r), fcf) for r in ranks]:
-            variants.append(Variant(f"forecast {svd} r{r}", CacheConfig("forecast", period=period, svd=svd,
+            variants.append(Variant(f"forecast {svd} r{r}", ForecastConfig(period=period, svd=svd,
                                                                          factors=f, rank=r), steps, "forecast"))
-        variants.append(Variant("forecast rank 0 (TaylorSeer-1)", CacheConfig("forecast", period=period, rank=0),
+        variants.append(Variant("forecast rank 0 (TaylorSeer-1)", ForecastConfig(period=period, rank=0),
                                 steps, "forecast"))
         if period == 2 and steps == 20:
-            variants.append(Variant("GOC published steps", CacheConfig("goc", period=2), steps, "goc"))
+            variants.append(Variant("GOC published steps", GOCConfig(period=2), steps, "goc"))
         gf = work / f"goc-s{steps}-p{period}.json"
         if not gf.exists():
             find_goc_steps(model, steps, num=40, cfg_scale=cfg_scale, period=period).save(gf)
-        variants.append(Variant("GOC found steps", CacheConfig("goc", period=period, goc_file=str(gf)), steps, "goc"))
+        variants.append(Variant("GOC found steps", GOCConfig(period=period, steps_file=str(gf)), steps, "goc"))
         results = [run_variant(model, v, args.num, cfg_scale, progress=False) for v in variants]
         for kind in ("dbcache-taylorseer", "taylorseer"):
             why = missing(kind)

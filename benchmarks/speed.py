@@ -26,7 +26,7 @@ CONFIGS = {
 def one(model_name: str, steps: int, threads: int, name: str, repeats: int) -> dict:
     import torch
 
-    from calicache import CacheConfig, apply_cache, count_macs, create_model, sample
+    from calicache import apply_cache, config_from_dict, count_macs, create_model, sample
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def one(model_name: str, steps: int, threads: int, name: str, repeats: int) -> d
         for n, p in model.named_parameters():
             if "adaLN_modulation" in n or "final_layer.linear" in n:
                 p.normal_(0, 0.02)
-    cfg = CacheConfig(**CONFIGS[name])
+    cfg = config_from_dict(CONFIGS[name])
     apply_cache(model, cfg)
     sample(model, 1, 2)  # warm-up (allocator, kernels)
     times = []

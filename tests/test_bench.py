@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample, save_model
+from calicache import ForecastConfig, apply_cache, count_macs, remove_cache, sample, save_model
 from calicache.bench.grid import cached_call_share, winners
 from calicache.bench.peers import BranchCounter, Peer, attach, counted_sample, missing
 from calicache.bench.plot import nice_ticks
@@ -55,7 +55,7 @@ def test_bench_quick_end_to_end(tmp_path):
 def test_diffusers_taylorseer_at_period_2_is_calicache_forecast_at_rank_0():
     # Independent implementations of the same thing: a first-order forecast of every branch output.
     model = tiny_model(depth=3)
-    apply_cache(model, CacheConfig("forecast", period=2, rank=0))
+    apply_cache(model, ForecastConfig(period=2, rank=0))
     ours = sample(model, 3, 8, seed=1)
     remove_cache(model)
     wrapper = attach(model, Peer("taylorseer", 2), 8)

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from calicache import CacheConfig, CacheSchedule, apply_cache, remove_cache, sample
+from calicache import (
+    CacheSchedule,
+    FORAConfig,
+    ForecastConfig,
+    GOCConfig,
+    ICCConfig,
+    NoCacheConfig,
+    apply_cache,
+    remove_cache,
+    sample,
+)
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule
@@ -33,29 +43,29 @@ def ref():
 
 def test_all_full_schedule_is_bit_exact(ref):
     m = tiny_model()
-    assert torch.equal(run(m, CacheConfig("fora", period=1)), ref)
+    assert torch.equal(run(m, FORAConfig(period=1)), ref)
     gather = np.ones((STEPS, 4), dtype=bool)
-    assert torch.equal(run(m, CacheConfig("icc", schedule=gather, rank=3)), ref)
-    assert torch.equal(run(m, CacheConfig("none")), ref)
+    assert torch.equal(run(m, ICCConfig(schedule=gather, rank=3)), ref)
+    assert torch.equal(run(m, NoCacheConfig()), ref)
 
 
 def test_fora_really_caches(ref):
-    assert rel(run(tiny_model(), CacheConfig("fora", period=2)), ref) > 1e-3
+    assert rel(run(tiny_model(), FORAConfig(period=2)), ref) > 1e-3
 
 
 def test_icc_full_rank_equals_no_cache(ref):
-    assert rel(run(tiny_model(), CacheConfig("icc", period=2, rank="full")), ref) < 1e-5
-    assert rel(run(tiny_model(), CacheConfig("icc", period=3, rank="full"), cfg_scale=1.0),
+    assert rel(run(tiny_model(), ICCConfig(period=2, rank="full")), ref) < 1e-5
+    assert rel(run(tiny_model(), ICCConfig(period=3, rank="full"), cfg_scale=1.0),
                run(tiny_model(), cfg_scale=1.0)) < 1e-5
 
 
 def test_icc_rank_zero_equals_fora():
     m = tiny_model()
-    assert torch.equal(run(m, CacheConfig("icc", period=2, rank=0)), run(m, CacheConfig("fora", period=2)))
+    assert torch.equal(run(m, ICCConfig(period=2, rank=0)), run(m, FORAConfig(period=2)))
 
 
 def test_icc_error_falls_with_rank(ref):
-    errs = [rel(run(tiny_model(), CacheConfig("icc", period=2, rank=r)), ref) for r in (0, 8, 32)]
+    errs = [rel(run(tiny_model(), ICCConfig(period=2, rank=r)), ref) for r in (0, 8, 32)]
     assert errs[0] > errs[1] > errs[2]
 
 
@@ -63,7 +73,7 @@ def test_remove_cache_restores_forward_exactly():
     m = tiny_model()
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 3]), torch.tensor([0, 1, 2])
     before = m(x, t, y)
-    apply_cache(m, CacheConfig("icc", period=2, rank=4))
+    apply_cache(m, ICCConfig(period=2, rank=4))
     m(x, t, y)
     remove_cache(m)
     assert not any("forward" in mod.__dict__ for mod in m.modules())
@@ -72,7 +82,7 @@ def test_remove_cache_restores_forward_exactly():
 
 
 def test_runs_in_a_row_and_other_step_counts_equal_fresh_runs():
-    cfg = CacheConfig("fora", period=2)
+    cfg = FORAConfig(period=2)
     m = apply_cache(tiny_model(), cfg)
     a, b = sample(m, 4, STEPS, cfg_scale=2.0), sample(m, 4, STEPS, cfg_scale=2.0)
     c = sample(m, 3, 5, cfg_scale=1.0, batch_size=2)  # other steps, batch size, no doubled batch
@@ -83,7 +93,7 @@ def test_runs_in_a_row_and_other_step_counts_equal_fresh_runs():
 
 def test_outside_loop_starts_runs_from_timesteps():
     """A bare module driven by someone else's loop: a run starts when the timestep goes up."""
-    cfg = CacheConfig("icc", period=2, rank=4)
+    cfg = ICCConfig(period=2, rank=4)
     expected = run(tiny_model(), cfg)
     m = apply_cache(tiny_model(), cfg)
     y = torch.arange(4) % 4
@@ -98,7 +108,7 @@ def test_outside_loop_starts_runs_from_timesteps():
 
 
 def test_failed_run_then_good_run():
-    cfg = CacheConfig("fora", period=2)
+    cfg = FORAConfig(period=2)
     expected = run(tiny_model(), cfg)
     m = apply_cache(tiny_model(), cfg)
     bad = torch.full((4, 1, 8, 8), float("nan"))
@@ -122,14 +132,14 @@ def test_failed_run_then_good_run():
 
 
 def test_nan_input_to_bare_module():
-    m = apply_cache(tiny_model(), CacheConfig("fora", period=2))
+    m = apply_cache(tiny_model(), FORAConfig(period=2))
     with pytest.raises(ValueError, match="NaN"):
         m(torch.full((1, 1, 8, 8), float("nan")), torch.tensor([10]), torch.tensor([0]))
 
 
 def test_wrong_schedule_length_fails_before_work():
     gather = np.ones((STEPS + 2, 4), dtype=bool)
-    m = apply_cache(tiny_model(), CacheConfig("fora", schedule=gather))
+    m = apply_cache(tiny_model(), FORAConfig(schedule=gather))
     called = {"n": 0}
     m.register_forward_pre_hook(lambda *a: called.__setitem__("n", called["n"] + 1))
     with pytest.raises(ValueError, match="calls"):
@@ -138,7 +148,7 @@ def test_wrong_schedule_length_fails_before_work():
 
 
 def test_schedule_running_out_in_outside_loop():
-    m = apply_cache(tiny_model(), CacheConfig("fora", schedule=np.ones((2, 4), dtype=bool)))
+    m = apply_cache(tiny_model(), FORAConfig(schedule=np.ones((2, 4), dtype=bool)))
     x, y = torch.randn(1, 1, 8, 8), torch.tensor([0])
     m(x, torch.tensor([900]), y)
     m(x, torch.tensor([800]), y)
@@ -146,37 +156,42 @@ def test_schedule_running_out_in_outside_loop():
         m(x, torch.tensor([700]), y)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(method="magic"), "unknown cache method"),
-    (dict(method="icc", rank=-1), "rank"),
-    (dict(method="icc", rank="half"), "rank"),
-    (dict(method="fora", period=0), "period"),
-    (dict(method="icc", svd="cd"), "factor file"),
-    (dict(method="fora", schedule=np.zeros((3, 4))), "call 0"),
-    (dict(method="fora", cache_dtype="float8"), "cache_dtype"),
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (ICCConfig, dict(rank=-1), "rank"),
+    (ICCConfig, dict(rank="half"), "rank"),
+    (FORAConfig, dict(period=0), "period"),
+    (FORAConfig, dict(period=2, schedule=np.ones((3, 4))), "not both"),
+    (ICCConfig, dict(svd="cd"), "factor file"),
+    (ICCConfig, dict(svd="svd"), "unknown svd"),
+    (FORAConfig, dict(schedule=np.zeros((3, 4))), "call 0"),
+    (FORAConfig, dict(cache_dtype="float8"), "cache_dtype"),
+    (NoCacheConfig, dict(period=2), "FORAConfig"),
+    (GOCConfig, dict(steps=[0]), "steps"),
+    (GOCConfig, dict(weight=float("nan")), "weight"),
+    (ForecastConfig, dict(units="seconds"), "units"),
 ])
-def test_bad_config(kwargs, match):
+def test_bad_config(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        CacheConfig(**kwargs)
+        cls(**kwargs)
 
 
 def test_schedule_with_wrong_layer_count():
     with pytest.raises(ValueError, match="layers"):
-        apply_cache(tiny_model(), CacheConfig("fora", schedule=np.ones((STEPS, 3), dtype=bool)))
+        apply_cache(tiny_model(), FORAConfig(schedule=np.ones((STEPS, 3), dtype=bool)))
 
 
 def test_apply_twice_is_an_error():
-    m = apply_cache(tiny_model(), CacheConfig("fora"))
+    m = apply_cache(tiny_model(), FORAConfig())
     with pytest.raises(ValueError, match="remove_cache"):
-        apply_cache(m, CacheConfig("fora"))
+        apply_cache(m, FORAConfig())
 
 
 def test_cache_dtype_and_stats(ref):
-    m = apply_cache(tiny_model(), CacheConfig("icc", period=2, rank=4, cache_dtype="bfloat16"))
+    m = apply_cache(tiny_model(), ICCConfig(period=2, rank=4, cache_dtype="bfloat16"))
     out = sample(m, 4, STEPS, cfg_scale=2.0)
     half = m._calicache_engine.stats()
     remove_cache(m)
-    m = apply_cache(tiny_model(), CacheConfig("icc", period=2, rank=4))
+    m = apply_cache(tiny_model(), ICCConfig(period=2, rank=4))
     sample(m, 4, STEPS, cfg_scale=2.0)
     full = m._calicache_engine.stats()
     assert half["cache_bytes"] * 2 == full["cache_bytes"] > 0
@@ -189,9 +204,9 @@ def test_schedule_file_roundtrip(tmp_path):
     g[1::2, 1] = False
     CacheSchedule.from_matrix(g).save(tmp_path / "s.json")
     np.savez(tmp_path / "s.npz", gather=g)
-    a = run(tiny_model(), CacheConfig("fora", schedule=str(tmp_path / "s.json")))
-    b = run(tiny_model(), CacheConfig("fora", schedule=str(tmp_path / "s.npz")))
+    a = run(tiny_model(), FORAConfig(schedule=str(tmp_path / "s.json")))
+    b = run(tiny_model(), FORAConfig(schedule=str(tmp_path / "s.npz")))
     assert torch.equal(a, b)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
-        CacheConfig("fora", schedule=str(tmp_path / "bad.json"))
+        FORAConfig(schedule=str(tmp_path / "bad.json"))

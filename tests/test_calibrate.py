@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import calicache
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample
+from calicache import METHODS, FORAConfig, ICCConfig, apply_cache, count_macs, remove_cache, sample
 from calicache.adapters import get_adapter
 from calicache.cache import get_engine
 from calicache.cache.factors import Factors
@@ -215,12 +215,12 @@ def test_factor_file_errors(tmp_path):
     path = tmp_path / "f.safetensors"
     calicache.calibrate(model, fake_data(), svd="cd", rank=4, num=8, steps=STEPS).save(path)
     with pytest.raises(ValueError, match="calibrate this model"):
-        apply_cache(tiny_model(seed=1), CacheConfig(method="icc", svd="cd", factors=path))
+        apply_cache(tiny_model(seed=1), ICCConfig(svd="cd", factors=path))
     with pytest.raises(ValueError, match="higher than the 4 stored"):
-        apply_cache(model, CacheConfig(method="icc", svd="cd", factors=path, rank=5))
+        apply_cache(model, ICCConfig(svd="cd", factors=path, rank=5))
     assert get_engine(model) is None
     with pytest.raises(ValueError, match="holds 'cd' factors"):
-        apply_cache(model, CacheConfig(method="icc", svd="ca", factors=path))
+        apply_cache(model, ICCConfig(svd="ca", factors=path))
     raw = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="truncated"):
@@ -228,7 +228,7 @@ def test_factor_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="calicache calibrate"):
         Factors.load(tmp_path / "missing.safetensors")
     # A lower rank is exact truncation and works.
-    apply_cache(model, CacheConfig(method="icc", svd="cd", factors=path, rank=2))
+    apply_cache(model, ICCConfig(svd="cd", factors=path, rank=2))
     remove_cache(model)
 
 
@@ -250,7 +250,7 @@ def test_bad_arguments():
         calicache.calibrate(model, fake_data(n=4), num=8)
     with pytest.raises(ValueError, match="model takes"):
         calicache.calibrate(model, fake_data(size=10), num=4)
-    apply_cache(model, CacheConfig(method="fora"))
+    apply_cache(model, FORAConfig())
     with pytest.raises(ValueError, match="remove_cache"):
         calicache.calibrate(model, svd="plain")
     remove_cache(model)
@@ -263,7 +263,7 @@ def test_full_rank_factors_equal_no_cache(tmp_path, svd, method):
     path = tmp_path / "f.safetensors"
     calicache.calibrate(model, fake_data(), svd=svd, rank="full", num=16, batch_size=8, steps=STEPS).save(path)
     ref = sample(model, 4, STEPS, seed=1)
-    apply_cache(model, CacheConfig(method=method, svd=svd, factors=path))
+    apply_cache(model, METHODS[method](svd=svd, factors=path))
     out = sample(model, 4, STEPS, seed=1)
     remove_cache(model)
     assert rel(out, ref) < 1e-5
@@ -301,14 +301,14 @@ def test_budget_ranks_respect_the_budget(fraction, tmp_path):
     f = calicache.calibrate(model, fake_data(), svd="cd", num=16, batch_size=8, steps=STEPS, rank_budget=fraction)
     path = tmp_path / "b.safetensors"
     f.save(path)
-    macs = count_macs(model, CacheConfig(method="icc", svd="cd", factors=path), steps=2)
+    macs = count_macs(model, ICCConfig(svd="cd", factors=path), steps=2)
     calibrated, full = macs["per_call"][1], macs["full_call"]
     assert calibrated <= fraction * full
     # Spent up to the last indivisible unit (the largest unit is fc1/fc2: tokens * 5C).
     assert calibrated > fraction * full - 16 * 5 * 32
     assert Factors.load(path).meta["rank_budget"] == fraction and Factors.load(path).meta["rank"] is None
     with pytest.raises(ValueError, match="rank=None"):
-        apply_cache(model, CacheConfig(method="icc", svd="cd", factors=path, rank=32))
+        apply_cache(model, ICCConfig(svd="cd", factors=path, rank=32))
 
 
 def test_budget_too_small_is_a_clear_error():
@@ -335,7 +335,7 @@ def test_icc_with_unequal_qkv_ranks_takes_the_loop_and_is_right():
     model = tiny_model()
     f = calicache.calibrate(model, fake_data(), svd="cd", num=16, batch_size=8, steps=STEPS, rank_budget=0.6)
     ranks = f.ranks()
-    apply_cache(model, CacheConfig(method="icc", svd="cd", factors=f))
+    apply_cache(model, ICCConfig(svd="cd", factors=f))
     lin = next(c for c in get_engine(model).method.linears if len(c.specs) == 3)
     qkv = [ranks[s.name] for s in lin.specs]
     assert len(set(qkv)) > 1 and lin.a_batched is None, qkv

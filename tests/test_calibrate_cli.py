@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample, save_model
+from calicache import ForecastConfig, ICCConfig, apply_cache, count_macs, remove_cache, sample, save_model
 from calicache.cache.factors import Factors
 from calicache.cli import main
 from conftest import tiny_model
@@ -33,7 +33,7 @@ def test_cli_writes_factors_that_sample_uses(setup, capsys):
     assert report["rank_min"] == report["rank_max"] == 6 and report["svd"] == "cd"
     f = Factors.load(out)
     assert f.meta["svd"] == "cd" and f.meta["num"] == 16 and f.meta["data"] == str(tmp_path / "d.npz")
-    apply_cache(model, CacheConfig(method="icc", svd="cd", factors=out))
+    apply_cache(model, ICCConfig(svd="cd", factors=out))
     x = sample(model, 2, 10)
     remove_cache(model)
     assert x.shape == (2, 1, 8, 8)
@@ -46,7 +46,7 @@ def test_cli_cf_factors_for_the_forecast(setup, capsys):
                "--out", str(out)) == 0
     f = Factors.load(out)
     assert (f.meta["svd"], f.meta["period"], f.meta["forecast_weight"]) == ("cf", 3, 0.8)
-    apply_cache(model, CacheConfig(method="forecast", svd="cf", factors=out, period=3, forecast_weight=0.8))
+    apply_cache(model, ForecastConfig(svd="cf", factors=out, period=3, weight=0.8))
     x = sample(model, 2, 10)
     remove_cache(model)
     assert x.shape == (2, 1, 8, 8) and bool(x.isfinite().all())
@@ -58,7 +58,7 @@ def test_cli_rank_budget(setup, capsys):
     assert run(tmp_path, "--svd", "ca", "--rank-budget", "0.5", "--out", str(out), "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["calibrated_call_share"] <= 0.5
-    macs = count_macs(model, CacheConfig(method="icc", svd="ca", factors=out), steps=2)
+    macs = count_macs(model, ICCConfig(svd="ca", factors=out), steps=2)
     assert macs["per_call"][1] == report["calibrated_call_macs"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import calicache
-from calicache import CacheConfig, apply_cache, calibrate_text, weight_hash
+from calicache import FORAConfig, ICCConfig, apply_cache, calibrate_text, weight_hash
 from calicache.adapters import get_adapter
 from calicache.cache.factors import Factors
 from calicache.cache.svd import scaled_svd
@@ -82,14 +82,14 @@ def test_full_rank_icc_equals_no_cache_and_rank_0_equals_fora(factors, ref, tmp_
         factors[svd].save(path)
         loaded = Factors.load(path)
         assert loaded.meta["svd"] == svd and loaded.meta["statistics"]
-        full = run(apply_cache(pixart_pipe(), CacheConfig("icc", period=2, rank="full", svd=svd, factors=path)))
+        full = run(apply_cache(pixart_pipe(), ICCConfig(period=2, rank="full", svd=svd, factors=path)))
         assert rel(full, ref) < 1e-5
-        fora = run(apply_cache(pixart_pipe(), CacheConfig("fora", period=2)))
-        assert torch.equal(run(apply_cache(pixart_pipe(), CacheConfig("icc", period=2, rank=0, factors=path))), fora)
-    other = apply_cache(pixart_pipe(seed=1), CacheConfig("fora"))  # another transformer's weights
+        fora = run(apply_cache(pixart_pipe(), FORAConfig(period=2)))
+        assert torch.equal(run(apply_cache(pixart_pipe(), ICCConfig(period=2, rank=0, factors=path))), fora)
+    other = apply_cache(pixart_pipe(seed=1), FORAConfig())  # another transformer's weights
     calicache.remove_cache(other)
     with pytest.raises(ValueError, match="factor file was made for model"):
-        apply_cache(other, CacheConfig("icc", factors=tmp_path / "cd.safetensors"))
+        apply_cache(other, ICCConfig(factors=tmp_path / "cd.safetensors"))
 
 
 def test_statistics_do_not_depend_on_batch_size():
@@ -205,7 +205,7 @@ def test_bad_inputs_are_clear_errors():
         calibrate_text(tiny_dit(), calib_prompts())
     with pytest.raises(ValueError, match="calibrate_text"):
         calicache.calibrate(pipe.transformer, "fashion-mnist")
-    cached = apply_cache(pixart_pipe(), CacheConfig("fora"))
+    cached = apply_cache(pixart_pipe(), FORAConfig())
     with pytest.raises(ValueError, match="remove_cache"):
         calibrate_text(cached, calib_prompts())
     with pytest.raises(FileNotFoundError, match="no such file"):

@@ -13,6 +13,7 @@ from PIL import Image
 
 import calicache
 from calicache import cli
+from calicache.commands import common
 from calicache.commands import sample as sample_cmd
 from calicache.images import to_uint8
 from calicache.models.io import save_model
@@ -95,7 +96,7 @@ def _broken_grid(images, cols=None):
 
 @pytest.mark.parametrize(("target", "fake"), [("npz_bytes", _failing_npz), ("grid", _broken_grid)])
 def test_error_after_sampling_leaves_no_partial_output(model_file, tmp_path, monkeypatch, capsys, target, fake):
-    monkeypatch.setattr(sample_cmd, target, fake)
+    monkeypatch.setattr(common, target, fake)
     out = tmp_path / "run"
     assert _run("--model", model_file, "--num", 2, "--steps", 2, "--out", out) == 2
     assert "calicache sample: error:" in capsys.readouterr().err
@@ -104,7 +105,7 @@ def test_error_after_sampling_leaves_no_partial_output(model_file, tmp_path, mon
     monkeypatch.undo()
     assert _run("--model", model_file, "--num", 2, "--steps", 2, "--seed", 1, "--out", out) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(sample_cmd, target, fake)
+    monkeypatch.setattr(common, target, fake)
     assert _run("--model", model_file, "--num", 3, "--steps", 2, "--out", out, "--overwrite") == 2
     assert "--overwrite" not in capsys.readouterr().err  # the failure itself, not the refusal to overwrite
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

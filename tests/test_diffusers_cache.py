@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache
+from calicache import (
+    FORAConfig,
+    ForecastConfig,
+    GOCConfig,
+    ICCConfig,
+    NoCacheConfig,
+    apply_cache,
+    config_from_dict,
+    count_macs,
+    remove_cache,
+)
 from calicache.cache import cache_run, get_engine
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
@@ -119,33 +129,33 @@ def cached(kind, config):
 
 # -- exactness identities through the pipelines ---------------------------------------------
 def test_branches_per_block(kind):
-    pipe = cached(kind, CacheConfig("fora"))
+    pipe = cached(kind, FORAConfig())
     names = [b.name for b in get_engine(pipe).branches]
     per_block = ["attn1", "attn2", "ff"] if kind == "pixart" else ["attn1", "ff"]
     assert names == [f"transformer_blocks.{i}.{n}" for i in range(2) for n in per_block]
 
 
 def test_all_full_is_bit_exact(kind, ref):
-    assert torch.equal(run(cached(kind, CacheConfig("fora", period=1))), ref)
+    assert torch.equal(run(cached(kind, FORAConfig(period=1))), ref)
     n = 6 if kind == "pixart" else 4
-    assert torch.equal(run(cached(kind, CacheConfig("icc", schedule=np.ones((STEPS, n), bool), rank=3))), ref)
-    assert torch.equal(run(cached(kind, CacheConfig("none"))), ref)
+    assert torch.equal(run(cached(kind, ICCConfig(schedule=np.ones((STEPS, n), bool), rank=3))), ref)
+    assert torch.equal(run(cached(kind, NoCacheConfig())), ref)
 
 
 def test_fora_caches_and_icc_full_rank_is_exact(kind, ref):
-    fora = run(cached(kind, CacheConfig("fora", period=2)))
+    fora = run(cached(kind, FORAConfig(period=2)))
     assert rel(fora, ref) > 1e-3
-    assert rel(run(cached(kind, CacheConfig("icc", period=2, rank="full"))), ref) < 1e-5
-    assert rel(run(cached(kind, CacheConfig("forecast", period=3, rank="full"))), ref) < 1e-5
-    icc0 = run(cached(kind, CacheConfig("icc", period=2, rank=0)))
+    assert rel(run(cached(kind, ICCConfig(period=2, rank="full"))), ref) < 1e-5
+    assert rel(run(cached(kind, ForecastConfig(period=3, rank="full"))), ref) < 1e-5
+    icc0 = run(cached(kind, ICCConfig(period=2, rank=0)))
     assert torch.equal(icc0, fora)
-    assert torch.equal(run(cached(kind, CacheConfig("goc", period=2, goc_weight=0.0, goc_steps=[3, 5]))), fora)
-    icc = run(cached(kind, CacheConfig("icc", period=2, rank=4)))
+    assert torch.equal(run(cached(kind, GOCConfig(period=2, weight=0.0, steps=[3, 5]))), fora)
+    icc = run(cached(kind, ICCConfig(period=2, rank=4)))
     assert rel(icc, ref) < rel(fora, ref)
 
 
 def test_calls_in_a_row_and_other_sizes(kind):
-    config = CacheConfig("icc", period=2, rank=4)
+    config = ICCConfig(period=2, rank=4)
     pipe = cached(kind, config)
     a, b = run(pipe), run(pipe)
     assert torch.equal(a, b)
@@ -158,10 +168,10 @@ def test_calls_in_a_row_and_other_sizes(kind):
 def test_remove_cache_restores_the_pipeline(kind, ref):
     pipe = PIPES[kind]()
     cls = type(pipe)
-    apply_cache(pipe, CacheConfig("icc", period=2, rank=4))
+    apply_cache(pipe, ICCConfig(period=2, rank=4))
     assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__
     with pytest.raises(ValueError, match="remove_cache"):
-        apply_cache(pipe, CacheConfig("fora"))
+        apply_cache(pipe, FORAConfig())
     run(pipe)
     assert remove_cache(pipe) is pipe
     assert type(pipe) is cls
@@ -169,15 +179,15 @@ def test_remove_cache_restores_the_pipeline(kind, ref):
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
     assert "set_timesteps" not in vars(pipe.scheduler)
     assert torch.equal(run(pipe), ref)
-    apply_cache(pipe, CacheConfig("fora", period=2))  # attachable again
+    apply_cache(pipe, FORAConfig(period=2))  # attachable again
     assert rel(run(pipe), ref) > 1e-3
 
 
 def test_run_length_comes_from_the_pipeline(kind):
-    n = layers(cached(kind, CacheConfig("fora")))
+    n = layers(cached(kind, FORAConfig()))
     gather = np.ones((STEPS, n), bool)
     gather[1::2, ::2] = False
-    pipe = cached(kind, CacheConfig("fora", schedule=gather))
+    pipe = cached(kind, FORAConfig(schedule=gather))
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     run(pipe)
@@ -185,15 +195,15 @@ def test_run_length_comes_from_the_pipeline(kind):
         run(pipe, steps=5)
     assert len(calls) == STEPS  # the short run failed before any model call
     # GOC needs the run length: the published steps for 20 calls, or an error naming the fix.
-    goc = cached(kind, CacheConfig("goc", period=2))
+    goc = cached(kind, GOCConfig(period=2))
     with pytest.raises(ValueError, match="20-call runs"):
         run(goc)
     out20 = run(goc, steps=20)
-    assert rel(out20, run(cached(kind, CacheConfig("fora", period=2)), steps=20)) > 1e-4
+    assert rel(out20, run(cached(kind, FORAConfig(period=2)), steps=20)) > 1e-4
 
 
 def test_failed_call_then_good_call(kind, ref):
-    pipe = cached(kind, CacheConfig("fora", period=1))
+    pipe = cached(kind, FORAConfig(period=1))
     blk = pipe.transformer.transformer_blocks[0].norm1
     calls = {"n": 0}
 
@@ -211,7 +221,7 @@ def test_failed_call_then_good_call(kind, ref):
 
 
 def test_inference_mode_and_cache_run(kind, ref):
-    pipe = cached(kind, CacheConfig("fora", period=1))
+    pipe = cached(kind, FORAConfig(period=1))
     with torch.inference_mode():
         assert torch.equal(run(pipe), ref)
     with cache_run(pipe, STEPS):  # the caller's own run boundary is respected
@@ -234,7 +244,7 @@ def count_linear(monkeypatch, weights):
 
 
 def test_cross_attention_kv_once_per_run(monkeypatch):
-    pipe = cached("pixart", CacheConfig("icc", period=2, rank=4))
+    pipe = cached("pixart", ICCConfig(period=2, rank=4))
     blocks = pipe.transformer.transformer_blocks
     kv = [b.attn2.to_k.weight for b in blocks] + [b.attn2.to_v.weight for b in blocks]
     q = blocks[0].attn2.to_q.weight
@@ -246,7 +256,7 @@ def test_cross_attention_kv_once_per_run(monkeypatch):
     b = run(pipe, prompt_seed=1)  # a new prompt: recomputed, and equal to a fresh pipeline's output
     assert all(counts[id(w)] == 2 for w in kv)
     assert rel(a, b) > 1e-3
-    assert torch.equal(b, run(cached("pixart", CacheConfig("icc", period=2, rank=4)), prompt_seed=1))
+    assert torch.equal(b, run(cached("pixart", ICCConfig(period=2, rank=4)), prompt_seed=1))
     # method "none" is the plain model: K/V at every call
     plain = pixart_pipe()
     counts = count_linear(monkeypatch, [plain.transformer.transformer_blocks[0].attn2.to_k.weight])
@@ -258,7 +268,7 @@ def test_new_prompt_inside_a_run_meets_no_stale_keys(monkeypatch):
     """A bare transformer in an outside loop: the prompt changes between two calls of one run."""
     model = tiny_pixart()
     ref_model = copy.deepcopy(model)
-    apply_cache(model, CacheConfig("fora", period=1))
+    apply_cache(model, FORAConfig(period=1))
     counts = count_linear(monkeypatch, [model.transformer_blocks[1].attn2.to_k.weight])
     x = torch.randn(2, 4, 8, 8)
     p, q = prompts(2, 0)["prompt_embeds"], prompts(2, 1)["prompt_embeds"]
@@ -277,7 +287,7 @@ def test_new_prompt_inside_a_run_meets_no_stale_keys(monkeypatch):
 @pytest.mark.parametrize("config", [
     dict(method="fora", period=2),
     dict(method="icc", period=2, rank=3),
-    dict(method="goc", period=2, goc_steps=[3, 5]),
+    dict(method="goc", period=2, steps=[3, 5]),
     dict(method="forecast", period=3, rank=3),
 ])
 def test_our_dit_and_diffusers_conversion_cache_alike(config):
@@ -286,8 +296,8 @@ def test_our_dit_and_diffusers_conversion_cache_alike(config):
     ours = tiny_model(seed=5, num_classes=1000, in_channels=4)
     theirs = to_diffusers(ours)
     uncached = copy.deepcopy(ours)
-    apply_cache(ours, CacheConfig(**config))
-    apply_cache(theirs, CacheConfig(**config))
+    apply_cache(ours, config_from_dict(config))
+    apply_cache(theirs, config_from_dict(config))
     assert len(get_engine(theirs).branches) == len(get_engine(ours).branches) == 4
     schedule = Schedule.create(STEPS, "adm")
     y = torch.tensor([0, 7, 999])
@@ -321,10 +331,10 @@ MODELS = {
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("config", [
-    CacheConfig("none"),
-    CacheConfig("fora", period=2),
-    CacheConfig("icc", period=2, rank=3),
-    CacheConfig("icc", period=3, rank="full"),
+    NoCacheConfig(),
+    FORAConfig(period=2),
+    ICCConfig(period=2, rank=3),
+    ICCConfig(period=3, rank="full"),
 ])
 def test_per_call_macs_match_flop_counter(name, config, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
@@ -353,8 +363,8 @@ def test_per_call_macs_match_flop_counter(name, config, monkeypatch):
 
 def test_macs_of_pipelines_and_shapes():
     pipe = pixart_pipe()
-    plain = count_macs(pipe, CacheConfig("none"), 10)
-    fora = count_macs(pipe, CacheConfig("fora", period=2), 10)
+    plain = count_macs(pipe, NoCacheConfig(), 10)
+    fora = count_macs(pipe, FORAConfig(period=2), 10)
     m = pipe.transformer
     c, t, n, d = 24, 120, 16, 2
     kv = d * t * 2 * c * c + t * (CAPTION * c + c * c)  # cross-attention K/V of every block, caption projection
@@ -362,11 +372,11 @@ def test_macs_of_pipelines_and_shapes():
     assert fora["per_call"][0] == plain["full_call"]
     full_branches = d * (n * 4 * c * c + 2 * n * n * c + n * c * c + n * c * c + 2 * n * t * c + n * 8 * c * c)
     assert fora["per_call"][1] == plain["full_call"] - kv - full_branches
-    bigger = count_macs(pipe, CacheConfig("none"), 10, tokens=4 * n, text_tokens=300)
+    bigger = count_macs(pipe, NoCacheConfig(), 10, tokens=4 * n, text_tokens=300)
     assert bigger["full_call"] > plain["full_call"]
     # a model with a cache attached, counted under another config: the hooks stay as they were
-    apply_cache(pipe, CacheConfig("fora", period=2))
-    assert count_macs(pipe, CacheConfig("none"), 10) == plain
+    apply_cache(pipe, FORAConfig(period=2))
+    assert count_macs(pipe, NoCacheConfig(), 10) == plain
     assert count_macs(pipe, None, 10) == fora
     assert count_macs(m, None, 10, text_tokens=120) == fora
     assert get_engine(pipe) is get_engine(m) and "forward" in vars(m)
@@ -377,15 +387,15 @@ def test_unsupported_variants_are_clear_errors():
     m = tiny_pixart()
     m.fuse_qkv_projections()
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
-        apply_cache(m, CacheConfig("fora"))
+        apply_cache(m, FORAConfig())
     m = tiny_dit()
     m.transformer_blocks[1].set_chunk_feed_forward(2)
     with pytest.raises(ValueError, match="set_chunk_feed_forward"):
-        apply_cache(m, CacheConfig("fora"))
+        apply_cache(m, FORAConfig())
     assert not any("forward" in vars(x) for x in m.modules())
     with pytest.raises(ValueError, match="without a timestep"):
-        apply_cache(tiny_dit(), CacheConfig("fora"))(torch.randn(1, 4, 8, 8), class_labels=torch.tensor([0]))
-    pipe = apply_cache(dit_pipe(), CacheConfig("fora"))
+        apply_cache(tiny_dit(), FORAConfig())(torch.randn(1, 4, 8, 8), class_labels=torch.tensor([0]))
+    pipe = apply_cache(dit_pipe(), FORAConfig())
     pipe.transformer = tiny_dit(1)
     with pytest.raises(RuntimeError, match="replaced"):
         run(pipe)
@@ -421,7 +431,7 @@ def test_cli_samples_through_pipelines(folders, tmp_path, capsys):
     assert report["pipeline_class"] == "PixArtAlphaPipeline" and report["scheduler"] == "DPMSolverMultistepScheduler"
     assert report["model_calls_per_batch"] == 4 and report["cached_ratio"] == 0.5
     assert (report["tokens"], report["text_tokens"], report["cfg_scale"]) == (16, TEXT_TOKENS, 4.5)
-    expected = count_macs(pixart_pipe(), CacheConfig("fora", period=2), 4, 4.5, text_tokens=TEXT_TOKENS)
+    expected = count_macs(pixart_pipe(), FORAConfig(period=2), 4, 4.5, text_tokens=TEXT_TOKENS)
     assert report["macs"] == expected and report["cache_bytes"] > 0
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8
@@ -471,6 +481,6 @@ def test_cli_macs_of_diffusers_folders(folders, capsys):
         assert cli("macs", flag, folders / "pixart", "--steps", 4, "--method", "icc", "--rank", 3,
                    "--text-tokens", TEXT_TOKENS, "--json") == 0
         got = json.loads(capsys.readouterr().out)
-        assert got == count_macs(tiny_pixart(), CacheConfig("icc", rank=3), 4, text_tokens=TEXT_TOKENS)
+        assert got == count_macs(tiny_pixart(), ICCConfig(rank=3), 4, text_tokens=TEXT_TOKENS)
     assert cli("macs", "--pipeline", folders / "dit", "--steps", 4, "--json") == 0
-    assert json.loads(capsys.readouterr().out) == count_macs(tiny_dit(), CacheConfig(), 4)
+    assert json.loads(capsys.readouterr().out) == count_macs(tiny_dit(), NoCacheConfig(), 4)

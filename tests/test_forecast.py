@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from calicache import CacheConfig, apply_cache, remove_cache, sample
+from calicache import ForecastConfig, ICCConfig, apply_cache, remove_cache, sample
 from conftest import tiny_model
 
 STEPS = 9
@@ -27,9 +27,9 @@ def test_full_rank_equals_no_cache():
     m = tiny_model()
     ref = sample(m, 4, STEPS, cfg_scale=2.0)
     for period in (2, 3):
-        out = run(m, CacheConfig("forecast", period=period, rank="full"))
+        out = run(m, ForecastConfig(period=period, rank="full"))
         assert rel(out, ref) < 1e-5
-    assert rel(run(m, CacheConfig("forecast", period=3, rank=0)), ref) > 1e-3  # it really forecasts
+    assert rel(run(m, ForecastConfig(period=3, rank=0)), ref) > 1e-3  # it really forecasts
 
 
 def _manual_branch_forecast(model, period, weight):
@@ -70,7 +70,7 @@ def _manual_branch_forecast(model, period, weight):
 def test_rank_zero_is_branch_first_order_forecast(period, weight):
     m = tiny_model()
     expected = _manual_branch_forecast(m, period, weight)
-    out = run(m, CacheConfig("forecast", period=period, rank=0, forecast_weight=weight))
+    out = run(m, ForecastConfig(period=period, rank=0, weight=weight))
     assert rel(out, expected) < 1e-6
 
 
@@ -78,28 +78,28 @@ def test_one_full_call_equals_icc():
     gather = np.zeros((STEPS, 4), dtype=bool)
     gather[0] = True
     m = tiny_model()
-    a = run(m, CacheConfig("forecast", schedule=gather, rank=5))
-    b = run(m, CacheConfig("icc", schedule=gather, rank=5))
+    a = run(m, ForecastConfig(schedule=gather, rank=5))
+    b = run(m, ICCConfig(schedule=gather, rank=5))
     assert torch.equal(a, b)
 
 
 def test_timestep_units_differ_only_with_uneven_spacing():
     m = tiny_model()
-    a = run(m, CacheConfig("forecast", period=2, rank=3))
-    b = run(m, CacheConfig("forecast", period=2, rank=3, forecast_units="timesteps"))
+    a = run(m, ForecastConfig(period=2, rank=3))
+    b = run(m, ForecastConfig(period=2, rank=3, units="timesteps"))
     assert rel(a, b) > 0  # adm spacing rounds: call and timestep distances differ slightly
     assert rel(a, b) < 1e-2
 
 
 @pytest.mark.parametrize("period", [2, 3, 4, 5])
 def test_long_runs_stay_finite(period):
-    out = run(tiny_model(), CacheConfig("forecast", period=period, rank=4), steps=50)
+    out = run(tiny_model(), ForecastConfig(period=period, rank=4), steps=50)
     assert torch.isfinite(out).all()
 
 
 def test_forecast_beats_icc_on_smooth_trajectories():
     m = tiny_model()
     ref = sample(m, 4, 30, cfg_scale=2.0)
-    icc = rel(run(m, CacheConfig("icc", period=2, rank=4), steps=30), ref)
-    fc = rel(run(m, CacheConfig("forecast", period=2, rank=4), steps=30), ref)
+    icc = rel(run(m, ICCConfig(period=2, rank=4), steps=30), ref)
+    fc = rel(run(m, ForecastConfig(period=2, rank=4), steps=30), ref)
     assert fc < icc

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache, sample
+from calicache import FORAConfig, GOCConfig, apply_cache, count_macs, remove_cache, sample
 from calicache.cache import cache_run
 from calicache.cache.methods import METHODS
 from calicache.cache.methods.goc import PUBLISHED_STEPS
@@ -35,9 +35,9 @@ def test_registered():
 
 def test_weight_zero_equals_fora_and_nonzero_differs():
     model = tiny_model()
-    fora = run(model, CacheConfig(method="fora", period=2))
-    goc0 = run(model, CacheConfig(method="goc", period=2, goc_weight=0.0))
-    goc = run(model, CacheConfig(method="goc", period=2, goc_weight=1.2))
+    fora = run(model, FORAConfig(period=2))
+    goc0 = run(model, GOCConfig(period=2, weight=0.0))
+    goc = run(model, GOCConfig(period=2, weight=1.2))
     ref = sample(model, 3, 20)
     assert torch.equal(goc0, fora)
     assert not torch.allclose(goc, fora, rtol=0, atol=1e-6)
@@ -50,9 +50,9 @@ def test_weight_zero_equals_fora_with_cfg_and_explicit_schedule():
     gather = np.ones((10, 4), dtype=bool)
     gather[[1, 2, 4, 5, 7, 8], :2] = False  # block 0 cached twice in a row, block 1 always full
     kw = dict(steps=10, cfg_scale=2.0)
-    fora = run(model, CacheConfig(method="fora", schedule=gather), **kw)
-    goc0 = run(model, CacheConfig(method="goc", schedule=gather, goc_weight=0.0, goc_steps=[2, 4, 5, 8]), **kw)
-    goc = run(model, CacheConfig(method="goc", schedule=gather, goc_weight=0.8, goc_steps=[2, 4, 5, 8]), **kw)
+    fora = run(model, FORAConfig(schedule=gather), **kw)
+    goc0 = run(model, GOCConfig(schedule=gather, weight=0.0, steps=[2, 4, 5, 8]), **kw)
+    goc = run(model, GOCConfig(schedule=gather, weight=0.8, steps=[2, 4, 5, 8]), **kw)
     assert torch.equal(goc0, fora)
     assert not torch.equal(goc, fora)
 
@@ -72,7 +72,7 @@ def test_update_rule_and_queue_by_hand():
     full_values = {0: 1.0, 2: 3.0, 5: 10.0}
     gather = np.zeros((8, 4), dtype=bool)
     gather[list(full_values)] = True
-    apply_cache(model, CacheConfig(method="goc", schedule=gather, goc_weight=0.5, goc_steps=[1, 3, 4, 6]))
+    apply_cache(model, GOCConfig(schedule=gather, weight=0.5, steps=[1, 3, 4, 6]))
     served = []
     handle = mlp.register_forward_hook(lambda m, a, out: served.append(out.clone()))
     x = torch.randn(2, 1, 8, 8)
@@ -92,22 +92,22 @@ def test_update_rule_and_queue_by_hand():
 
 def test_state_resets_between_runs():
     model = tiny_model()
-    apply_cache(model, CacheConfig(method="goc", period=2, goc_steps=[3, 5, 7]))
+    apply_cache(model, GOCConfig(period=2, steps=[3, 5, 7]))
     a = sample(model, 2, 20)
     b = sample(model, 2, 20)
     c = sample(model, 2, 10)
     remove_cache(model)
     assert torch.equal(a, b)
-    assert torch.equal(c, run(model, CacheConfig(method="goc", period=2, goc_steps=[3, 5, 7]), steps=10, num=2))
+    assert torch.equal(c, run(model, GOCConfig(period=2, steps=[3, 5, 7]), steps=10, num=2))
 
 
 def test_published_steps_and_clear_errors():
     assert PUBLISHED_STEPS[20] == (3, 5, 7, 9, 11, 13, 15, 19)
     model = tiny_model()
-    macs = count_macs(model, CacheConfig(method="goc"), steps=20)
+    macs = count_macs(model, GOCConfig(), steps=20)
     comp = [t for t in range(20) if macs["per_call"][t] != macs["per_call"][1] and t % 2]
     assert comp == [3, 5, 7, 9, 11, 13, 15, 19]
-    apply_cache(model, CacheConfig(method="goc"))
+    apply_cache(model, GOCConfig())
     calls = []
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(ValueError, match="calibrate --method goc"):
@@ -118,24 +118,24 @@ def test_published_steps_and_clear_errors():
     handle.remove()
     remove_cache(model)
     with pytest.raises(ValueError, match="beyond"):
-        run(model, CacheConfig(method="goc", goc_steps=[3, 25]))
+        run(model, GOCConfig(steps=[3, 25]))
     with pytest.raises(ValueError, match="full calls"):
-        run(model, CacheConfig(method="goc", period=2, goc_steps=[3, 4]))
+        run(model, GOCConfig(period=2, steps=[3, 4]))
     with pytest.raises(ValueError, match="finite"):
-        CacheConfig(method="goc", goc_weight=float("nan"))
+        GOCConfig(weight=float("nan"))
     with pytest.raises(ValueError, match="not both"):
-        CacheConfig(method="goc", goc_steps=[3], goc_file="x.json")
+        GOCConfig(steps=[3], steps_file="x.json")
 
 
 def test_bare_module_runs_need_steps():
     model = tiny_model()
     x, y = torch.randn(1, 1, 8, 8), torch.tensor([0])
-    apply_cache(model, CacheConfig(method="goc"))
-    with torch.no_grad(), pytest.raises(RuntimeError, match="goc_steps"):
+    apply_cache(model, GOCConfig())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs steps or steps_file"):
         for call in range(4):
             model(x, torch.tensor([999 - 100 * call]), y)
     remove_cache(model)
-    apply_cache(model, CacheConfig(method="goc", goc_steps=[3]))
+    apply_cache(model, GOCConfig(steps=[3]))
     with torch.no_grad():
         for call in range(4):
             model(x, torch.tensor([999 - 100 * call]), y)
@@ -145,21 +145,21 @@ def test_bare_module_runs_need_steps():
 def test_macs_are_fora_plus_elementwise_update():
     model = tiny_model()
     steps = [3, 5, 9]
-    fora = count_macs(model, CacheConfig(method="fora", period=2), steps=12)
-    goc = count_macs(model, CacheConfig(method="goc", period=2, goc_steps=steps), steps=12)
+    fora = count_macs(model, FORAConfig(period=2), steps=12)
+    goc = count_macs(model, GOCConfig(period=2, steps=steps), steps=12)
     c, n, depth = model.config.hidden_size, model.config.num_tokens, model.config.depth
     update = 2 * depth * n * c  # attention and MLP branch outputs, N x C each
     for t in range(12):
         assert goc["per_call"][t] == fora["per_call"][t] + (update if t in steps else 0)
     assert goc["total"] == fora["total"] + len(steps) * update
-    by_name = count_macs("DiT-XL/2", CacheConfig(method="goc"), steps=20)
-    fora_xl = count_macs("DiT-XL/2", CacheConfig(method="fora"), steps=20)
+    by_name = count_macs("DiT-XL/2", GOCConfig(), steps=20)
+    fora_xl = count_macs("DiT-XL/2", FORAConfig(), steps=20)
     assert by_name["total"] - fora_xl["total"] == 8 * 2 * 28 * 256 * 1152
 
 
 def test_cache_bytes_counts_shared_tensors_once():
     model = tiny_model()
-    apply_cache(model, CacheConfig(method="goc", period=2, goc_steps=[3]))
+    apply_cache(model, GOCConfig(period=2, steps=[3]))
     from calicache.cache import get_engine
 
     sample(model, 2, 6)
@@ -223,7 +223,7 @@ def test_finder_runs_and_steps_file_round_trip(tmp_path):
 
 def test_finder_refuses_a_cached_model():
     model = tiny_model()
-    apply_cache(model, CacheConfig(method="fora"))
+    apply_cache(model, FORAConfig())
     with pytest.raises(ValueError, match="remove_cache"):
         find_goc_steps(model, 20, num=2)
     remove_cache(model)
@@ -235,31 +235,31 @@ def test_goc_file_for_50_steps_and_refusals(tmp_path):
     assert found.steps, "a random tiny model keeps its direction on most calls"
     path = tmp_path / "goc50.json"
     found.save(path)
-    fora = run(model, CacheConfig(method="fora"), steps=50, num=2)
-    goc = run(model, CacheConfig(method="goc", goc_file=path), steps=50, num=2)
+    fora = run(model, FORAConfig(), steps=50, num=2)
+    goc = run(model, GOCConfig(steps_file=path), steps=50, num=2)
     assert goc.shape == fora.shape and torch.isfinite(goc).all()
     assert not torch.equal(goc, fora)
-    assert torch.equal(goc, run(model, CacheConfig(method="goc", goc_steps=found.steps), steps=50, num=2))
+    assert torch.equal(goc, run(model, GOCConfig(steps=found.steps), steps=50, num=2))
     # Another step count.
-    apply_cache(model, CacheConfig(method="goc", goc_file=path))
+    apply_cache(model, GOCConfig(steps_file=path))
     with pytest.raises(ValueError, match="made for 50 model calls"):
         sample(model, 1, 20)
     remove_cache(model)
     # Another model.
     with pytest.raises(ValueError, match="made for model"):
-        apply_cache(tiny_model(seed=3), CacheConfig(method="goc", goc_file=path))
+        apply_cache(tiny_model(seed=3), GOCConfig(steps_file=path))
     # Another period.
     with pytest.raises(ValueError, match="period 2"):
-        apply_cache(model, CacheConfig(method="goc", period=3, goc_file=path))
+        apply_cache(model, GOCConfig(period=3, steps_file=path))
     remove_cache(model)
     # Missing and broken files.
     with pytest.raises(FileNotFoundError, match="calibrate --method goc"):
-        apply_cache(model, CacheConfig(method="goc", goc_file=tmp_path / "nope.json"))
+        apply_cache(model, GOCConfig(steps_file=tmp_path / "nope.json"))
     remove_cache(model)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gather": [[1]]}))
     with pytest.raises(ValueError, match="not a calicache GOC steps file"):
-        apply_cache(model, CacheConfig(method="goc", goc_file=bad))
+        apply_cache(model, GOCConfig(steps_file=bad))
     remove_cache(model)
     bad.write_text("{trunc")
     with pytest.raises(ValueError, match="not a readable"):
@@ -270,8 +270,8 @@ def test_hand_written_steps_file(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"format": "calicache-goc-steps", "steps": [3, 5, 7]}))
     model = tiny_model()
-    a = run(model, CacheConfig(method="goc", goc_file=path), steps=12, num=2)
-    assert torch.equal(a, run(model, CacheConfig(method="goc", goc_steps=[3, 5, 7]), steps=12, num=2))
+    a = run(model, GOCConfig(steps_file=path), steps=12, num=2)
+    assert torch.equal(a, run(model, GOCConfig(steps=[3, 5, 7]), steps=12, num=2))
     path.write_text(json.dumps({"format": "calicache-goc-steps", "steps": [0, 3]}))
     with pytest.raises(ValueError, match="call indices >= 1"):
         GocSteps.load(path)

@@ -4,16 +4,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calicache import CacheConfig, apply_cache, count_macs, remove_cache
+from calicache import FORAConfig, ICCConfig, NoCacheConfig, apply_cache, count_macs, remove_cache
 from calicache.diffusion.schedule import Schedule
 from conftest import tiny_model
 
 
 @pytest.mark.parametrize("config", [
-    CacheConfig("none"),
-    CacheConfig("fora", period=2),
-    CacheConfig("icc", period=2, rank=3),
-    CacheConfig("icc", period=3, rank="full"),
+    NoCacheConfig(),
+    FORAConfig(period=2),
+    ICCConfig(period=2, rank=3),
+    ICCConfig(period=3, rank="full"),
 ])
 def test_per_call_macs_match_flop_counter(config, monkeypatch):
     # torch's flop counter does not see the fused CPU attention kernel: spell it out as matmuls.
@@ -37,9 +37,9 @@ def test_per_call_macs_match_flop_counter(config, monkeypatch):
 
 
 def test_dit_xl_numbers():
-    none = count_macs("DiT-XL/2", CacheConfig("none"), 20)
-    fora = count_macs("DiT-XL/2", CacheConfig("fora", period=2), 20)
-    icc = count_macs("DiT-XL/2", CacheConfig("icc", period=2, rank=128), 20)
+    none = count_macs("DiT-XL/2", NoCacheConfig(), 20)
+    fora = count_macs("DiT-XL/2", FORAConfig(period=2), 20)
+    icc = count_macs("DiT-XL/2", ICCConfig(period=2, rank=128), 20)
     assert abs(none["full_call"] / 1e9 - 118.6) < 0.1  # ALGORITHMS.md: ~118.6 GMACs per full call
     assert none["total"] == 20 * none["full_call"]
     c, n, d = 1152, 256, 28
@@ -50,4 +50,20 @@ def test_dit_xl_numbers():
     assert icc["per_call"][1] - icc["per_call"][0] == d * (icc_block - full_block)
     assert fora["per_call"][1] == none["full_call"] - d * (full_block - adaln)
     assert none["total_with_cfg"] == none["total"]
-    assert count_macs("DiT-XL/2", CacheConfig("none"), 20, cfg_scale=1.5)["total_with_cfg"] == 2 * none["total"]
+    assert count_macs("DiT-XL/2", NoCacheConfig(), 20, cfg_scale=1.5)["total_with_cfg"] == 2 * none["total"]
+
+
+def test_counting_attaches_nothing(monkeypatch):
+    """count_macs builds no engine and patches no module: not on a bare model, not beside an attached cache."""
+    from calicache.cache import engine as engine_module
+
+    model = tiny_model()
+    apply_cache(model, FORAConfig(period=2))
+    state = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    monkeypatch.setattr(engine_module.CacheEngine, "__init__", lambda *a, **k: pytest.fail("an engine was built"))
+    icc = count_macs(model, ICCConfig(period=2, rank=3), 6)
+    bare = tiny_model()
+    assert count_macs(bare, ICCConfig(period=2, rank=3), 6) == icc
+    assert all("forward" not in m.__dict__ for m in bare.modules())
+    assert {name: dict(m.__dict__) for name, m in model.named_modules()} == state
+    assert count_macs(model, None, 6) == count_macs(bare, FORAConfig(period=2), 6)

@@ -22,9 +22,9 @@ def model_file(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--arch", '{"bogus": 1}'], "--arch (arch=) has fields that are not DiT config fields ['bogus']"),
     (["--arch", "{bad"], "--arch: not valid JSON"),
-    (["--method", "goc", "--goc-steps", "a,b"], "--goc-steps must be comma-separated call indices"),
+    (["--method", "goc", "--goc-steps", "a,b"], "--goc-steps a,b: GOC steps are comma-separated call indices"),
     (["--seed", str(10**23)], "--seed must be an integer in 0..2**63-1"),
-    (["--method", "fora", "--factors", "FACTORS"], "--factors is used by --method icc and forecast only"),
+    (["--method", "fora", "--factors", "FACTORS"], "--factors not used by --method fora"),
     (["--method", "forecast", "--period", "9"], "--period 9 is larger than --steps 4"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--eta", "-1"], "eta must be in [0, 1]"),

@@ -29,7 +29,7 @@ def _sample(model_file, out, *extra) -> int:
 @pytest.mark.parametrize("flag, value", [("--forecast-weight", "nan"), ("--cfg-scale", "inf"), ("--eta", "nan"),
                                          ("--goc-weight", "-inf")])
 def test_non_finite_float_options_are_refused_up_front(model_file, tmp_path, capsys, flag, value):
-    extra = ["--method", "forecast"] if flag == "--forecast-weight" else []
+    extra = {"--forecast-weight": ["--method", "forecast"], "--goc-weight": ["--method", "goc"]}.get(flag, [])
     assert _sample(model_file, tmp_path / "out", f"{flag}={value}", *extra) == 2
     err = capsys.readouterr().err
     assert flag in err and "finite" in err

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from calicache import CacheConfig, apply_cache, load_model, remove_cache, sample, weight_hash
+from calicache import FORAConfig, ICCConfig, apply_cache, load_model, remove_cache, sample, weight_hash
 from calicache.cache.factors import Factors
 from calicache.calibration.goc import GocSteps
 from calicache.cli import main
@@ -43,10 +43,10 @@ def test_factors_and_goc_steps_match_the_model(model):
 
 def test_shipped_factors_calibrate_the_model(model):
     ref = sample(model, 4, 8)
-    apply_cache(model, CacheConfig("fora", period=2))
+    apply_cache(model, FORAConfig(period=2))
     fora = sample(model, 4, 8)
     remove_cache(model)
-    apply_cache(model, CacheConfig("icc", period=2, svd="cd", factors=str(shipped_asset("fmnist-dit-cd.safetensors"))))
+    apply_cache(model, ICCConfig(period=2, svd="cd", factors=str(shipped_asset("fmnist-dit-cd.safetensors"))))
     icc = sample(model, 4, 8)
     remove_cache(model)
     assert torch.isfinite(icc).all()

@@ -4,7 +4,7 @@ layers inside them, how to read the timestep of a call, and the MACs of its part
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -52,7 +52,6 @@ class BranchSpec:
     tokens: int  # N: tokens the branch sees per sample
     attention_dim: int = 0  # C of the softmax(QK^T)V matmuls (0: no attention)
     kv_tokens: int | None = None  # keys/values per sample (cross-attention), default N
-    extra: dict = field(default_factory=dict)
 
     def attention_macs(self) -> int:
         """QK^T and AV: 2 N N_kv C per sample."""

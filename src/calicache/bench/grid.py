@@ -18,7 +18,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import CacheConfig
+from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig, NoCacheConfig
 from ..cache.macs import count_macs
 from ..sampling import sample
 from .peers import Peer, fbc_threshold, missing, run_peer
@@ -41,6 +41,8 @@ class GridOptions:
     goc_file: str | None = None
     data_dir: str | None = None
     out: Path = Path("runs/bench")
+    config: MethodConfig | None = None  # one more configuration to run (`calicache bench --config FILE`)
+    config_name: str = "config"
 
 
 @dataclass
@@ -79,7 +81,7 @@ def is_fashion_mnist_model(model: nn.Module) -> bool:
 
 def icc_fraction(model: nn.Module, rank: int) -> float:
     """MACs of an ICC-calibrated call at uniform `rank` as a share of a full call (the budget that matches it)."""
-    macs = count_macs(model, CacheConfig("icc", period=2, rank=rank), 2)
+    macs = count_macs(model, ICCConfig(period=2, rank=rank), 2)
     return macs["per_call"][1] / macs["full_call"]
 
 
@@ -136,12 +138,12 @@ def _goc_file(model: nn.Module, opts: GridOptions, notes: list[str]) -> str | No
 def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
     """The configurations to run; makes the factor files and the GOC steps file they need."""
     s, fam, quick = opts.steps, set(opts.families), opts.quick
-    grid = Grid([Variant(f"no cache, {s} steps", CacheConfig("none"), s, "uncached")], [])
+    grid = Grid([Variant(f"no cache, {s} steps", NoCacheConfig(), s, "uncached")], [])
     if "fewer-steps" in fam:
-        grid.variants += [Variant(f"no cache, {k} steps", CacheConfig("none"), k, "fewer steps")
+        grid.variants += [Variant(f"no cache, {k} steps", NoCacheConfig(), k, "fewer steps")
                           for k in fewer_steps(s, quick)]
     if "fora" in fam:
-        grid.variants += [Variant(f"FORA p={p}", CacheConfig("fora", period=p), s, "FORA") for p in fora_periods(quick)]
+        grid.variants += [Variant(f"FORA p={p}", FORAConfig(period=p), s, "FORA") for p in fora_periods(quick)]
     ranks = uniform_ranks(model.config.hidden_size, quick)
     source = FactorSource(model, opts, grid.notes)
     full = {"plain": None}
@@ -151,8 +153,8 @@ def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
         for svd, factors in full.items():
             if svd != "plain" and factors is None:
                 continue
-            grid.variants += [Variant(f"ICC {svd} r={r} p=2", CacheConfig("icc", period=2, rank=r, svd=svd,
-                                                                          factors=factors), s, f"ICC {svd}")
+            grid.variants += [Variant(f"ICC {svd} r={r} p=2", ICCConfig(period=2, rank=r, svd=svd,
+                                                                       factors=factors), s, f"ICC {svd}")
                               for r in ranks]
     if "icc-budget" in fam:
         for svd in (CALIBRATED[1:] if quick else CALIBRATED):
@@ -162,14 +164,14 @@ def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
                 if factors is None:
                     break
                 grid.variants.append(Variant(f"ICC {svd} budget~r{r} p=2",
-                                             CacheConfig("icc", period=2, svd=svd, factors=factors), s,
+                                             ICCConfig(period=2, svd=svd, factors=factors), s,
                                              f"ICC {svd} budgeted ranks"))
     if "goc" in fam:
         t0 = time.perf_counter()
         goc_file = _goc_file(model, opts, grid.notes)
         grid.seconds["goc_steps"] = time.perf_counter() - t0
         if goc_file is not None:
-            grid.variants.append(Variant("GOC p=2", CacheConfig("goc", period=2, goc_file=goc_file), s, "GOC"))
+            grid.variants.append(Variant("GOC p=2", GOCConfig(period=2, steps_file=goc_file), s, "GOC"))
     if "forecast" in fam:
         r = uniform_ranks(model.config.hidden_size, True)[0]
         for p in (2,) if quick else (2, 3):
@@ -177,8 +179,10 @@ def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
             for svd, factors in [*full.items(), ("cf", source.get("cf", period=p))]:
                 if svd == "ca" or (svd != "plain" and factors is None):
                     continue
-                grid.variants.append(Variant(f"forecast {svd} r={r} p={p}", CacheConfig(
-                    "forecast", period=p, rank=r, svd=svd, factors=factors), s, f"forecast {svd}"))
+                grid.variants.append(Variant(f"forecast {svd} r={r} p={p}", ForecastConfig(
+                    period=p, rank=r, svd=svd, factors=factors), s, f"forecast {svd}"))
+    if opts.config is not None:
+        grid.variants.append(Variant(f"{opts.config.method} ({opts.config_name})", opts.config, s, "config"))
     grid.seconds["calibration"] = source.seconds
     if "peers" in fam:
         grid.peers = _plan_peers(model, quick, grid.notes)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ..cache import CacheConfig, apply_cache, get_engine, remove_cache
+from ..cache import MethodConfig, apply_cache, get_engine, remove_cache
 from ..cache.macs import count_macs
 from ..images import to_uint8
 from ..sampling import _class_labels, sample
@@ -22,7 +22,7 @@ class Variant:
     """One row of a comparison: a label, a cache config and the step count it samples with."""
 
     name: str
-    config: CacheConfig
+    config: MethodConfig
     steps: int
     family: str = ""
 

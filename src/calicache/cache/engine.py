@@ -1,41 +1,115 @@
 """The cache engine: attaches a method's hooks to a model, numbers the model calls of each run,
 and detaches without a trace.
 
-Hooks replace `forward` on module instances (an instance attribute shadows the class method), so
-`remove_cache` deleting the attribute restores the original forward bit-exactly. The model code
-never learns about caching. `apply_cache` also takes a diffusers pipeline (see `cache/pipeline.py`).
+Hooks compose with other libraries' (diffusers' HookRegistry, accelerate's offload hooks): a hook
+wraps whatever `forward` the module has, an instance attribute set by someone else or the class
+method, and removal puts back exactly that. Under an accelerate or diffusers hook ours goes beneath
+it, where their wrapper calls the module's own forward and where their removal puts it back, so
+either can be removed first. If someone wrapped our forward after us, their wrapper stays and ours
+turns into a pass-through to what it wrapped. The model code never learns about
+caching. `apply_cache` also takes a diffusers pipeline (see `cache/pipeline.py`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
-from .config import CacheConfig
+from ..models.io import weight_hash
 from .constants import RunConstants
+from .methods import MethodConfig
 from .pipeline import is_pipeline, unwrap_pipeline, wrap_pipeline
 from .state import ENGINE_ATTR, get_engine
+
+_ABSENT = object()  # the module had no instance `forward` (the class method ran)
+# diffusers hook modules that cache; a model carrying one of them must not be cached twice.
+DIFFUSERS_CACHE_HOOKS = ("first_block_cache", "taylorseer_cache", "faster_cache", "pyramid_attention_broadcast",
+                         "mag_cache", "sea_cache", "text_kv_cache")
+
+
+@dataclass
+class _Patch:
+    module: nn.Module
+    owner: object  # where ours was installed: the module, or a hook's record of the module's own forward
+    attr: str  # ... under this attribute
+    previous: object  # what `owner.attr` held before ours, or _ABSENT (no instance attribute)
+    inner: Callable  # the forward ours wraps (previous, or the bound class method)
+    installed: Callable  # our forward
+    target: list  # [the callable `installed` runs]: our hook, or `inner` once removed under someone's wrapper
+
+
+def _slot(module: nn.Module) -> tuple[object, str]:
+    """Where the forward that does the module's own work lives: beneath an accelerate hook
+    (`module._old_forward`) or a diffusers HookRegistry (its innermost function reference), which
+    call it from there and put it back as `module.forward` on removal; else `module.forward`."""
+    if "forward" in module.__dict__:
+        if getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__:
+            return module, "_old_forward"
+        refs = getattr(getattr(module, "_diffusers_hook", None), "_fn_refs", None)
+        if refs:
+            ref = refs[0]
+            return ref, ("original_forward" if getattr(ref, "original_forward", None) is not None else "forward")
+    return module, "forward"
+
+
+def _holds(owner: object, attr: str, fn: Callable) -> bool:
+    return vars(owner).get(attr, _ABSENT) is fn
+
+
+def _dropped(p: _Patch) -> bool:
+    """Whether another library put an older forward back over ours: ours is not where it was put,
+    and the module's forward is the class method again (bound, or no instance attribute at all)
+    without leading to ours through `__wrapped__` (diffusers' and accelerate's wrappers keep that
+    chain). A wrapper that hides the chain is taken to wrap ours."""
+    if _holds(p.owner, p.attr, p.installed):
+        return False
+    current = p.module.__dict__.get("forward", _ABSENT)
+    if current is _ABSENT:
+        return True
+    seen = set()
+    fn = current
+    while fn is not None and id(fn) not in seen:
+        if fn is p.installed:
+            return False
+        seen.add(id(fn))
+        fn = getattr(fn, "__wrapped__", None)
+    return getattr(current, "__func__", None) is getattr(type(p.module), "forward", None)
+
+
+def check_no_foreign_cache(model: nn.Module) -> None:
+    """Refuse a model that already has a diffusers cache (FirstBlockCache, TaylorSeer, FasterCache, PAB, ...)."""
+    found = set()
+    if getattr(model, "is_cache_enabled", False) is True:
+        found.add(type(getattr(model, "_cache_config", None)).__name__)
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name, hook in getattr(registry, "hooks", {}).items():
+            if type(hook).__module__.rsplit(".", 1)[-1] in DIFFUSERS_CACHE_HOOKS:
+                found.add(f"{type(hook).__name__} ({name})")
+    if found:
+        raise ValueError(f"this model already has a diffusers cache: {', '.join(sorted(found))}; two caches would "
+                         "serve each other's stale outputs. Remove it first (transformer.disable_cache(), or "
+                         "HookRegistry.remove_hook) and then apply_cache")
 
 
 class CacheEngine:
     """Per-model run state: which call of the run this is and which layers are full at it."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig, adapter: Adapter | None = None):
-        from .methods import METHODS
-
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter | None = None):
         self.model = model
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
-        self.schedule = config.cache_schedule
+        self.schedule = config.schedule
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
-        self.num_calls: int | None = None
-        self._patched: list[nn.Module] = []
+        self._patched: list[_Patch] = []
         self.explicit = False  # inside sample()'s begin_run/end_run
         self.active = False  # a run is in progress
         self.call = -1
@@ -44,28 +118,54 @@ class CacheEngine:
         self.full: np.ndarray = np.ones(len(self.branches), dtype=bool)
         self.peak_cache_bytes = 0
         self.full_flags: list[np.ndarray] = []  # one row per call of the current/last run
-        self.method = METHODS[config.method](self, config)
+        self.method = config.method_class(self, config)
         # Prompt-only modules (cross-attention K/V) computed once per run; "none" stays the plain model.
         constant = self.adapter.constant_modules(model) if config.method != "none" else []
         self.constants = RunConstants(self, constant) if constant else None
-        self._patch(model, self._wrap_model(model.forward))
+        self.patch(model, self._wrap_model)
 
     # -- hooks -------------------------------------------------------------------------------
     def patch(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
-        """Replace `module.forward` by `make(original_forward)`."""
-        if "forward" in module.__dict__:
-            raise ValueError(f"{type(module).__name__} already has a patched forward; remove_cache first")
-        self._patch(module, make(module.forward))
+        """Wrap the module's forward in `make(current_forward)`, whatever the current forward is."""
+        owner, attr = _slot(module)
+        previous = vars(owner).get(attr, _ABSENT)
+        inner = module.forward if previous is _ABSENT else previous
+        target = [make(inner)]
 
-    def _patch(self, module: nn.Module, fn: Callable) -> None:
-        module.forward = fn
-        self._patched.append(module)
+        def forward(*args, **kwargs):
+            return target[0](*args, **kwargs)
+
+        functools.update_wrapper(forward, inner)  # signature and name of the wrapped forward
+        setattr(owner, attr, forward)
+        self._patched.append(_Patch(module, owner, attr, previous, inner, forward, target))
 
     def remove(self) -> None:
-        for module in self._patched:
-            del module.forward
+        """Undo every patch, last first: put back what was there, or pass through under a later wrapper."""
+        for p in reversed(self._patched):
+            # Where ours was put, and `module.forward` where the hook we went beneath put it back on removal.
+            for owner, attr in {(id(o), a): (o, a) for o, a in ((p.owner, p.attr), (p.module, "forward"))}.values():
+                if not _holds(owner, attr, p.installed):
+                    continue
+                if p.previous is _ABSENT:
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, p.previous)
+            # Anything still calling ours (a wrapper someone put around it) now reaches what ours wrapped.
+            p.target[0] = p.inner
         self._patched.clear()
         self._reset()
+
+    def model_hash(self) -> str:
+        """The weights' hash that factor and steps files are checked against."""
+        return weight_hash(self.model)
+
+    def check_attached(self) -> None:
+        """Fail if another library dropped one of our hooks (e.g. by writing back an older forward)."""
+        for p in self._patched:
+            if _dropped(p):
+                raise RuntimeError(f"calicache's hook on {type(p.module).__name__} was replaced by another library "
+                                   "(a hook registered before calicache and removed after it writes back the forward "
+                                   "it saw); call remove_cache(model) and apply_cache(model, config) again")
 
     def _reset(self) -> None:
         """Forget every cached tensor: the method's and the run constants."""
@@ -115,9 +215,9 @@ class CacheEngine:
         """An explicit run of `num_calls` calls: the schedule is checked before any work."""
         self.schedule.check(num_calls, len(self.branches))
         self.method.check_run(num_calls)
+        self.check_attached()
         self._start_run()
         self.explicit = True
-        self.num_calls = num_calls
 
     def end_run(self) -> None:
         self._reset()
@@ -134,14 +234,15 @@ class CacheEngine:
         }
 
 
-def apply_cache(model: nn.Module, config: CacheConfig) -> nn.Module:
+def apply_cache(model: nn.Module, config: MethodConfig) -> nn.Module:
     """Attach caching to `model` (in place) and return it. `remove_cache` undoes it exactly.
 
     `model` may also be a diffusers pipeline (DiTPipeline, PixArtAlphaPipeline): the cache goes on
     `pipe.transformer` and every call of the pipeline is one run of known length.
     """
-    if not isinstance(config, CacheConfig):
-        raise TypeError("config must be a calicache.CacheConfig")
+    if not isinstance(config, MethodConfig):
+        raise TypeError("config must be a method config such as calicache.FORAConfig(period=2) or "
+                        "calicache.ICCConfig(rank=21, factors=PATH); see calicache.METHODS")
     if is_pipeline(model):
         if get_engine(model) is not None:
             raise ValueError("this pipeline already has a cache; call remove_cache(pipe) first")
@@ -150,6 +251,7 @@ def apply_cache(model: nn.Module, config: CacheConfig) -> nn.Module:
         return model
     if get_engine(model) is not None:
         raise ValueError("this model already has a cache; call remove_cache(model) first")
+    check_no_foreign_cache(model)
     engine = CacheEngine(model, config)
     setattr(model, ENGINE_ATTR, engine)
     return model

@@ -6,48 +6,56 @@ when the cache reuses it, at every call without a cache (method "none")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
-from ..models.dit import DiT, create_model
-from .config import CacheConfig
-from .engine import CacheEngine
+from ..adapters import Adapter, get_adapter
+from ..models.dit import create_model
+from .methods import MethodConfig, NoCacheConfig
 from .pipeline import is_pipeline
 from .state import get_engine
 
 
-def _meta_twin(model: nn.Module) -> nn.Module:
-    """The same architecture without weights, on the meta device (for counting only)."""
-    with torch.device("meta"):
-        if isinstance(model, DiT):
-            return DiT(model.config)
-        return type(model).from_config(model.config)  # a diffusers transformer
+class _Counter:
+    """What a method's constructor reads from its engine, without the hooks: counting MACs never
+    patches a module, so it works on a live model, one with a cache attached, or a meta model."""
+
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter):
+        self.model = model
+        self.config = config
+        self.adapter = adapter
+        self.branches = adapter.branches(model)
+        self.schedule = config.schedule
+        self.explicit = False
+        self.call = -1
+        self.t = 0.0
+        self.full = np.ones(len(self.branches), dtype=bool)
+        self.method = config.method_class(self, config)
+        self.reuses_constants = config.method != "none" and bool(adapter.constant_modules(model))
+
+    def patch(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
+        """Nothing is attached: the method only needs its own bookkeeping to count."""
+
+    def model_hash(self) -> None:
+        return None  # factor and steps files are checked against the weights by apply_cache, not by counting
 
 
-def _engine_for(model_or_name, config: CacheConfig | None, shape: dict) -> tuple[CacheEngine, bool]:
+def _counter_for(model_or_name, config: MethodConfig | None, shape: dict) -> _Counter:
     if isinstance(model_or_name, str):
         with torch.device("meta"):
             model = create_model(model_or_name)
-        return _meta_engine(model, config or CacheConfig(), shape), True
-    model = model_or_name.transformer if is_pipeline(model_or_name) else model_or_name
-    engine = get_engine(model)
-    if engine is not None and config is None and not shape:
-        return engine, False
-    if engine is not None:  # count on a twin: a second engine must not touch the attached hooks
-        config = config or engine.config
-        model = _meta_twin(model)
-    return _meta_engine(model, config or CacheConfig(), shape), True
+    else:
+        model = model_or_name.transformer if is_pipeline(model_or_name) else model_or_name
+        engine = get_engine(model)
+        if config is None and engine is not None:  # the attached cache's config (and shape, unless given)
+            return _Counter(model, engine.config, get_adapter(model, **shape) if shape else engine.adapter)
+    return _Counter(model, config or NoCacheConfig(), get_adapter(model, **shape))
 
 
-def _meta_engine(model: nn.Module, config: CacheConfig, shape: dict) -> CacheEngine:
-    """An engine used only for counting: it is removed again before anyone calls the model."""
-    engine = CacheEngine(model, config, get_adapter(model, **shape))
-    engine.remove()
-    return engine
-
-
-def count_macs(model_or_name, config: CacheConfig | None = None, steps: int = 50, cfg_scale: float = 1.0,
+def count_macs(model_or_name, config: MethodConfig | None = None, steps: int = 50, cfg_scale: float = 1.0,
                tokens: int | None = None, text_tokens: int | None = None) -> dict:
     """MACs of one sampling run of `steps` model calls.
 
@@ -61,10 +69,10 @@ def count_macs(model_or_name, config: CacheConfig | None = None, steps: int = 50
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     shape = {k: v for k, v in (("tokens", tokens), ("text_tokens", text_tokens)) if v is not None}
-    engine, _ = _engine_for(model_or_name, config, shape)
+    engine = _counter_for(model_or_name, config, shape)
     base = engine.adapter.base_macs(engine.model)
     constant = engine.adapter.constant_macs(engine.model)  # prompt-only work of one call
-    reused = engine.constants is not None  # computed once per run, at call 0
+    reused = engine.reuses_constants  # computed once per run, at call 0
     full_branch = [b.full_macs() for b in engine.branches]
     full_call = base + constant + sum(full_branch)
     gather = engine.schedule.matrix(steps, len(engine.branches))

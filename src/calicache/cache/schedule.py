@@ -14,6 +14,12 @@ from pathlib import Path
 import numpy as np
 
 
+def check_period(period: object, what: str = "") -> None:
+    """A FORA period: an integer >= 1 (1 = every call full). `what` says what the period is for."""
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"period must be an integer >= 1{what}, got {period!r}")
+
+
 @dataclass(frozen=True)
 class CacheSchedule:
     """Either a FORA period (any run length) or an explicit gather matrix (a fixed run length)."""
@@ -24,8 +30,8 @@ class CacheSchedule:
     def __post_init__(self) -> None:
         if (self.period is None) == (self.gather is None):
             raise ValueError("give exactly one of period or gather")
-        if self.period is not None and (not isinstance(self.period, int) or self.period < 1):
-            raise ValueError(f"period must be an integer >= 1, got {self.period!r}")
+        if self.period is not None:
+            check_period(self.period, " (1 = no caching)")
         if self.gather is not None:
             g = self.gather
             if g.ndim != 2 or g.shape[0] < 1:

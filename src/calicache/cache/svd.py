@@ -5,6 +5,29 @@ from __future__ import annotations
 import torch
 
 SCALE_EPS = 1e-6
+SVD_KINDS = ("plain", "ca", "cd", "cf")  # plain SVD, or scaled by activation / difference / forecast statistics
+SCALES = ("both", "input", "output")  # which side of W the CA/CD scaling weighs
+
+
+def check_rank(rank: object, allow_none: bool = False) -> None:
+    """A factor rank: a non-negative integer or "full" (None too where the factor file's ranks apply)."""
+    if rank is None and allow_none or rank == "full":
+        return
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        extra = ", None (the factor file's ranks)" if allow_none else ""
+        raise ValueError(f"rank must be a non-negative integer or 'full'{extra}, got {rank!r}")
+
+
+def parse_rank(text: str | None) -> int | str | None:
+    """A rank from the command line: an integer, "full", or None (not given)."""
+    if text is None or text == "full":
+        return text
+    try:
+        rank = int(text)
+    except ValueError as e:
+        raise ValueError(f"--rank must be a non-negative integer or 'full', got {text!r}") from e
+    check_rank(rank)
+    return rank
 
 
 def scale_weight(

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..adapters import BranchSpec, LinearSpec, get_adapter
 from ..adapters.diffusers import diffusers_family
-from ..cache.config import SCALES
 from ..cache.factors import Factors
+from ..cache.schedule import check_period
 from ..cache.state import get_engine
-from ..cache.svd import scaled_decomposition, scaled_singular_values, truncate
+from ..cache.svd import SCALES, SVD_KINDS, check_rank, scaled_decomposition, scaled_singular_values, truncate
 from ..diffusion.guidance import guided_model_fn
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import Schedule
@@ -29,7 +29,6 @@ from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_imag
 from .ranks import RankCandidate, allocate_ranks
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
-SVD_METHODS = ("plain", "ca", "cd", "cf")
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
 
 
@@ -182,14 +181,13 @@ def factorize(model: nn.Module, branches: list[BranchSpec],
     return tensors
 
 
-def check_factor_args(svd: str, rank, scale: str, rank_budget, methods: tuple[str, ...] = SVD_METHODS) -> None:
+def check_factor_args(svd: str, rank, scale: str, rank_budget, methods: tuple[str, ...] = SVD_KINDS) -> None:
     """The checks every calibration shares: statistics kind, scaling side, rank or rank budget."""
     if svd not in methods:
         raise ValueError(f"unknown svd {svd!r}; choose one of {methods}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
-    if rank != "full" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
-        raise ValueError(f"rank must be a non-negative integer or 'full', got {rank!r}")
+    check_rank(rank)
     if rank_budget is not None and not 0 < rank_budget < 1:
         raise ValueError(f"rank_budget is the MACs share of a full call, 0 < F < 1; got {rank_budget}")
 
@@ -202,8 +200,7 @@ def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampl
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if svd in ("cd", "cf") and sampler != "ddim":
         raise ValueError(f"{svd.upper()} statistics follow deterministic DDIM steps; use sampler='ddim'")
-    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise ValueError(f"period must be an integer >= 1 (the FORA period the forecast runs at), got {period!r}")
+    check_period(period, " (the FORA period the forecast runs at)")
 
 
 def calibrate(
@@ -226,7 +223,7 @@ def calibrate(
     period: int = 2,
     forecast_weight: float = 1.0,
 ) -> Factors:
-    """ICC factors for `model` (save them with `.save(path)`; use with `CacheConfig(method="icc", factors=...)`).
+    """ICC factors for `model` (save them with `.save(path)`; use with `ICCConfig(svd=..., factors=...)`).
 
     - data: (uint8 images (N, H, W[, C]), labels or None) or a spec ("fashion-mnist", an image
       folder, an .npz); not needed for svd="plain". Latent models encode with `vae` (a diffusers

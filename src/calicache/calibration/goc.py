@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import distributed
 from ..cache.methods.goc import GocSteps, inflection_points
+from ..cache.schedule import check_period
 
 
 def sample_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,7 @@ def trajectory_cosines(trajectory: torch.Tensor) -> list[float | None]:
 def compensation_steps(cosines: Sequence[float | None], period: int = 2, threshold: float = 0.0) -> list[int]:
     """Cached calls (s % period != 0) that get compensation: s >= 2 (F_prev2 exists) and no
     inflection point at s or s - 1."""
-    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise ValueError(f"period must be an integer >= 1, got {period!r}")
+    check_period(period)
     turns = set(inflection_points(cosines, threshold))
     return [s for s in range(2, len(cosines)) if s % period and s not in turns and s - 1 not in turns]
 
@@ -119,8 +119,7 @@ def find_goc_steps(
         raise ValueError(f"need num >= 1 and batch_size >= 1 (or None for one batch), got {num} and {batch_size}")
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise ValueError(f"period must be an integer >= 1, got {period!r}")
+    check_period(period)
     calls = model_calls(steps, sampler)
     if calls < 3:
         raise ValueError(f"a run of {calls} calls has no call with two earlier changes; use --steps >= 3")

@@ -25,12 +25,13 @@ from torch import nn
 from .. import distributed
 from ..adapters import LinearSpec
 from ..cache.methods.forecast import first_order
+from ..cache.svd import SVD_KINDS
 
 NORM_EPS = 1e-6
 ALPHA = 0.5
 MAX_RATIO = 1000.0
 SIDES = ("in", "out")
-KINDS = ("ca", "cd", "cf")
+KINDS = tuple(k for k in SVD_KINDS if k != "plain")  # the statistics each scaled SVD weighs by
 REFERENCES = {"ca": 0, "cd": 1, "cf": 2}  # reference passes before each measuring pass
 
 

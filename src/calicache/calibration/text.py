@@ -40,6 +40,7 @@ from ..adapters.diffusers import diffusers_family
 from ..cache.factors import Factors
 from ..cache.pipeline import is_pipeline
 from ..cache.state import get_engine
+from ..cache.svd import SVD_KINDS
 from ..data.prompts import check_prompt_embeds, load_prompt_embeds, prompt_rows, text_width
 from ..images import to_model_space
 from ..models.io import weight_hash
@@ -47,7 +48,7 @@ from .calibrate import _draw, calibration_generator, check_factor_args, factoriz
 from .inputs import batches, load_vae, select
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
-TEXT_SVD_METHODS = ("plain", "ca", "cd")
+TEXT_SVD_METHODS = tuple(k for k in SVD_KINDS if k != "cf")  # no forecast statistics for pipelines
 
 
 class ConsecutiveCalls:
@@ -299,7 +300,7 @@ def calibrate_text(
     progress: bool = False,
 ) -> Factors:
     """ICC factors for a PixArt transformer or pipeline (save with `.save(path)`; sample the pipeline with
-    `apply_cache(pipe, CacheConfig("icc", factors=...))`). The file is tied to the transformer's weights.
+    `apply_cache(pipe, ICCConfig(svd=..., factors=...))`). The file is tied to the transformer's weights.
 
     - prompt_embeds: a file or dict with prompt_embeds (P, T, D) and prompt_attention_mask (P, T) (and, for
       cfg_scale > 1, negative_prompt_embeds / negative_prompt_attention_mask), the format of

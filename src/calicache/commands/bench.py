@@ -37,6 +37,7 @@ from ..bench.grid import (
 )
 from ..bench.plot import PALETTE, line_chart, side_by_side_charts
 from ..bench.runs import markdown_table, score, side_by_side
+from ..cache import load_config
 from ..images import png_bytes
 from ..models.io import load_model
 from ..utils import Outputs, check_output
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factors-dir", default=None,
                    help="folder with CA/CD factor files (ca-full.safetensors, cd-budget0.3125.safetensors, ...; "
                         "a previous run's OUT/factors); missing ones are calibrated on Fashion-MNIST for pixel models")
+    p.add_argument("--config", default=None, help="also run this cache config file (config.save(path))")
     p.add_argument("--goc-file", default=None, help="GOC steps file for --steps at period 2 (default: found now)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the model's recommended, else 1)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per sampling run (default: all)")
@@ -112,7 +114,9 @@ def _options(args: argparse.Namespace, model) -> GridOptions:
     cfg = args.cfg_scale if args.cfg_scale is not None else model_defaults(model).get("cfg_scale", 1.0)
     return GridOptions(steps=steps, num=num, cfg_scale=float(cfg), seed=args.seed, batch_size=args.batch_size,
                        quick=args.quick, families=families, factors_dir=factors_dir, goc_file=args.goc_file,
-                       data_dir=args.data_dir, out=Path(args.out))
+                       data_dir=args.data_dir, out=Path(args.out),
+                       config=load_config(args.config) if args.config else None,
+                       config_name=Path(args.config).name if args.config else "config")
 
 
 def _jsonable(v):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .. import distributed
-from ..cache.config import SCALES
+from ..cache.svd import SCALES, SVD_KINDS, parse_rank
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
 from ..models.io import SHIPPED, load_model, shipped_path, weight_hash
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, help="fashion-mnist (the default for DiTs), an image folder or an .npz "
                    "(arr_0 images); PixArt --svd ca: images encoded by the pipeline's VAE")
     g.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    g.add_argument("--svd", choices=("cd", "ca", "cf", "plain"), default="cd",
+    g.add_argument("--svd", choices=SVD_KINDS, default="cd",
                    help="cd: channel-difference (the paper's best), ca: channel-activation, cf: forecast residuals "
                         "(for --method forecast at sampling), plain: unscaled")
     g.add_argument("--forecast-weight", type=float, default=1.0,
@@ -72,15 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("GOC")
     g.add_argument("--threshold", type=float, default=0.0, help="GOC inflection threshold")
     calibrate_pipeline.add_arguments(p)  # --pipeline DIR --prompt-embeds FILE: PixArt (text-to-image)
-
-
-def _rank(text: str) -> int | str:
-    if text == "full":
-        return text
-    try:
-        return int(text)
-    except ValueError as e:
-        raise ValueError(f"--rank must be an integer or 'full', got {text!r}") from e
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -134,12 +125,13 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
         print(json.dumps(report, indent=2) if args.json else f"wrote GOC steps to {args.out}")
         return 0
 
-    from ..cache.config import CacheConfig
     from ..cache.macs import count_macs
+    from ..cache.methods import ICCConfig
     from ..calibration.calibrate import calibrate
 
     cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
-    factors = calibrate(model, args.data or "fashion-mnist", svd=args.svd, rank=_rank(args.rank), num=args.num or 256,
+    factors = calibrate(model, args.data or "fashion-mnist", svd=args.svd, rank=parse_rank(args.rank),
+                        num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
                         rank_budget=args.rank_budget, progress=distributed.is_main(),
@@ -148,7 +140,7 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     if not distributed.is_main():
         return 0
     factors.save(args.out)
-    macs = count_macs(model, CacheConfig(method="icc", svd=args.svd, factors=factors), steps=2)
+    macs = count_macs(model, ICCConfig(svd=args.svd, factors=factors), steps=2)
     ranks = list(factors.ranks().values())
     report = {
         "method": "icc", "model": str(args.model), "out": args.out, "svd": args.svd, "scale": args.scale,

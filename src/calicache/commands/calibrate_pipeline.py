@@ -94,18 +94,18 @@ def _scheduler(args: argparse.Namespace, pipe):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache.config import CacheConfig
     from ..cache.macs import count_macs
-    from ..calibration.text import calibrate_text
-    from .calibrate import _rank
+    from ..cache.methods import ICCConfig
+    from ..cache.svd import parse_rank
+    from ..calibration.text import TEXT_SVD_METHODS, calibrate_text
     from .common import setup
 
     setup(args)
     if distributed.launched():
         raise ValueError("calibrate --pipeline runs in one process (its statistics are not split over ranks); "
                          "start it without torchrun")
-    if args.svd not in ("ca", "cd", "plain"):
-        raise ValueError(f"--svd {args.svd} is not available for PixArt; choose cd, ca or plain")
+    if args.svd not in TEXT_SVD_METHODS:
+        raise ValueError(f"--svd {args.svd} is not available for PixArt; choose one of {TEXT_SVD_METHODS}")
     if args.method != "icc":
         raise ValueError("calibrating a PixArt pipeline makes ICC factors (--method icc); GOC steps are found on "
                          "calicache DiTs")
@@ -138,14 +138,14 @@ def run(args: argparse.Namespace) -> int:
         images, _ = load_images(args.data, args.data_dir)
     t0 = time.perf_counter()
     factors = calibrate_text(pipe if pipe is not None else model, embeds, latents=latents, images=images,
-                             svd=args.svd, rank=_rank(args.rank), num=args.num, batch_size=args.batch_size,
+                             svd=args.svd, rank=parse_rank(args.rank), num=args.num, batch_size=args.batch_size,
                              steps=args.steps, scheduler=_scheduler(args, pipe), scale=args.scale, seed=args.seed,
                              cfg_scale=cfg_scale, vae=args.vae, rank_budget=args.rank_budget, progress=True)
     wall = time.perf_counter() - t0
     factors.save(args.out)
     meta = factors.meta
     text_tokens = None if embeds is None else embeds["prompt_embeds"].shape[1]  # the MACs at this prompt length
-    macs = count_macs(model, CacheConfig(method="icc", svd=args.svd, factors=factors), steps=2, text_tokens=text_tokens)
+    macs = count_macs(model, ICCConfig(svd=args.svd, factors=factors), steps=2, text_tokens=text_tokens)
     ranks = list(factors.ranks().values())
     report = {
         "method": "icc", "pipeline": args.pipeline, "model": None if args.pipeline else str(args.model),

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
+from ..images import grid, npz_bytes, png_bytes
+from ..utils import Outputs, check_output
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default: str | None = "fmnist-dit") -> None:
@@ -90,45 +93,71 @@ def model_defaults(model: torch.nn.Module) -> dict:
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cache.config import SCALES, SVD_KINDS
+    """--method, --config and every registered method's own flags (each flag once, saying who reads it)."""
     from ..cache.methods import METHODS
 
     g = p.add_argument_group("caching")
-    g.add_argument("--method", choices=sorted(METHODS), default="none", help="cache method")
-    g.add_argument("--period", type=int, default=2, help="FORA period: call t is full when t %% period == 0")
-    g.add_argument("--schedule", default=None, help="explicit gather matrix (JSON or npz) instead of --period")
-    g.add_argument("--rank", default=None,
-                   help="ICC rank: an integer, 'full', or omitted = the factor file's per-layer ranks "
-                        "(plain SVD without a file: width / 9)")
-    g.add_argument("--svd", choices=SVD_KINDS, default="plain", help="where ICC's factors come from")
-    g.add_argument("--scale", choices=SCALES, default="both", help="CA/CD scaling side (for calibration)")
-    g.add_argument("--factors", default=None, help="factor file from `calicache calibrate`")
-    g.add_argument("--cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="dtype of cached activations (default: the model's)")
-    g.add_argument("--goc-weight", type=float, default=1.2, help="GOC compensation weight w")
-    g.add_argument("--goc-steps", default=None, help="GOC compensated calls, comma-separated")
-    g.add_argument("--goc-file", default=None, help="GOC steps file from `calicache calibrate --method goc`")
-    g.add_argument("--forecast-weight", type=float, default=1.0, help="calibrated forecast weight w")
+    g.add_argument("--method", choices=sorted(METHODS), default=None,
+                   help="cache method (not given: none, or the --config file's)")
+    g.add_argument("--config", default=None, help="a cache config JSON file (config.save(path)) instead of the flags")
+    flags: dict[str, tuple] = {}
+    for name, cls in METHODS.items():
+        for a in cls.arguments:
+            flags.setdefault(a.flag, (a, []))[1].append(name)
+    for a, users in flags.values():
+        g.add_argument(a.flag, default=None, choices=a.choices, help=f"{a.help} [{', '.join(users)}]")
 
 
 def cache_config_from_args(args: argparse.Namespace):
-    from ..cache.config import CacheConfig
+    """The method config of --config FILE, or of --method and its flags; a flag the method does not read is an error."""
+    from ..cache.methods import METHODS, load_config
 
-    rank = args.rank
-    if rank is not None and rank != "full":
-        try:
-            rank = int(rank)
-        except ValueError as e:
-            raise ValueError(f"--rank must be an integer or 'full', got {args.rank!r}") from e
+    given = {a.flag for cls in METHODS.values() for a in cls.arguments if getattr(args, a.dest, None) is not None}
+    if getattr(args, "config", None):
+        if args.method is not None or given:
+            raise ValueError(f"--config holds the whole cache config; drop {sorted(given) or ['--method']} "
+                             "or drop --config")
+        return load_config(args.config)
+    cls = METHODS[args.method or "none"]
+    foreign = sorted(given - {a.flag for a in cls.arguments})
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} not used by --method {cls.method}; drop it or choose a method that "
+                         "reads it (see --help)")
+    return cls.from_args(args)
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
     try:
-        goc_steps = [int(s) for s in args.goc_steps.split(",")] if args.goc_steps else None
+        return [int(c) for c in text.split(",")]
     except ValueError:
-        raise ValueError(f"--goc-steps must be comma-separated call indices such as 3,7,12; got {args.goc_steps!r}"
-                         ) from None
-    if args.factors is not None and args.method not in ("icc", "forecast"):
-        raise ValueError(f"--factors is used by --method icc and forecast only, not {args.method}; drop --factors "
-                         "or choose one of those methods")
-    return CacheConfig(method=args.method, period=args.period, schedule=args.schedule, rank=rank, svd=args.svd,
-                       scale=args.scale, factors=args.factors, cache_dtype=args.cache_dtype,
-                       goc_weight=args.goc_weight, goc_steps=goc_steps, goc_file=args.goc_file,
-                       forecast_weight=args.forecast_weight)
+        raise ValueError(f"--classes must be comma-separated integers such as 0,3,7; got {text!r}") from None
+
+
+def write_sample_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
+    """All three files or none: each is written to an exclusive temporary file, and all are renamed
+    together once every one is complete (the old set is put back if a rename fails; a folder this
+    call created is removed again on failure)."""
+    created = not out.exists()
+    try:
+        with Outputs() as outputs:
+            outputs.write(out / "samples.npz", npz_bytes(arr_0=images, arr_1=labels))
+            outputs.write(out / "grid.png", png_bytes(grid(images[:64])))
+            outputs.write(out / "report.json", json.dumps(report, indent=2))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+SAMPLE_OUTPUTS = ("samples.npz", "grid.png", "report.json")
+
+
+def check_sample_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a --out that cannot take the sample outputs: a file, a folder that cannot
+    be written, existing outputs without --overwrite, or a file the command reads."""
+    out = check_output(args.out, flag="--out", folder=True)
+    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and Path(v).is_file()]
+    for name in SAMPLE_OUTPUTS:
+        check_output(out / name, args.overwrite, "--out", inputs)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..bench.runs import Variant, markdown_table, run_variant, score, side_by_side
-from ..cache import CacheConfig
+from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, NoCacheConfig, load_config
+from ..cache.svd import parse_rank
 from ..images import png_bytes
 from ..models.io import SHIPPED, load_model, shipped_asset
 from ..utils import Outputs, check_output
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factors", default=None, help="CD-SVD factor file (default: the shipped one)")
     p.add_argument("--goc-file", default=None, help="GOC steps file (default: the shipped one for 20 steps)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the model's recommended)")
+    p.add_argument("--config", default=None,
+                   help="also run this cache config file (config.save(path)) as one more row")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -50,24 +53,27 @@ def _variants(args: argparse.Namespace, model, factors: str | None, goc_file: st
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
-    rank = None if args.rank is None else (args.rank if args.rank == "full" else int(args.rank))
+    rank = parse_rank(args.rank)
     svd = "cd" if factors else "plain"
     icc_kw = dict(period=args.period, rank=rank, svd=svd, factors=factors)
     s, p = args.steps, args.period
     icc_label = f"ICC {svd.upper() if factors else 'plain'}-SVD p={p}"
-    out = [Variant(f"no cache, {s} steps", CacheConfig("none"), s, "uncached")]
+    out = [Variant(f"no cache, {s} steps", NoCacheConfig(), s, "uncached")]
     if "fora" in methods:
-        out.append(Variant(f"FORA p={p}", CacheConfig("fora", period=p), s, "fora"))
+        out.append(Variant(f"FORA p={p}", FORAConfig(period=p), s, "fora"))
     if "icc" in methods or "equal-macs" in methods:
-        out.append(Variant(icc_label, CacheConfig("icc", **icc_kw), s, "icc"))
+        out.append(Variant(icc_label, ICCConfig(**icc_kw), s, "icc"))
     if "goc" in methods:
         if goc_file is None and s != 20:
             print(f"demo: skipping GOC: no steps file for {s} steps (find one with `calicache calibrate --method goc "
                   f"--steps {s}`)")
         else:
-            out.append(Variant(f"GOC p={p}", CacheConfig("goc", period=p, goc_file=goc_file), s, "goc"))
+            out.append(Variant(f"GOC p={p}", GOCConfig(period=p, steps_file=goc_file), s, "goc"))
     if "forecast" in methods:
-        out.append(Variant(f"forecast + {icc_label[4:]}", CacheConfig("forecast", **icc_kw), s, "forecast"))
+        out.append(Variant(f"forecast + {icc_label[4:]}", ForecastConfig(**icc_kw), s, "forecast"))
+    if args.config:
+        config = load_config(args.config)
+        out.append(Variant(f"{config.method} from {Path(args.config).name}", config, s, "config"))
     return out
 
 
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         # Uncached sampling with as many steps as ICC's MACs buy: is caching better than just fewer steps?
         icc = next(r for r in results if r.variant.family == "icc")
         eq_steps = max(1, int(icc.macs["total"] // icc.macs["full_call"]))
-        eq = Variant(f"no cache, {eq_steps} steps (ICC's MACs)", CacheConfig("none"), eq_steps, "fewer-steps")
+        eq = Variant(f"no cache, {eq_steps} steps (ICC's MACs)", NoCacheConfig(), eq_steps, "fewer-steps")
         results.append(run_variant(model, eq, **kw))
         if "icc" not in args.methods.split(","):
             results.remove(icc)

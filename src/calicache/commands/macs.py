@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(macs))
     else:
-        print(f"{name}, {args.steps} calls, method {args.method}: {macs['total'] / 1e9:.2f} GMACs per sample "
+        print(f"{name}, {args.steps} calls, method {config.method}: {macs['total'] / 1e9:.2f} GMACs per sample "
               f"(full call {macs['full_call'] / 1e9:.2f} G, {macs['speedup']:.2f}x fewer than uncached, "
               f"{macs['cached_ratio']:.0%} of branch computations served from the cache)")
     return 0

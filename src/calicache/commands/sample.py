@@ -12,16 +12,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import distributed
 from ..cache import apply_cache, get_engine
 from ..cache.macs import count_macs
-from ..images import decode_latents, grid, npz_bytes, png_bytes, to_uint8
+from ..images import decode_latents, to_uint8
 from ..models.io import load_model
 from ..sampling import _class_labels, sample
-from ..utils import Outputs, check_output
 from . import sample_pipeline
 from .common import (
     add_cache_arguments,
@@ -29,10 +27,13 @@ from .common import (
     add_model_arguments,
     add_sampling_arguments,
     cache_config_from_args,
+    check_sample_outputs,
     clip_flag,
     model_defaults,
     parse_arch,
+    parse_classes,
     setup,
+    write_sample_outputs,
 )
 
 
@@ -54,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_outputs(args)  # before any work: a bad --out must not cost a sampling run
+    check_sample_outputs(args)  # before any work: a bad --out must not cost a sampling run
     if args.nproc_per_node is not None:  # this process starts the workers, which run the same command
         return distributed.launch(args.nproc_per_node, args._argv)
     if args.pipeline is not None:
@@ -66,14 +67,15 @@ def run(args: argparse.Namespace) -> int:
     defaults = model_defaults(model)
     steps = args.steps if args.steps is not None else defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
-    classes = _parse_classes(args.classes)
+    classes = parse_classes(args.classes)
     if model.config.in_channels not in (1, 3) and args.vae is None:
         raise ValueError(f"{args.model} works on {model.config.in_channels}-channel latents: pass --vae "
                          "(e.g. stabilityai/sd-vae-ft-ema) to decode them")
     config = cache_config_from_args(args)
-    if args.method != "none" and args.schedule is None and args.period > steps:
-        raise ValueError(f"--period {args.period} is larger than --steps {steps}: every call would be full, so "
-                         f"--method {args.method} would cache nothing; choose a period of at most {steps}")
+    period = getattr(config, "period", None)
+    if getattr(config, "method", "none") != "none" and period is not None and period > steps:
+        raise ValueError(f"--period {period} is larger than --steps {steps}: every call would be full, so "
+                         f"--method {config.method} would cache nothing; choose a period of at most {steps}")
     apply_cache(model, config)
     macs = count_macs(model, None, steps, cfg_scale)
     out = Path(args.out)
@@ -102,49 +104,10 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "batch_size": args.batch_size or args.num, "vae": args.vae,
         "model_calls_per_batch": steps, "wall_seconds": round(wall, 3),
         "threads": torch.get_num_threads(), "world_size": world,
-        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
-        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
-        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "method": config.method, "cache_config": config.to_dict(),
         "macs": macs, "cached_ratio": macs["cached_ratio"],
         "cache_bytes": get_engine(model).stats()["cache_bytes"],
     }
-    _write_outputs(out, images, labels, report)
+    write_sample_outputs(out, images, labels, report)
     print(json.dumps(report, indent=2) if args.json else f"wrote {args.num} samples to {out} in {wall:.1f}s")
     return 0
-
-
-def _parse_classes(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(c) for c in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--classes must be comma-separated integers such as 0,3,7; got {text!r}") from None
-
-
-OUTPUT_NAMES = ("samples.npz", "grid.png", "report.json")
-
-
-def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse a --out that cannot take the outputs (a file, a read-only place, existing outputs without
-    --overwrite, or a file the command reads) before any work."""
-    out = check_output(args.out, flag="--out", folder=True)
-    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and Path(v).is_file()]
-    for name in OUTPUT_NAMES:
-        check_output(out / name, args.overwrite, "--out", inputs)
-
-
-def _write_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
-    """All three files or none: each is written to an exclusive temporary file, and all are renamed
-    together once every one is complete (the old set is put back if a rename fails; a folder this
-    call created is removed again on failure)."""
-    created = not out.exists()
-    try:
-        with Outputs() as outputs:
-            outputs.write(out / "samples.npz", npz_bytes(arr_0=images, arr_1=labels))
-            outputs.write(out / "grid.png", png_bytes(grid(images[:64])))
-            outputs.write(out / "report.json", json.dumps(report, indent=2))
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise

@@ -23,7 +23,7 @@ from ..cache import apply_cache, get_engine
 from ..cache.macs import count_macs
 from ..data.prompts import load_prompt_embeds, prompt_rows, text_width
 from ..sampling import _class_labels, sample_generator
-from .common import cache_config_from_args, setup
+from .common import cache_config_from_args, parse_classes, setup, write_sample_outputs
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 
@@ -94,7 +94,6 @@ def load_pipeline(folder: str | Path, text_encoder: bool):
 def run(args: argparse.Namespace) -> int:
     from diffusers import DiTPipeline
 
-    from .sample import _parse_classes, _write_outputs  # sample.py imports this module: import at call time
 
     setup(args)
     if args.vae is not None or args.cfg_channels is not None or getattr(args, "clip_denoised", "auto") != "auto":
@@ -127,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_embeds is not None:
         embeds = load_prompt_embeds(args.prompt_embeds, cfg_scale > 1, text_width(model))
     if is_dit:
-        classes = _parse_classes(args.classes)
+        classes = parse_classes(args.classes)
         labels = _class_labels(classes, args.num, model.config.num_embeds_ada_norm).tolist()
     else:
         count = len(args.prompt) if args.prompt is not None else embeds["prompt_embeds"].shape[0]
@@ -179,12 +178,10 @@ def run(args: argparse.Namespace) -> int:
         "prompts": args.prompt, "prompt_embeds": args.prompt_embeds,
         "tokens": seen.get("tokens"), "text_tokens": seen.get("text_tokens"),
         "wall_seconds": round(wall, 3), "threads": torch.get_num_threads(),
-        "method": args.method, "period": args.period, "schedule": args.schedule, "rank": args.rank,
-        "svd": args.svd, "factors": args.factors, "cache_dtype": args.cache_dtype,
-        "goc_weight": args.goc_weight if args.method == "goc" else None,
+        "method": engine.config.method, "cache_config": engine.config.to_dict(),
         "macs": macs, "cached_ratio": macs["cached_ratio"], "cache_bytes": stats["cache_bytes"],
     }
     out_dir = Path(args.out)
-    _write_outputs(out_dir, images, np.asarray(labels), report)
+    write_sample_outputs(out_dir, images, np.asarray(labels), report)
     print(json.dumps(report, indent=2) if args.json else f"wrote {args.num} samples to {out_dir} in {wall:.1f}s")
     return 0

@@ -1,18 +1,238 @@
-"""What every cache method shares: the engine link, cache dtype, and branch-level caching."""
+"""What every cache method shares: its config's base class (schedule, cache dtype, JSON files,
+command-line flags), the engine link, and branch-level caching."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from ..config import CacheConfig
+from ...metrics.inception import file_sha256
+from ...utils import atomic_path
+from ..schedule import CacheSchedule, check_period
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CONFIG_FORMAT = "calicache-config"
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One command-line flag of a method config: `--flag TEXT` sets `field` to `parse(TEXT)`."""
+
+    flag: str
+    field: str
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _schedule_json(s: CacheSchedule) -> dict:
+    """The schedule's fields that differ from their defaults, matrices as nested 0/1 lists."""
+    out = {}
+    for f in fields(s):
+        v = getattr(s, f.name)
+        if isinstance(v, np.ndarray):
+            out[f.name] = v.astype(int).tolist()
+        elif f.default is MISSING or v != f.default:
+            out[f.name] = v
+    return out
+
+
+def _schedule_from_json(value: Any, where: str) -> CacheSchedule:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: 'schedule' must be a file path or an object like {{\"gather\": [[1, 1], [0, 1]]}}, "
+                         f"got {type(value).__name__}")
+    names = {f.name for f in fields(CacheSchedule)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown schedule key(s) {unknown}; a schedule has {sorted(names)}")
+    if set(value) == {"gather"}:
+        return CacheSchedule.from_matrix(np.asarray(value["gather"]))
+    kw = dict(value)
+    if "gather" in kw:
+        kw["gather"] = CacheSchedule.from_matrix(np.asarray(kw["gather"])).gather
+    return CacheSchedule(**kw)
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...], what: str) -> None:
+    if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+@dataclass
+class MethodConfig:
+    """How to cache a model; one subclass per method, in the method's own file.
+
+    - period: the FORA period p (call t is full when t % p == 0); default 2.
+    - schedule: instead of a period, a `CacheSchedule`, a 0/1 gather matrix (calls x layers) or
+      the path of one (JSON or npz). After construction `schedule` is always a `CacheSchedule`.
+    - cache_dtype: dtype of the stored activations ("float16", torch.bfloat16, ...; None: the model's).
+
+    `config.save(path)` writes it as JSON and `calicache.load_config(path)` reads it back.
+    """
+
+    method: ClassVar[str]  # the registry name, written to JSON files as "method"
+    method_class: ClassVar[type]  # the hook-installing Method subclass
+    arguments: ClassVar[tuple[Argument, ...]] = (
+        Argument("--period", "period", "FORA period: call t is full when t %% period == 0", int),
+        Argument("--schedule", "schedule", "explicit gather matrix (JSON or npz) instead of --period"),
+        Argument("--cache-dtype", "cache_dtype", "dtype of cached activations (default: the model's)",
+                 choices=tuple(DTYPES)),
+    )
+    files: ClassVar[tuple[str, ...]] = ()  # fields naming files: JSON stores their path and sha256
+    default_period: ClassVar[int] = 2
+
+    period: int | None = None
+    schedule: Any = field(default=None, compare=False)  # compared through _schedule_key (matrices)
+    cache_dtype: Any = None
+    _schedule_key: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._schedule_path: str | None = None
+        s = self.schedule
+        if s is not None and self.period is not None:
+            raise ValueError("give period or schedule, not both (a schedule fixes every call already)")
+        if s is None:
+            period = self.default_period if self.period is None else self.period
+            check_period(period, " (1 = no caching)")
+            s = CacheSchedule.fora(period)
+        elif isinstance(s, (str, os.PathLike)):
+            self._schedule_path = os.fspath(s)
+            s = CacheSchedule.load(s)
+        elif not isinstance(s, CacheSchedule):
+            s = CacheSchedule.from_matrix(np.asarray(s))
+        self.schedule = s
+        self.period = s.period
+        self._schedule_key = json.dumps(_schedule_json(s), sort_keys=True)
+        dtype = self.cache_dtype
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown cache_dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+            self.cache_dtype = DTYPES[dtype]
+        elif dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"cache_dtype must be a torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+
+    # -- command line ----------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MethodConfig:
+        """This config from parsed flags (see `arguments`); flags not given keep the defaults."""
+        kwargs = {}
+        for a in cls.arguments:
+            text = getattr(args, a.dest, None)
+            if text is not None:
+                try:
+                    kwargs[a.field] = a.parse(text)
+                except ValueError as e:
+                    raise ValueError(f"{a.flag} {text}: {e}") from e
+        return cls(**kwargs)
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self, base: str | os.PathLike | None = None) -> dict:
+        """{"method": ..., field: value}; file fields by path (relative to `base`) plus their sha256."""
+        out: dict[str, Any] = {"format": CONFIG_FORMAT, "method": self.method}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "period" or not f.init:
+                continue  # written with the schedule
+            if f.name == "schedule":
+                if self._schedule_path is not None:
+                    out["schedule"] = _relative(self._schedule_path, base)
+                    continue
+                js = _schedule_json(v)
+                if set(js) == {"period"}:
+                    out["period"] = js["period"]
+                else:
+                    out["schedule"] = js
+            elif f.name == "cache_dtype":
+                out[f.name] = None if v is None else str(v).removeprefix("torch.")
+            elif f.name in self.files and v is not None:
+                if not isinstance(v, (str, os.PathLike)):
+                    raise ValueError(f"{f.name} is an in-memory {type(v).__name__}; save it to a file first "
+                                     f"(`.save(path)`) and pass {f.name}=path")
+                out[f.name] = _relative(os.fspath(v), base)
+                out[f"{f.name}_sha256"] = file_sha256(v)
+            else:
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write this config as JSON (atomically); an existing file is kept unless `overwrite`."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (or choose another path)")
+        text = json.dumps(self.to_dict(base=path.parent), indent=2) + "\n"
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, base: str | os.PathLike | None = None, where: str = "config") -> MethodConfig:
+        """The inverse of `to_dict`: unknown keys, a wrong method or a changed file are errors."""
+        data = dict(data)
+        data.pop("format", None)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"{where}: method {method!r} is not {cls.method!r}")
+        names = {f.name for f in fields(cls) if f.init}
+        digests = {f"{n}_sha256" for n in cls.files}
+        unknown = sorted(set(data) - names - digests)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown} for method {cls.method!r}; "
+                             f"its keys are {sorted(names | digests)}")
+        kwargs = {}
+        for k, v in data.items():
+            if k in digests:
+                continue
+            if k == "schedule" and v is not None and not isinstance(v, str):
+                v = _schedule_from_json(v, where)
+            elif k == "schedule" or k in cls.files:
+                _check_type(k, v, (str,), "a file path")
+                if v is not None:
+                    v = _resolve(v, base)
+                    if k in cls.files:
+                        _verify(k, v, data.get(f"{k}_sha256"), where)
+            elif k == "cache_dtype":
+                _check_type(k, v, (str,), f"one of {sorted(DTYPES)} or null")
+            kwargs[k] = v
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from e
+
+
+def _relative(path: str, base: str | os.PathLike | None) -> str:
+    if base is None:
+        return path
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+
+
+def _resolve(path: str, base: str | os.PathLike | None) -> str:
+    return path if base is None or os.path.isabs(path) else os.path.join(os.fspath(base), path)
+
+
+def _verify(key: str, path: str, digest: Any, where: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: {key} file {path} does not exist")
+    if digest is not None and file_sha256(path) != digest:
+        raise ValueError(f"{where}: {key} file {path} changed since the config was saved (sha256 differs); "
+                         f"re-save the config for this file or restore the original")
 
 
 class Method:
     """A cache method. Subclasses install hooks in `__init__` through `engine.patch`."""
 
-    def __init__(self, engine, config: CacheConfig):
+    def __init__(self, engine, config: MethodConfig):
         self.engine = engine
         self.config = config
         self.cache_dtype = config.cache_dtype

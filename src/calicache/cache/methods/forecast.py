@@ -9,16 +9,21 @@ For each calibrated linear at a cached call s, with f0 < f1 its last two full ca
 Since y = W x + b is linear, y_hat = W x_hat + b exactly, so at full rank the result is exact;
 at rank 0 each branch output is its own first-order forecast (TaylorSeer order 1 at branch level).
 With one full call only it is plain ICC. Distances count calls, or timesteps
-(`forecast_units="timesteps"`).
+(`ForecastConfig(units="timesteps")`).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from ..config import CacheConfig
-from .base import BranchCache
-from .icc import CalibratedLinear, IncrementCalibration
+from .base import Argument, BranchCache
+from .icc import CalibratedLinear, ICCConfig, IncrementCalibration
+
+UNITS = ("calls", "timesteps")
 
 
 def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float) -> torch.Tensor:
@@ -76,9 +81,9 @@ class CalibratedForecast(IncrementCalibration):
     linear_class = ForecastLinear
     branch_cache_class = ForecastBranchCache
 
-    def __init__(self, engine, config: CacheConfig):
-        self.weight = float(config.forecast_weight)
-        self.units = config.forecast_units
+    def __init__(self, engine, config: ForecastConfig):
+        self.weight = float(config.weight)
+        self.units = config.units
         super().__init__(engine, config)
 
     def position(self) -> float:
@@ -86,3 +91,26 @@ class CalibratedForecast(IncrementCalibration):
 
     def forecast_k(self, f0: float, f1: float) -> float:
         return self.weight * (self.position() - f1) / (f1 - f0)
+
+
+@dataclass
+class ForecastConfig(ICCConfig):
+    """The calibrated forecast: ICC's fields plus the extrapolation `weight` w and the `units`
+    distances between calls are counted in ("calls" or "timesteps")."""
+
+    method: ClassVar[str] = "forecast"
+    method_class: ClassVar[type] = CalibratedForecast
+    arguments: ClassVar[tuple[Argument, ...]] = ICCConfig.arguments + (
+        Argument("--forecast-weight", "weight", "calibrated forecast weight w", float),
+        Argument("--forecast-units", "units", "count distances between calls in calls or timesteps", choices=UNITS),
+    )
+
+    weight: float = 1.0
+    units: str = "calls"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"weight must be a finite number (1 = a plain first-order forecast), got {self.weight!r}")
+        if self.units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, got {self.units!r}")

@@ -4,24 +4,24 @@ output is pushed along the branch's last change.
 Each branch keeps a two-slot queue (F_prev2, F_prev) of the values it produced or served at its last
 two calls; the queue shifts after every call. At a cached call s the branch serves
 `F_prev + w (F_prev - F_prev2)` if s is a compensation step and F_prev2 exists, else `F_prev`.
-Compensation steps come from `goc_steps`, a steps file made by `calicache calibrate --method goc`
-(`goc_file`), or the authors' list for 20-call runs.
+Compensation steps come from `GOCConfig.steps`, a steps file made by `calicache calibrate --method
+goc` (`GOCConfig.steps_file`), or the authors' list for 20-call runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from ...models.io import weight_hash
 from ...utils import atomic_path
-from ..config import CacheConfig
-from .base import BranchCache, Method
+from .base import Argument, BranchCache, Method, MethodConfig
 
 # The authors' hard-coded list for 20-step DDIM at period 2 (cached calls 1, 3, ..., 19): call 1 has
 # no F_prev2 and call 17 sits at the trajectory's late inflection point.
@@ -138,19 +138,18 @@ class GocBranchCache(BranchCache):
 
 
 class GradientOptimizedCache(Method):
-    def __init__(self, engine, config: CacheConfig):
+    def __init__(self, engine, config: GOCConfig):
         super().__init__(engine, config)
-        self.weight = float(config.goc_weight)
+        self.weight = float(config.weight)
         self.file: GocSteps | None = None
-        if config.goc_file is not None:
-            self.file = GocSteps.load(config.goc_file)
-            on_meta = next(engine.model.parameters()).is_meta  # counting MACs by name: no weights to hash
-            self.file.check(model_hash=None if on_meta else weight_hash(engine.model))
+        if config.steps_file is not None:
+            self.file = GocSteps.load(config.steps_file)
+            self.file.check(model_hash=engine.model_hash())
             made_for, period = self.file.meta.get("period"), engine.schedule.period
             if period is not None and made_for is not None and made_for != period:
-                raise ValueError(f"GOC steps file {config.goc_file} was found for period {made_for} but this cache "
+                raise ValueError(f"GOC steps file {config.steps_file} was found for period {made_for} but this cache "
                                  f"uses period {period}; use --period {made_for} or find steps for period {period}")
-        self.given: list[int] | None = (sorted(set(config.goc_steps)) if config.goc_steps is not None
+        self.given: list[int] | None = (sorted(set(config.steps)) if config.steps is not None
                                         else (sorted(set(self.file.steps)) if self.file is not None else None))
         self.run_steps: frozenset[int] | None = None  # set by check_run for the coming run
         self.cache = GocBranchCache(self, list(range(len(engine.branches))))
@@ -167,7 +166,7 @@ class GradientOptimizedCache(Method):
                 raise ValueError(
                     f"GOC's published compensation steps are for 20-call runs; this run makes {num_calls}. Find "
                     f"steps for it with `calicache calibrate --method goc --model M --steps {num_calls} --out "
-                    "goc.json` and pass goc_file (--goc-file goc.json), or give goc_steps (--goc-steps 3,5,7)")
+                    "goc.json` and pass steps_file (--goc-file goc.json), or give steps (--goc-steps 3,5,7)")
             return list(PUBLISHED_STEPS[num_calls])
         late = [s for s in self.given if s >= num_calls]
         if late:
@@ -186,8 +185,8 @@ class GradientOptimizedCache(Method):
         if self.engine.explicit:  # inside calicache.sample: check_run chose this run's steps
             return call in self.run_steps
         if self.given is None:
-            raise RuntimeError("GOC outside calicache.sample cannot know the run length, so it needs goc_steps or "
-                               "goc_file (or sample with calicache.sample)")
+            raise RuntimeError("GOC outside calicache.sample cannot know the run length, so it needs steps or "
+                               "steps_file (or sample with calicache.sample)")
         return call in self.given
 
     def reset(self) -> None:
@@ -201,3 +200,48 @@ class GradientOptimizedCache(Method):
         steps = self.run_steps if self.run_steps is not None else frozenset(self.given or ())
         return self._update_macs[layer] if call >= 2 and call in steps else 0
 
+
+
+def parse_steps(text: str) -> list[int]:
+    """Comma-separated call indices ("3,5,7")."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise ValueError(f"GOC steps are comma-separated call indices like 3,5,7, got {text!r}") from e
+
+
+@dataclass
+class GOCConfig(MethodConfig):
+    """GOC: FORA plus compensation at chosen cached calls.
+
+    - weight: the compensation weight w (the paper: 1.2 on FORA; 0 is FORA exactly).
+    - steps: the compensated call indices, or steps_file: a steps file from `calicache calibrate
+      --method goc`; neither: the authors' list for 20-call runs.
+    """
+
+    method: ClassVar[str] = "goc"
+    method_class: ClassVar[type] = GradientOptimizedCache
+    arguments: ClassVar[tuple[Argument, ...]] = MethodConfig.arguments + (
+        Argument("--goc-weight", "weight", "GOC compensation weight w", float),
+        Argument("--goc-steps", "steps", "GOC compensated calls, comma-separated", parse_steps),
+        Argument("--goc-file", "steps_file", "GOC steps file from `calicache calibrate --method goc`"),
+    )
+    files: ClassVar[tuple[str, ...]] = ("steps_file",)
+
+    weight: float = 1.2
+    steps: list[int] | None = None
+    steps_file: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps is not None and self.steps_file is not None:
+            raise ValueError("give steps or steps_file, not both")
+        if self.steps is not None:
+            if not isinstance(self.steps, (list, tuple)) or any(
+                    not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.steps):
+                raise ValueError(f"steps must be a list of call indices >= 1, got {self.steps!r}")
+            self.steps = list(self.steps)
+        if self.steps_file is not None and not isinstance(self.steps_file, (str, os.PathLike)):
+            raise ValueError(f"steps_file must be a file path, got {self.steps_file!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"weight must be a finite number (the paper: 1.2 on FORA), got {self.weight!r}")

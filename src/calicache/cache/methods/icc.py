@@ -8,17 +8,18 @@ served whole from the cache (exactly what the calibration would give, without th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ...adapters import LinearSpec
-from ...models.io import weight_hash
-from ..config import CacheConfig
 from ..factors import Factors
-from ..svd import scaled_svd
-from .base import BranchCache, Method
+from ..svd import SVD_KINDS, check_rank, parse_rank, scaled_svd
+from .base import Argument, BranchCache, Method, MethodConfig
 
 
 class CalibratedLinear:
@@ -113,13 +114,12 @@ class CalibratedLinear:
                          + sum(r * s.out_features for r, s in zip(self.ranks, self.specs)))
 
 
-def resolve_factors(engine, config: CacheConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def resolve_factors(engine, config: ICCConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Factors at the configured rank: from a file (checked against the model) or plain SVD."""
     specs = [s for b in engine.branches for s in b.linears]
     if config.factors is not None:
         factors = config.factors if isinstance(config.factors, Factors) else Factors.load(config.factors)
-        on_meta = next(engine.model.parameters()).is_meta  # counting MACs by name: no weights to hash
-        factors.check(specs, None if on_meta else weight_hash(engine.model))
+        factors.check(specs, engine.model_hash())
         svd = factors.meta.get("svd")
         if svd is not None and config.svd != "plain" and svd != config.svd:
             raise ValueError(f"the factor file holds {svd!r} factors but svd={config.svd!r} was asked for")
@@ -141,7 +141,7 @@ class IncrementCalibration(Method):
     linear_class = CalibratedLinear
     branch_cache_class = BranchCache  # serves branches whose linears all have rank 0
 
-    def __init__(self, engine, config: CacheConfig):
+    def __init__(self, engine, config: ICCConfig):
         super().__init__(engine, config)
         factors = resolve_factors(engine, config)
         self.linears: list[CalibratedLinear] = []
@@ -177,3 +177,40 @@ class IncrementCalibration(Method):
 
     def cached_macs(self, layer: int, call: int) -> int:
         return self._macs.get(layer, 0)
+
+
+@dataclass
+class ICCConfig(MethodConfig):
+    """Increment-calibrated caching.
+
+    - rank: "full", an integer (every linear), or None = the factor file's (per-layer) ranks, or
+      round(width / 9) (the paper's 128 / 1152) for plain SVD without a file.
+    - svd: where the factors come from: "plain" (computed from the weights when no file is given),
+      "ca" / "cd" / "cf" (a factor file made by `calicache calibrate --svd KIND`).
+    - factors: the factor file (or a loaded `Factors`).
+    """
+
+    method: ClassVar[str] = "icc"
+    method_class: ClassVar[type] = IncrementCalibration
+    arguments: ClassVar[tuple[Argument, ...]] = MethodConfig.arguments + (
+        Argument("--rank", "rank", "ICC rank: an integer, 'full', or omitted = the factor file's per-layer ranks "
+                 "(plain SVD without a file: width / 9)", parse_rank),
+        Argument("--svd", "svd", "where ICC's factors come from", choices=SVD_KINDS),
+        Argument("--factors", "factors", "factor file from `calicache calibrate`"),
+    )
+    files: ClassVar[tuple[str, ...]] = ("factors",)
+
+    rank: int | str | None = None
+    svd: str = "plain"
+    factors: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rank(self.rank, allow_none=True)
+        if self.svd not in SVD_KINDS:
+            raise ValueError(f"unknown svd {self.svd!r}; choose one of {SVD_KINDS}")
+        if self.factors is not None and not isinstance(self.factors, (str, os.PathLike, Factors)):
+            raise ValueError(f"factors must be a factor file path or a calicache Factors, got {self.factors!r}")
+        if self.svd != "plain" and self.factors is None:
+            raise ValueError(f"svd={self.svd!r} needs a factor file: run `calicache calibrate --svd {self.svd}` "
+                             "and pass factors=PATH (or use svd='plain')")

@@ -1,0 +1,56 @@
+"""`calicache.summary(model)`: what the cache did in the last run (cached share per call and per
+layer, peak cache memory, MACs), as a dict with a readable table for `print`."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from .macs import count_macs
+from .state import get_engine
+
+
+class Summary(dict):
+    """A plain dict (JSON-ready); `str(summary)` is a table."""
+
+    def __str__(self) -> str:
+        lines = [f"calicache summary: method {self['method']}, {self['calls']} calls in the last run, "
+                 f"{self['cached_share']:.1%} of branch computations served from the cache"]
+        if self["calls"] == 0:
+            return lines[0] + " (no run yet)"
+        macs = self["macs"]
+        lines.append(f"peak cache memory {self['cache_bytes'] / 2**20:.2f} MiB; MACs per sample "
+                     f"{macs['total'] / 1e9:.4g} G vs {macs['full_call'] * self['calls'] / 1e9:.4g} G uncached "
+                     f"({macs['speedup']:.2f}x fewer)")
+        lines += ["", f"{'call':>4}  {'cached':>7}  {'MACs (G)':>9}"]
+        for call, (share, m) in enumerate(zip(self["per_call"], macs["per_call"])):
+            lines.append(f"{call:>4}  {share:>7.1%}  {m / 1e9:>9.4f}")
+        width = max(len(layer["name"]) for layer in self["per_layer"])
+        lines += ["", f"{'layer':<{width}}  {'cached':>7}"]
+        lines += [f"{layer['name']:<{width}}  {layer['cached_share']:>7.1%}" for layer in self["per_layer"]]
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> Summary:
+    """The last run of `model`'s cache (a model or pipeline after `apply_cache`).
+
+    Keys: method, calls, cached_share (all branch computations), per_call (cached share of each
+    call's layers), per_layer ([{name, cached_share}] per cacheable branch), cache_bytes (peak),
+    macs (`count_macs` of a run of that many calls; None before the first run).
+    """
+    engine = get_engine(model)
+    if engine is None:
+        raise ValueError("this model has no cache attached; call apply_cache(model, config) first")
+    flags = np.array(engine.full_flags, dtype=bool).reshape(-1, len(engine.branches))  # (calls, layers)
+    calls = int(flags.shape[0])
+    cached = ~flags
+    return Summary(
+        method=engine.config.method,
+        calls=calls,
+        cached_share=float(cached.mean()) if calls else 0.0,
+        per_call=[float(row.mean()) for row in cached],
+        per_layer=[{"name": b.name, "cached_share": float(cached[:, i].mean()) if calls else 0.0}
+                   for i, b in enumerate(engine.branches)],
+        cache_bytes=int(engine.peak_cache_bytes),
+        macs=count_macs(model, None, calls) if calls else None,
+    )
