@@ -29,7 +29,7 @@ from . import __version__, distributed
 from .images import decode_latents, save_npz, to_uint8
 from .models.io import weight_hash
 from .sampling import _class_labels, sample
-from .utils import atomic_path, stale_temps
+from .utils import stale_temps, write_file
 
 SHARD_DIR = "shards"
 SHARD_KEYS = ("images", "labels", "indices", "settings")
@@ -142,8 +142,8 @@ def sample_sharded(
     folder = shard_folder(out, digest)
     rank, world = distributed.rank(), distributed.world_size()
     if rank == 0:
-        with atomic_path(folder / "settings.json") as tmp:  # for people: which run the folder belongs to
-            tmp.write_text(json.dumps({"hash": digest, **settings}, indent=2, default=str))
+        # For people: which run the folder belongs to.
+        write_file(folder / "settings.json", json.dumps({"hash": digest, **settings}, indent=2, default=str))
     batches = distributed.batches(num, batch_size)
     if rank == 0 and len(batches) < world:
         print(f"calicache: {num} samples in batches of {batch_size} keep only {len(batches)} of {world} ranks "

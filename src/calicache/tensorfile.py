@@ -1,4 +1,5 @@
-"""calicache's tensor files: safetensors with JSON metadata and a content checksum.
+"""calicache's tensor files: safetensors with JSON metadata and a content checksum, and torch
+checkpoints loaded weights-only.
 
 Every file calicache writes (models, factor files, classifiers) stores `sha256`, a digest of its
 tensors (names, dtypes, shapes and bytes), in the metadata; loading recomputes it, so a file whose
@@ -8,10 +9,13 @@ different outputs.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import pickle
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -98,3 +102,28 @@ def decode_metadata(header: Mapping[str, str], path: object, fix: str) -> dict:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: unreadable metadata {k!r} ({e}); {fix}") from e
     return out
+
+
+def read_torch(path: str | os.PathLike, fix: str) -> object:
+    """A torch checkpoint loaded weights-only (tensors, plain containers and the original train.py's
+    argparse.Namespace, which only holds plain values). Anything else, including a file that is not
+    a checkpoint at all, is an error ending in `fix`; pickled code never runs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests loading with weights_only=False (running the file's code): never pass that on.
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
+        if detail is not None:
+            raise ValueError(f"{path}: refused to load: the file holds pickled objects other than tensors "
+                             f"({detail}); calicache loads weights only: {fix}") from e
+        raise ValueError(f"{path}: not a torch weights file (it does not unpickle as tensors); {fix}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first}); "
+                         f"the file may be truncated or corrupt; {fix}") from e
+    except Exception as e:  # noqa: BLE001 - random bytes make the unpickler fail in many ways
+        raise ValueError(f"{path}: not a torch checkpoint ({type(e).__name__} while unpickling); {fix}") from e

@@ -300,7 +300,7 @@ def read_diffusers_dit(folder: str | os.PathLike) -> DiTTransformer2DModel:
     weights = root / (sub or "")
     bins = sorted(weights.glob("diffusion_pytorch_model*.bin"))
     if bins and not any(weights.glob("diffusion_pytorch_model*.safetensors")):
-        from .io import read_torch
+        from ..tensorfile import read_torch
 
         for b in bins:  # diffusers' own message for a refused pickle only says "unable to load"
             read_torch(b, "re-save the model with save_pretrained(folder, safe_serialization=True)")

@@ -8,15 +8,13 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import warnings
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from ..tensorfile import decode_metadata, load_tensors, read_header, save_tensors
+from ..tensorfile import decode_metadata, load_tensors, read_header, read_torch, save_tensors
 from ..utils import Outputs, atomic_path
 from .dit import DIT_MODELS, DiT, DiTConfig, make_config
 
@@ -148,31 +146,6 @@ def _arch_from_args(args: argparse.Namespace, state: Mapping[str, torch.Tensor],
     if isinstance(getattr(args, "num_classes", None), int):
         arch["num_classes"] = args.num_classes
     return arch
-
-
-def read_torch(path: str | os.PathLike, fix: str) -> object:
-    """A torch checkpoint loaded weights-only (tensors, plain containers and the original train.py's
-    argparse.Namespace, which only holds plain values). Anything else, including a file that is not
-    a checkpoint at all, is an error ending in `fix`; pickled code never runs."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's pickle-protocol notes
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message suggests loading with weights_only=False (running the file's code): never pass that on.
-        lines = [line.strip() for line in str(e).splitlines()]
-        detail = next((line for line in lines if "GLOBAL" in line), None)
-        if detail is not None:
-            raise ValueError(f"{path}: refused to load: the file holds pickled objects other than tensors "
-                             f"({detail}); calicache loads weights only: {fix}") from e
-        raise ValueError(f"{path}: not a torch weights file (it does not unpickle as tensors); {fix}") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first}); "
-                         f"the file may be truncated or corrupt; {fix}") from e
-    except Exception as e:  # noqa: BLE001 - random bytes make the unpickler fail in many ways
-        raise ValueError(f"{path}: not a torch checkpoint ({type(e).__name__} while unpickling); {fix}") from e
 
 
 def _torch_state(path: Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:

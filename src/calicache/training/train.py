@@ -23,8 +23,9 @@ from ..diffusion.losses import training_loss
 from ..diffusion.schedule import Schedule
 from ..images import to_model_space
 from ..models.dit import DiT, create_model
-from ..models.io import read_torch, save_model
-from ..utils import Outputs, atomic_path, check_output
+from ..models.io import save_model
+from ..tensorfile import read_torch
+from ..utils import Outputs, check_output, write_file
 
 LR_DECAYS = ("constant", "cosine")
 
@@ -194,6 +195,5 @@ def train(
                "model_config": model.config.to_dict(), "steps_done": step,
                "wall_seconds": round(time.perf_counter() - t0, 1),
                "final_loss_mean100": float(np.mean(losses[-100:])), "images": len(data)}
-    with atomic_path(out / "train.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_file(out / "train.json", json.dumps(summary, indent=2))
     return summary
