@@ -8,8 +8,28 @@ from ..models.dit import DiT
 from .base import Adapter, BranchSpec, LinearSpec
 from .diffusers import DiffusersAdapter, diffusers_family
 from .dit import DiTAdapter
+from .flux import FluxAdapter
+from .qwenimage import QwenImageAdapter
+from .sd3 import SD3Adapter
+from .wan import WanAdapter
 
-__all__ = ["Adapter", "BranchSpec", "LinearSpec", "get_adapter"]
+__all__ = ["Adapter", "BranchSpec", "LinearSpec", "get_adapter", "transformer_family"]
+
+# diffusers transformer class -> its adapter (matched by class name in the model's MRO: no diffusers import).
+FAMILIES: dict[str, type[Adapter]] = {
+    "FluxTransformer2DModel": FluxAdapter,
+    "SD3Transformer2DModel": SD3Adapter,
+    "WanTransformer3DModel": WanAdapter,
+    "QwenImageTransformer2DModel": QwenImageAdapter,
+}
+
+
+def transformer_family(model: nn.Module) -> str | None:
+    """The diffusers class name of a transformer one of FAMILIES' adapters serves, else None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES and cls.__module__.startswith("diffusers."):
+            return cls.__name__
+    return None
 
 
 def get_adapter(model: nn.Module, tokens: int | None = None, text_tokens: int | None = None) -> Adapter:
@@ -25,8 +45,11 @@ def get_adapter(model: nn.Module, tokens: int | None = None, text_tokens: int | 
         return DiTAdapter()
     if diffusers_family(model) is not None:
         return DiffusersAdapter(model, tokens, text_tokens)
+    family = transformer_family(model)
+    if family is not None:
+        return FAMILIES[family](model, tokens, text_tokens)
     raise ValueError(
         f"calicache cannot cache {type(model).__name__}: supported are calicache's DiT "
-        "(create_model / load_model) and diffusers' DiTTransformer2DModel and PixArtTransformer2DModel "
-        "(or a DiTPipeline / PixArtAlphaPipeline holding one)"
+        "(create_model / load_model) and diffusers' DiTTransformer2DModel, PixArtTransformer2DModel, "
+        f"{', '.join(FAMILIES)} (or a pipeline holding one)"
     )

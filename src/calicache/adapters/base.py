@@ -26,6 +26,7 @@ class LinearSpec:
     input_from: str | None = None
     input_fn: Callable | None = None
     input_shared_with: str | None = None
+    tokens: int | None = None  # rows per sample it sees; None: the branch's `tokens` (set by BranchSpec)
 
     @property
     def in_features(self) -> int:
@@ -49,9 +50,23 @@ class BranchSpec:
     name: str
     module: nn.Module
     linears: list[LinearSpec]
-    tokens: int  # N: tokens the branch sees per sample
+    tokens: int  # N: tokens the branch sees per sample (its attention's queries; its linears' default)
     attention_dim: int = 0  # C of the softmax(QK^T)V matmuls (0: no attention)
     kv_tokens: int | None = None  # keys/values per sample (cross-attention), default N
+    # Elements per sample of the branch output (what FORA stores, GOC and the forecast update); None: N x the
+    # last linear's outputs. Joint attention returns two streams (image and text): the adapter gives their sum.
+    output_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for s in self.linears:
+            if s.tokens is None:
+                s.tokens = self.tokens
+
+    def output_elements(self) -> int:
+        """Elements per sample of the branch output."""
+        if self.output_size is not None:
+            return self.output_size
+        return self.tokens * self.linears[-1].out_features
 
     def attention_macs(self) -> int:
         """QK^T and AV: 2 N N_kv C per sample."""
@@ -60,7 +75,7 @@ class BranchSpec:
         return 2 * self.tokens * (self.kv_tokens or self.tokens) * self.attention_dim
 
     def full_macs(self) -> int:
-        return sum(self.tokens * s.in_features * s.out_features for s in self.linears) + self.attention_macs()
+        return sum(s.tokens * s.in_features * s.out_features for s in self.linears) + self.attention_macs()
 
 
 class Adapter:

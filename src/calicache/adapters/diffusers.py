@@ -17,6 +17,8 @@ import sys
 from torch import nn
 
 from .base import Adapter, BranchSpec, LinearSpec
+from .common import embedder_macs as _mlp
+from .common import linear_macs as _lin
 
 # PixArt-alpha's pipelines pad prompts to 120 T5 tokens (max_sequence_length); PixArt-Sigma uses 300.
 DEFAULT_TEXT_TOKENS = 120
@@ -35,16 +37,6 @@ def diffusers_family(model: nn.Module) -> str | None:
     if isinstance(model, DiTTransformer2DModel):
         return "dit"
     return None
-
-
-def _lin(m: nn.Linear) -> int:
-    """MACs per row of a linear layer."""
-    return m.in_features * m.out_features
-
-
-def _mlp(embedder: nn.Module) -> int:
-    """MACs per row of diffusers' TimestepEmbedding (linear_1, act, linear_2)."""
-    return _lin(embedder.linear_1) + _lin(embedder.linear_2)
 
 
 class DiffusersAdapter(Adapter):

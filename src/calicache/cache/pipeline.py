@@ -1,11 +1,20 @@
-"""Caching inside diffusers pipelines (DiTPipeline, PixArtAlphaPipeline).
+"""Caching inside diffusers pipelines (DiT, PixArt, FLUX, SD3, Wan, Qwen-Image).
 
 `apply_cache(pipe, config)` attaches the cache to `pipe.transformer` and makes every call of the
 pipeline one cache run whose length is known before the first model call. During a call the
 pipeline's own `scheduler.set_timesteps` is observed: once it has run, the run has one model call
-per entry of `scheduler.timesteps` (both pipelines call the transformer once per timestep, with
+per entry of `scheduler.timesteps` (DiT, PixArt and SD3 call the transformer once per timestep, with
 classifier-free guidance in one doubled batch), so custom `timesteps=`/`sigmas=` lists and any
 scheduler are counted right. That length is what explicit schedules and GOC check before work.
+
+Separate guidance passes (WanPipeline, FluxPipeline and QwenImagePipeline with true CFG) call the
+transformer twice per timestep, conditional then unconditional. Each pass must meet its own cache, or the
+unconditional pass would be served the conditional pass's branches: during a pipeline call, the k-th
+transformer call since the scheduler's last `step` (k >= 2) goes to twin k - 1 of the transformer (the
+same parameter tensors, no copy of the weights; its own hooks and cache state), built at the first such
+call and kept. Counting `scheduler.step` calls keeps the routing on the host (no timestep is read).
+Each pass is then one run of one call per timestep, so schedules, GOC steps and forecasts count
+timesteps in both.
 
 `pipe(...)` looks `__call__` up on the class, not on the instance, so the pipeline's class is
 swapped for a subclass of the same name whose `__call__` wraps the original one;
@@ -14,15 +23,18 @@ swapped for a subclass of the same name whose `__call__` wraps the original one;
 
 from __future__ import annotations
 
+import copy
 import functools
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from .state import ENGINE_ATTR, get_engine
 
-PIPE_ATTR = "_calicache_pipeline"  # (original class, cached transformer) on a wrapped pipeline
+PIPE_ATTR = "_calicache_pipeline"  # (original class, cached transformer, _Passes) on a wrapped pipeline
 _SUBCLASSES: dict[type, type] = {}
 
 
@@ -47,11 +59,75 @@ def _cached_class(cls: type) -> type:
     return sub
 
 
+def _twin(transformer: nn.Module, engine) -> nn.Module:
+    """`transformer` with new module objects around the same parameter and buffer tensors, cached alike."""
+    memo = {id(t): t for t in itertools.chain(transformer.parameters(), transformer.buffers())}
+    memo[id(engine)] = engine
+    twin = copy.deepcopy(transformer, memo)
+    for module in twin.modules():  # the copied forwards are the original's hooks: drop them, then attach anew
+        vars(module).pop("forward", None)
+    vars(twin).pop(ENGINE_ATTR, None)
+    setattr(twin, ENGINE_ATTR, type(engine)(twin, engine.config))
+    return twin
+
+
+class _Passes:
+    """Routes the calls of one timestep: the first to the cached transformer, the k-th to twin k - 1."""
+
+    def __init__(self, transformer: nn.Module, engine):
+        self.transformer = transformer
+        self.engine = engine
+        self.twins: list[nn.Module] = []
+        self.num_calls: int | None = None
+        self.index = 0  # transformer calls since the scheduler's last step
+
+    def engines(self) -> list:
+        return [self.engine] + [get_engine(t) for t in self.twins]
+
+    def begin_run(self, num_calls: int) -> None:
+        for engine in self.engines():
+            if engine.explicit:  # a second set_timesteps in one call starts a new run
+                engine.end_run()
+            engine.begin_run(num_calls)  # checks the schedule / GOC before any model call
+        self.num_calls, self.index = num_calls, 0
+
+    def end_run(self) -> None:
+        for engine in self.engines():
+            if engine.explicit:
+                engine.end_run()
+        self.num_calls = None
+
+    def stepped(self) -> None:
+        self.index = 0
+
+    def route(self, forward: Callable) -> Callable:
+        @functools.wraps(forward)  # `__wrapped__` leads to the engine's hook: it still counts as attached
+        def run(*args, **kwargs):
+            k = self.index
+            self.index += 1
+            if k == 0:
+                return forward(*args, **kwargs)
+            while len(self.twins) < k:
+                twin = _twin(self.transformer, self.engine)
+                self.twins.append(twin)
+                if self.num_calls is not None:
+                    get_engine(twin).begin_run(self.num_calls)
+            return self.twins[k - 1](*args, **kwargs)
+
+        return run
+
+
 def wrap_pipeline(pipe: Any, engine) -> None:
     """Make `pipe(...)` run its transformer's cache `engine` one run per call."""
+    if getattr(pipe, "transformer_2", None) is not None:  # refused before the pipeline is touched
+        engine.remove()
+        delattr(pipe.transformer, ENGINE_ATTR)
+        raise ValueError(f"{type(pipe).__name__} runs a second expert (transformer_2, Wan 2.2) for low-noise steps; "
+                         "calicache caches one transformer per pipeline: use a single-expert pipeline (Wan 2.1) or "
+                         "apply_cache(pipe.transformer, config) and drive the runs yourself")
     cls = type(pipe)
     # object.__setattr__: DiffusionPipeline.__setattr__ would try to register values as components.
-    object.__setattr__(pipe, PIPE_ATTR, (cls, pipe.transformer))
+    object.__setattr__(pipe, PIPE_ATTR, (cls, pipe.transformer, _Passes(pipe.transformer, engine)))
     object.__setattr__(pipe, ENGINE_ATTR, engine)  # get_engine(pipe), cache_run(pipe, n) work too
     object.__setattr__(pipe, "__class__", _cached_class(cls))
 
@@ -61,15 +137,39 @@ def unwrap_pipeline(pipe: Any) -> nn.Module | None:
     state = vars(pipe).get(PIPE_ATTR)
     if state is None:
         return None
-    cls, transformer = state
+    cls, transformer, passes = state
     object.__setattr__(pipe, "__class__", cls)
     del vars(pipe)[PIPE_ATTR]
     vars(pipe).pop(ENGINE_ATTR, None)
+    for twin in passes.twins:
+        get_engine(twin).remove()
     return transformer
 
 
+@contextmanager
+def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
+    """Within the block, `obj.name(...)` runs `then()` after itself; the method is put back on exit."""
+    own = name in vars(obj)
+    method = getattr(obj, name)
+
+    @functools.wraps(method)  # keeps the signature: pipelines inspect set_timesteps for timesteps=/sigmas=
+    def observed(*a, **k):
+        out = method(*a, **k)
+        then()
+        return out
+
+    setattr(obj, name, observed)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, method)
+        else:
+            delattr(obj, name)
+
+
 def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
-    _, transformer = vars(pipe)[PIPE_ATTR]
+    _, transformer, passes = vars(pipe)[PIPE_ATTR]
     engine = get_engine(transformer)
     if pipe.transformer is not transformer or engine is None:
         raise RuntimeError("pipe.transformer was replaced (or its cache removed) after apply_cache(pipe); "
@@ -77,24 +177,15 @@ def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     if engine.explicit:  # inside the caller's own `with cache_run(pipe, n)`: the caller sets the run
         return call(pipe, *args, **kwargs)
     scheduler = pipe.scheduler
-    own = "set_timesteps" in vars(scheduler)
-    set_timesteps = scheduler.set_timesteps
-
-    @functools.wraps(set_timesteps)  # keeps the signature: pipelines inspect it for timesteps=/sigmas=
-    def observed(*a, **k):
-        out = set_timesteps(*a, **k)
-        if engine.explicit:  # a second set_timesteps in one call starts a new run
-            engine.end_run()
-        engine.begin_run(len(scheduler.timesteps))  # checks the schedule / GOC before any model call
-        return out
-
-    scheduler.set_timesteps = observed
+    forward = vars(transformer).get("forward")
+    transformer.forward = passes.route(transformer.forward)
     try:
-        return call(pipe, *args, **kwargs)
+        with _after(scheduler, "set_timesteps", lambda: passes.begin_run(len(scheduler.timesteps))), \
+                _after(scheduler, "step", passes.stepped):
+            return call(pipe, *args, **kwargs)
     finally:
-        if own:
-            scheduler.set_timesteps = set_timesteps
+        if forward is None:
+            del transformer.forward
         else:
-            del scheduler.set_timesteps
-        if engine.explicit:
-            engine.end_run()
+            transformer.forward = forward
+        passes.end_run()

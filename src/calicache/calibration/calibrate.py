@@ -154,7 +154,7 @@ def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[st
     if fraction * full_call < fixed:
         raise ValueError(f"rank budget {fraction} is below the {fixed / full_call:.4f} of a full call that a "
                          "calibrated call pays outside its low-rank factors; raise --rank-budget")
-    cands = [RankCandidate(s.name, energies[s.name], b.tokens * (s.in_features + s.out_features))
+    cands = [RankCandidate(s.name, energies[s.name], s.tokens * (s.in_features + s.out_features))
              for b in branches for s in b.linears]
     return allocate_ranks(cands, fraction * full_call - fixed)
 

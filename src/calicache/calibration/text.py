@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import LinearSpec, get_adapter
+from ..adapters import LinearSpec, get_adapter, transformer_family
 from ..adapters.diffusers import diffusers_family
 from ..cache.factors import Factors
 from ..cache.pipeline import is_pipeline
@@ -45,6 +45,7 @@ from ..data.prompts import check_prompt_embeds, load_prompt_embeds, prompt_rows,
 from ..images import to_model_space
 from ..models.io import weight_hash
 from .calibrate import _draw, calibration_generator, check_factor_args, factorize
+from .flow_text import FORMATS, flow_activation_statistics, flow_difference_statistics, flow_embeddings, flow_runner
 from .inputs import batches, load_vae, select
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
@@ -92,16 +93,19 @@ class ConsecutiveCalls:
         self.calls += 1
 
 
-def _pixart(model_or_pipe: Any) -> tuple[nn.Module, Any]:
-    """(transformer, pipeline or None) of a PixArt transformer or pipeline; anything else is a clear error."""
+def _text_transformer(model_or_pipe: Any) -> tuple[nn.Module, Any, str]:
+    """(transformer, pipeline or None, family) of a PixArt, FLUX, SD3, Wan or Qwen-Image transformer or pipeline
+    (family "pixart" or the transformer's class name); anything else is a clear error."""
     pipe = model_or_pipe if is_pipeline(model_or_pipe) else None
     transformer = pipe.transformer if pipe is not None else model_or_pipe
-    if diffusers_family(transformer) != "pixart":
-        raise ValueError(f"calibrate_text calibrates diffusers' PixArtTransformer2DModel (or a PixArt pipeline), not "
-                         f"{type(transformer).__name__}; class-conditional DiTs use calicache.calibrate")
+    family = "pixart" if diffusers_family(transformer) == "pixart" else transformer_family(transformer)
+    if family is None:
+        raise ValueError(f"calibrate_text calibrates diffusers' PixArtTransformer2DModel, {', '.join(FORMATS)} (or "
+                         f"their pipelines), not {type(transformer).__name__}; class-conditional DiTs use "
+                         "calicache.calibrate")
     if get_engine(transformer) is not None or (pipe is not None and get_engine(pipe) is not None):
         raise ValueError("this model has a cache attached; call remove_cache(...) before calibrating")
-    return transformer, pipe
+    return transformer, pipe, family
 
 
 def _embeddings(prompt_embeds: Any, guidance: bool, width: int) -> dict[str, torch.Tensor]:
@@ -118,16 +122,19 @@ def _embeddings(prompt_embeds: Any, guidance: bool, width: int) -> dict[str, tor
     return check_prompt_embeds(prompt_embeds, guidance, width)
 
 
-def _scheduler(pipe: Any, scheduler: Any):
+def _scheduler(pipe: Any, scheduler: Any, family: str = "pixart"):
     """A fresh copy of the sampler: `scheduler`, else the pipeline's, else DPM-Solver++(2M) (PixArt-alpha's
-    pipelines ship it); set_timesteps and the multistep history must not touch the caller's object."""
+    pipelines ship it) or flow-matching Euler (the other families'); set_timesteps and the multistep history
+    must not touch the caller's object."""
     if scheduler is None:
         if pipe is not None:
             scheduler = pipe.scheduler
         else:
-            from diffusers import DPMSolverMultistepScheduler
+            from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-            scheduler = DPMSolverMultistepScheduler()
+            scheduler = DPMSolverMultistepScheduler() if family == "pixart" else FlowMatchEulerDiscreteScheduler()
+    if family != "pixart":  # flow matching: checked where CA needs its sigmas
+        return type(scheduler).from_config(scheduler.config)
     if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "set_timesteps"):
         raise ValueError(f"{type(scheduler).__name__} is not a diffusers noise scheduler with alphas_cumprod; "
                          "use DDIMScheduler or DPMSolverMultistepScheduler")
@@ -297,10 +304,19 @@ def calibrate_text(
     cfg_scale: float = 1.0,
     vae: Any = None,
     rank_budget: float | None = None,
+    pipeline_kwargs: dict | None = None,
     progress: bool = False,
 ) -> Factors:
-    """ICC factors for a PixArt transformer or pipeline (save with `.save(path)`; sample the pipeline with
-    `apply_cache(pipe, ICCConfig(svd=..., factors=...))`). The file is tied to the transformer's weights.
+    """ICC factors for a PixArt, FLUX, SD3, Wan or Qwen-Image transformer or pipeline (save with `.save(path)`;
+    sample the pipeline with `apply_cache(pipe, ICCConfig(svd=..., factors=...))`). The file is tied to the
+    transformer's weights.
+
+    FLUX, SD3, Wan, Qwen-Image (`flow_text.py`): prompt_embeds is a file or dict keyed as the pipeline's
+    arguments (FLUX/SD3: prompt_embeds + pooled_prompt_embeds; Wan: prompt_embeds; Qwen-Image: prompt_embeds
+    + prompt_embeds_mask; the negative_* twins for cfg_scale > 1); CA latents are in the layout the
+    pipeline's `latents` argument takes (FLUX/Qwen-Image: packed); `pipeline_kwargs` (height, width,
+    num_frames, FLUX's distilled guidance_scale, ...) go to every pipeline call. The default scheduler is
+    the pipeline's, else flow-matching Euler. PixArt:
 
     - prompt_embeds: a file or dict with prompt_embeds (P, T, D) and prompt_attention_mask (P, T) (and, for
       cfg_scale > 1, negative_prompt_embeds / negative_prompt_attention_mask), the format of
@@ -311,14 +327,15 @@ def calibrate_text(
     - svd="cd": prompts only; num sampling runs (default P), prompts taken in a seeded order, cycled if
       num > P, each from its own noise; every consecutive pair of its `steps` calls is measured.
     - svd="plain": the weights only.
-    - steps (default: the pipeline's, 20) and scheduler (default: the pipeline's, else DPM-Solver++(2M)):
-      the sampling schedule the statistics are taken on; use the one you will sample with.
+    - steps (default: the pipeline's; PixArt's 20 for a bare transformer) and scheduler (default: the
+      pipeline's, else DPM-Solver++(2M)): the sampling schedule the statistics are taken on; use the one you
+      will sample with.
     - rank / rank_budget / scale: as `calibrate` (the budget is counted at the transformer's default
       resolution and 120 prompt tokens).
     """
     from .._version import __version__
 
-    transformer, pipe = _pixart(model)
+    transformer, pipe, family = _text_transformer(model)
     check_factor_args(svd, rank, scale, rank_budget, TEXT_SVD_METHODS)
     if cfg_scale < 1:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance, the authors' calibration), got {cfg_scale}")
@@ -330,25 +347,36 @@ def calibrate_text(
     if svd == "ca" and (latents is None) == (images is None):
         raise ValueError("svd='ca' needs the clean latents of the calibration pairs: pass latents= (N, C, H, W) "
                          "or images= (uint8, N, H, W, 3) with a VAE, one per row of prompt_embeds")
-    steps = steps if steps is not None else _default_steps(pipe)
+    if family != "pixart" and images is not None:
+        raise ValueError("CA on FLUX, SD3, Wan and Qwen-Image takes latents= in the layout the pipeline's `latents` "
+                         "argument takes (encode the images with the pipeline's VAE first), not images=")
+    steps = steps if steps is not None else _default_steps(pipe, family)
     if not isinstance(steps, int) or steps < (2 if svd == "cd" else 1):
         raise ValueError(f"steps must be an integer >= {2 if svd == 'cd' else 1} (CD compares two consecutive "
                          f"calls), got {steps!r}")
     branches = get_adapter(transformer).branches(transformer)
     specs = [s for b in branches for s in b.linears]
     sides = {"both": ("in", "out"), "input": ("in",), "output": ("out",)}[scale]
-    sched = _scheduler(pipe, scheduler)
+    sched = _scheduler(pipe, scheduler, family)
     data = None
     if svd == "plain":
         scales = {s.name: (None, None) for s in specs}
     else:
-        embeds = _embeddings(prompt_embeds, cfg_scale > 1, text_width(transformer))
+        if family == "pixart":
+            embeds = _embeddings(prompt_embeds, cfg_scale > 1, text_width(transformer))
+        else:
+            embeds = flow_embeddings(family, prompt_embeds, cfg_scale > 1)
         was_training = transformer.training
         transformer.eval()
         try:
             with torch.inference_mode():
-                stats, num, data = _gather(transformer, pipe, svd, specs, sides, embeds, latents, images, vae, num,
-                                           batch_size, steps, sched, seed, cfg_scale, progress)
+                if family == "pixart":
+                    stats, num, data = _gather(transformer, pipe, svd, specs, sides, embeds, latents, images, vae,
+                                               num, batch_size, steps, sched, seed, cfg_scale, progress)
+                else:
+                    stats, num, data = _gather_flow(family, transformer, pipe, svd, specs, sides, embeds, latents,
+                                                    num, batch_size, steps, sched, seed, cfg_scale,
+                                                    dict(pipeline_kwargs or {}), progress)
         finally:
             transformer.train(was_training)
         scales = stats.scales(specs)
@@ -367,11 +395,36 @@ def calibrate_text(
     return Factors(tensors, meta)
 
 
-def _default_steps(pipe: Any) -> int:
-    """The pipeline's own default number of steps (PixArt-alpha's 20 for a bare transformer)."""
-    from diffusers import PixArtAlphaPipeline
+def _gather_flow(family: str, transformer: nn.Module, pipe: Any, svd: str, specs: list[LinearSpec],
+                 sides: tuple[str, ...], embeds: dict[str, torch.Tensor], latents: torch.Tensor | None,
+                 num: int | None, batch_size: int, steps: int, scheduler: Any, seed: int, cfg_scale: float,
+                 pipeline_kwargs: dict, progress: bool) -> tuple[ChannelStatistics, int, str]:
+    """(statistics, samples, description of the data) of a CA or CD pass through the family's pipeline."""
+    count = len(next(iter(embeds.values())))
+    runner = flow_runner(family, transformer, scheduler, getattr(pipe, "vae", None))
+    if svd == "cd":
+        num = count if num is None else num
+        pairs = ConsecutiveCalls(transformer, specs, sides)
+        flow_difference_statistics(family, runner, pairs, embeds, _run_order(count, num, seed), batch_size, steps,
+                                   seed, cfg_scale, pipeline_kwargs, progress)
+        return pairs.stats, num, f"{count} prompt embeddings"
+    if not isinstance(latents, torch.Tensor) or len(latents) != count or not torch.isfinite(latents).all():
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"CA pairs row i of the latents with row i of prompt_embeds: give {count} finite clean "
+                         f"latents (the pipeline's `latents` layout), got {got}")
+    num = len(latents) if num is None else num
+    stats = ChannelStatistics(transformer, specs, "ca", sides)
+    flow_activation_statistics(family, runner, stats, latents, embeds, select(len(latents), num, seed), batch_size,
+                               steps, seed, cfg_scale, pipeline_kwargs, progress)
+    return stats, num, f"{len(latents)} (latent, prompt embedding) pairs"
 
-    call = type(pipe).__call__ if pipe is not None else PixArtAlphaPipeline.__call__
+
+def _default_steps(pipe: Any, family: str = "pixart") -> int:
+    """The pipeline's own default number of steps (for a bare transformer: its family pipeline's, PixArt-alpha's 20)."""
+    import diffusers
+
+    default_cls = diffusers.PixArtAlphaPipeline if family == "pixart" else getattr(diffusers, FORMATS[family][0])
+    call = type(pipe).__call__ if pipe is not None else default_cls.__call__
     default = inspect.signature(call).parameters.get("num_inference_steps")
     return int(default.default) if default is not None and isinstance(default.default, int) else 20
 

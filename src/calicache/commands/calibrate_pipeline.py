@@ -1,10 +1,14 @@
-"""ICC calibration of a text-to-image transformer (PixArt): `calicache calibrate --pipeline DIR --prompt-embeds FILE`.
+"""ICC calibration of a text-to-image transformer (PixArt, FLUX, SD3, Wan, Qwen-Image):
+`calicache calibrate --pipeline DIR --prompt-embeds FILE`.
 
 The prompts come as precomputed embeddings (the file `calicache sample --prompt-embeds` reads), so the
 T5 text encoder is never loaded. `--svd cd` samples from noise with the pipeline's scheduler and
 measures every pair of consecutive calls; `--svd ca` noises clean latents (`--latents FILE`, or images
 from `--data` encoded with the pipeline's VAE) paired row by row with the embeddings. The factor file is
 tied to the transformer's weights: `calicache sample --pipeline DIR --method icc --factors OUT`.
+FLUX, SD3, Wan and Qwen-Image (`calibration/flow_text.py`): embeddings keyed as the pipeline's arguments,
+`--latents` in the layout the pipeline's `latents` argument takes, `--height/--width/--num-frames` for
+every pipeline call; `--cfg-scale` as `calicache sample --pipeline` reads it.
 """
 
 from __future__ import annotations
@@ -17,26 +21,32 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from ..adapters import transformer_family
+from ..calibration.flow_text import FORMATS
 from ..data.prompts import load_tensor_file
 from .macs import _is_pixart_folder
-from .sample_pipeline import SCHEDULERS, load_pipeline
+from .sample_pipeline import GUIDANCE, SCHEDULERS, add_size_arguments, call_tokens, load_pipeline, size_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("text-to-image (PixArt)")
     g.add_argument("--pipeline", default=None,
-                   help="PixArt pipeline folder (PixArtAlphaPipeline / PixArtSigmaPipeline, save_pretrained layout): "
-                        "calibrate its transformer; the text encoder is not loaded. A PixArt transformer folder "
-                        "works as --model DIR")
+                   help="text-to-image/video pipeline folder (PixArt-alpha/Sigma, FLUX, SD3, Wan, Qwen-Image; "
+                        "save_pretrained layout): calibrate its transformer; no text encoder is loaded. A PixArt "
+                        "transformer folder works as --model DIR")
     g.add_argument("--prompt-embeds", default=None,
                    help="PixArt: .safetensors or .pt with prompt_embeds (P, T, D) and prompt_attention_mask (P, T) "
-                        "(and negative_prompt_embeds / negative_prompt_attention_mask for --cfg-scale > 1)")
+                        "(and negative_prompt_embeds / negative_prompt_attention_mask for --cfg-scale > 1); the other "
+                        "families: the keys `calicache sample --prompt-embeds` reads for them")
     g.add_argument("--latents", default=None,
-                   help="PixArt, --svd ca: .safetensors or .pt with `latents` (N, C, H, W), the clean VAE latents x "
-                        "scaling_factor of the captioned images; row i pairs with prompt row i")
+                   help="--svd ca: .safetensors or .pt with `latents`, the clean latents of the captioned images in "
+                        "the layout the pipeline's `latents` argument takes (PixArt, SD3: (N, C, H, W) VAE latents x "
+                        "scaling_factor; FLUX, Qwen-Image: packed (N, tokens, C); Wan: (N, C, F, H, W)); row i "
+                        "pairs with prompt row i")
     g.add_argument("--scheduler", choices=["pipeline", *SCHEDULERS], default="pipeline",
                    help="PixArt: the sampler the statistics follow: the folder's scheduler (DPM-Solver++(2M) for a "
                         "transformer folder) or DDIM / DPM-Solver++(2M) built from its config")
+    add_size_arguments(g)
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -67,9 +77,11 @@ def _load(args: argparse.Namespace):
     folder = Path(args.pipeline or args.model)
     if (folder / "model_index.json").is_file():
         pipe = load_pipeline(folder, text_encoder=False)
-        if type(pipe).__name__ not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
-            raise ValueError(f"{folder} holds a {type(pipe).__name__}; --pipeline calibration is for PixArt "
-                             "(DiT folders calibrate as --model DIR, converted to calicache's DiT)")
+        if type(pipe).__name__ not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline") \
+                and transformer_family(pipe.transformer) is None:
+            raise ValueError(f"{folder} holds a {type(pipe).__name__}; --pipeline calibration is for PixArt, FLUX, "
+                             "SD3, Wan and Qwen-Image (DiT folders calibrate as --model DIR, converted to calicache's "
+                             "DiT)")
         return pipe, pipe.transformer
     if args.pipeline is not None:
         raise FileNotFoundError(f"{folder}: no model_index.json; give a pipeline folder written by save_pretrained "
@@ -82,6 +94,16 @@ def _load(args: argparse.Namespace):
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: diffusers cannot load this PixArt transformer ({e})") from e
     return None, model.eval()
+
+
+def _default_guidance(pipe, model) -> float:
+    """The pipeline's default guidance_scale (FLUX.1-dev: 3.5), for a bare transformer FluxPipeline's."""
+    import inspect
+
+    import diffusers
+
+    cls = type(pipe) if pipe is not None else getattr(diffusers, FORMATS[transformer_family(model)][0])
+    return float(inspect.signature(cls.__call__).parameters["guidance_scale"].default)
 
 
 def _scheduler(args: argparse.Namespace, pipe):
@@ -125,27 +147,52 @@ def run(args: argparse.Namespace) -> int:
                          "of the calibration captions); --svd plain needs none")
     cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
     pipe, model = _load(args)
+    family = transformer_family(model)
+    size = size_kwargs(args, family)
+    if family is not None and (args.scheduler != "pipeline" or args.data is not None):
+        raise ValueError("--scheduler and --data apply to PixArt; FLUX, SD3, Wan and Qwen-Image calibrate on their "
+                         "flow-matching scheduler, CA from --latents")
+    if family is not None and args.cfg_scale is None and GUIDANCE[family][0] == "guidance_scale" \
+            and not GUIDANCE[family][1]:
+        cfg_scale = _default_guidance(pipe, model)  # FLUX's distilled guidance is conditioning, not CFG
     embeds = None
-    if args.prompt_embeds is not None:
+    if args.prompt_embeds is not None and family is None:
         from ..data.prompts import load_prompt_embeds, text_width
 
         embeds = load_prompt_embeds(args.prompt_embeds, cfg_scale > 1, text_width(model))
+    elif args.prompt_embeds is not None:
+        from ..calibration.flow_text import flow_embeddings
+
+        embeds = flow_embeddings(family, args.prompt_embeds, cfg_scale > 1 and GUIDANCE[family][1])
+        if not GUIDANCE[family][1]:  # FLUX: --cfg-scale is the guidance embedding, handed to the pipeline
+            size["guidance_scale"], cfg_scale = cfg_scale, 1.0
     latents = load_latents(args.latents) if args.latents is not None else None
     images = None
     if args.data is not None:
         from ..calibration.inputs import load_images
 
         images, _ = load_images(args.data, args.data_dir)
+    seen: dict[str, int] = {}  # image tokens of the real calls, for the MACs report
+
+    def observe(module, a, kw):
+        seen["tokens"] = call_tokens(module, a[0] if a else kw["hidden_states"])
+
+    handle = model.register_forward_pre_hook(observe, with_kwargs=True)
     t0 = time.perf_counter()
-    factors = calibrate_text(pipe if pipe is not None else model, embeds, latents=latents, images=images,
-                             svd=args.svd, rank=parse_rank(args.rank), num=args.num, batch_size=args.batch_size,
-                             steps=args.steps, scheduler=_scheduler(args, pipe), scale=args.scale, seed=args.seed,
-                             cfg_scale=cfg_scale, vae=args.vae, rank_budget=args.rank_budget, progress=True)
+    try:
+        factors = calibrate_text(pipe if pipe is not None else model, embeds, latents=latents, images=images,
+                                 svd=args.svd, rank=parse_rank(args.rank), num=args.num, batch_size=args.batch_size,
+                                 steps=args.steps, scheduler=_scheduler(args, pipe), scale=args.scale, seed=args.seed,
+                                 cfg_scale=cfg_scale, vae=args.vae, rank_budget=args.rank_budget,
+                                 pipeline_kwargs=size if family is not None else None, progress=True)
+    finally:
+        handle.remove()
     wall = time.perf_counter() - t0
     factors.save(args.out)
     meta = factors.meta
     text_tokens = None if embeds is None else embeds["prompt_embeds"].shape[1]  # the MACs at this prompt length
-    macs = count_macs(model, ICCConfig(svd=args.svd, factors=factors), steps=2, text_tokens=text_tokens)
+    macs = count_macs(model, ICCConfig(svd=args.svd, factors=factors), steps=2, text_tokens=text_tokens,
+                      tokens=seen.get("tokens") if family is not None else None)
     ranks = list(factors.ranks().values())
     report = {
         "method": "icc", "pipeline": args.pipeline, "model": None if args.pipeline else str(args.model),

@@ -229,6 +229,19 @@ def _verify(key: str, path: str, digest: Any, where: str) -> None:
                          f"re-save the config for this file or restore the original")
 
 
+def each(fn: Callable, *values):
+    """`fn` applied to tensors, or element-wise to tuples of them (a joint-attention branch returns the image
+    and the text stream)."""
+    if isinstance(values[0], tuple):
+        return tuple(fn(*vs) for vs in zip(*values))
+    return fn(*values)
+
+
+def tensors(value) -> tuple:
+    """The tensors of a branch output (one, or a tuple of them)."""
+    return value if isinstance(value, tuple) else (value,)
+
+
 class Method:
     """A cache method. Subclasses install hooks in `__init__` through `engine.patch`."""
 
@@ -277,7 +290,7 @@ class BranchCache:
         def run(*args, **kwargs):
             if engine.full[layer]:
                 out = forward(*args, **kwargs)
-                self.outputs[layer] = self.method.store(out)
+                self.outputs[layer] = each(self.method.store, out)
                 self.on_full(layer, out)
                 return out
             if layer not in self.outputs:
@@ -285,7 +298,7 @@ class BranchCache:
                                    "the schedule must make every layer full at call 0")
             out = self.on_cached(layer)
             like = args[0] if args else next(iter(kwargs.values()))
-            return out.to(like.dtype)
+            return each(lambda t: t.to(like.dtype), out)
 
         return run
 
@@ -299,7 +312,7 @@ class BranchCache:
         self.outputs.clear()
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for t in self.outputs.values())
+        return sum(t.nbytes for out in self.outputs.values() for t in tensors(out))
 
     def macs(self, branch) -> int:
         """MACs per sample of serving `branch` at a cached call (FORA: nothing is computed)."""

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Argument, BranchCache
+from .base import Argument, BranchCache, each, tensors
 from .icc import CalibratedLinear, ICCConfig, IncrementCalibration
 
 UNITS = ("calls", "timesteps")
@@ -63,18 +63,19 @@ class ForecastBranchCache(BranchCache):
         h = self.history[layer]
         if len(h) < 2:
             return self.outputs[layer]
-        return first_order(h[1][1], h[0][1], self.method.forecast_k(h[0][0], h[1][0]))
+        k = self.method.forecast_k(h[0][0], h[1][0])
+        return each(lambda v1, v0: first_order(v1, v0, k), h[1][1], h[0][1])
 
     def reset(self) -> None:
         super().reset()
         self.history.clear()
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for h in self.history.values() for _, t in h)
+        return sum(t.nbytes for h in self.history.values() for _, v in h for t in tensors(v))
 
     def macs(self, branch) -> int:
-        """One element-wise forecast of the branch output: N * C_out per sample."""
-        return branch.tokens * branch.linears[-1].out_features
+        """One element-wise forecast of the branch output: N * C_out per sample (both streams of joint attention)."""
+        return branch.output_elements()
 
 
 class CalibratedForecast(IncrementCalibration):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...utils import atomic_path
-from .base import Argument, BranchCache, Method, MethodConfig
+from .base import Argument, BranchCache, Method, MethodConfig, each, tensors
 
 # The authors' hard-coded list for 20-step DDIM at period 2 (cached calls 1, 3, ..., 19): call 1 has
 # no F_prev2 and call 17 sits at the trajectory's late inflection point.
@@ -123,7 +123,8 @@ class GocBranchCache(BranchCache):
         prev2, prev = self.queue[layer]
         out = prev
         if prev2 is not None and self.method.compensates(self.method.engine.call):
-            out = torch.add(prev, prev - prev2, alpha=self.method.weight)  # w = 0 gives prev exactly
+            w = self.method.weight  # w = 0 gives prev exactly
+            out = each(lambda p, q: torch.add(p, p - q, alpha=w), prev, prev2)
         self._shift(layer, out)
         return out
 
@@ -132,8 +133,8 @@ class GocBranchCache(BranchCache):
         self.queue.clear()
 
     def cache_bytes(self) -> int:
-        held = {id(t): t for t in self.outputs.values()}
-        held.update({id(t): t for pair in self.queue.values() for t in pair if t is not None})
+        held = {id(t): t for out in self.outputs.values() for t in tensors(out)}
+        held.update({id(t): t for pair in self.queue.values() for v in pair if v is not None for t in tensors(v)})
         return sum(t.nbytes for t in held.values())
 
 
@@ -155,7 +156,7 @@ class GradientOptimizedCache(Method):
         self.cache = GocBranchCache(self, list(range(len(engine.branches))))
         # The update is one subtract and one multiply-add per element of the branch output (N x C_out,
         # C_out = the branch's last linear's outputs): counted as N * C_out MACs per sample.
-        self._update_macs = [b.tokens * b.linears[-1].out_features for b in engine.branches]
+        self._update_macs = [b.output_elements() for b in engine.branches]
 
     def steps_for(self, num_calls: int) -> list[int]:
         """The compensation steps of a run of `num_calls` calls; a run GOC cannot serve is an error."""

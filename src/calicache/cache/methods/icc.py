@@ -162,7 +162,7 @@ class IncrementCalibration(Method):
                     self.linears_by_name[s.name] = c
         self.branch_cache = self.branch_cache_class(self, whole_branch)
         self.whole_branch = set(whole_branch)
-        self._macs = {layer: sum(c.macs(engine.branches[layer].tokens) for c in self.linears if c.layer == layer)
+        self._macs = {layer: sum(c.macs(c.specs[0].tokens) for c in self.linears if c.layer == layer)
                       + engine.branches[layer].attention_macs()
                       for layer in range(len(engine.branches)) if layer not in self.whole_branch}
         self._macs.update({layer: self.branch_cache.macs(engine.branches[layer]) for layer in whole_branch})
