@@ -3,7 +3,7 @@
     python benchmarks/fidelity_table.py --model fmnist-dit --num 100 --out docs/benchmarks/fidelity.json
 
 Factor files are made on the fly with calicache.calibrate (Fashion-MNIST, 256 images) for plain,
-CA and CD SVD at two ranks and a budget (and CA/CD scaled on the input or the output side only,
+CA and CD SVD at two ranks (and CA/CD scaled on the input or the output side only,
 the paper's Table 4 ablation), and CF (forecast residuals, per steps and period) for the
 forecast; GOC runs with the published steps (20 steps only) and with steps found by calicache's
 finder. The peers cache-dit DBCache + TaylorSeer and diffusers' TaylorSeer hook run on the
@@ -65,12 +65,6 @@ def main() -> None:
             variants.append(Variant(f"ICC {svd} r{r}", ICCConfig(period=period, svd=svd, factors=f, rank=r),
                                     steps,
                                     "icc"))
-        icc_share = calicache.count_macs(model, ICCConfig(period=period, svd="cd",
-                                                            factors=factors[("cd", ranks[0])],
-                                                            rank=ranks[0]), 2)
-        budget = round(icc_share["per_call"][1] / icc_share["full_call"], 4)
-        fb = work / f"cd-budget{budget}-s{steps}.safetensors"
-        fb = factor_file(model, fb, steps, svd="cd", rank_budget=budget)
         for svd in ("ca", "cd"):
             for side in ("input", "output"):
                 f = work / f"{svd}-{side}-r{max(ranks)}-s{steps}.safetensors"
@@ -78,8 +72,6 @@ def main() -> None:
                 variants += [Variant(f"ICC {svd} {side}-scaled r{r}", ICCConfig(period=period, svd=svd,
                                                                                   factors=str(f), rank=r),
                                      steps, "icc") for r in ranks]
-        variants.append(Variant(f"ICC cd budget={budget}", ICCConfig(period=period, svd="cd", factors=str(fb)),
-                                steps, "icc"))
         fcf = work / f"cf-r{max(ranks)}-s{steps}-p{period}.safetensors"
         fcf = factor_file(model, fcf, steps, svd="cf", rank=max(ranks), period=period)
         for (svd, r), f in list(factors.items()) + [(("cf", r), fcf) for r in ranks]:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from calicache import ForecastConfig, ICCConfig, apply_cache, count_macs, remove_cache, sample, save_model
+from calicache import ForecastConfig, ICCConfig, apply_cache, remove_cache, sample, save_model
 from calicache.cache.factors import Factors
 from calicache.cli import main
 from conftest import tiny_model
@@ -52,21 +52,9 @@ def test_cli_cf_factors_for_the_forecast(setup, capsys):
     assert x.shape == (2, 1, 8, 8) and bool(x.isfinite().all())
 
 
-def test_cli_rank_budget(setup, capsys):
-    tmp_path, model = setup
-    out = tmp_path / "b.safetensors"
-    assert run(tmp_path, "--svd", "ca", "--rank-budget", "0.5", "--out", str(out), "--json") == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["calibrated_call_share"] <= 0.5
-    macs = count_macs(model, ICCConfig(svd="ca", factors=out), steps=2)
-    assert macs["per_call"][1] == report["calibrated_call_macs"]
-
-
 def test_cli_errors_leave_no_file(setup, capsys):
     tmp_path, _ = setup
     out = tmp_path / "x.safetensors"
-    assert run(tmp_path, "--rank-budget", "1.5", "--out", str(out)) == 2
-    assert "rank_budget" in capsys.readouterr().err
     assert run(tmp_path, "--rank", "big", "--out", str(out)) == 2
     assert "--rank must be" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "none.npz"),

@@ -24,6 +24,7 @@ from .calibration.text import calibrate_text
 from .models.dit import DIT_MODELS, DiT, DiTConfig, create_model
 from .models.io import load_model, save_model, weight_hash
 from .sampling import sample
+from .tune.api import tune  # shadows the subpackage's name, as calibrate does
 
 __all__ = [
     "METHODS",
@@ -50,5 +51,6 @@ __all__ = [
     "save_model",
     "weight_hash",
     "sample",
+    "tune",
 ]
 __version__ = "0.1.0"

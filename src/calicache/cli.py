@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train",
     "train-classifier": "train_classifier",
     "convert": "convert",
+    "tune": "tune",
 }
 
 

@@ -19,12 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig, NoCacheConfig
-from ..cache.macs import count_macs
 from ..sampling import sample
 from .peers import Peer, fbc_threshold, missing, run_peer
 from .runs import Result, Variant, run_variant
 
-FAMILIES = ("fewer-steps", "fora", "icc", "icc-budget", "goc", "forecast", "peers")
+FAMILIES = ("fewer-steps", "fora", "icc", "goc", "forecast", "peers")
 CALIBRATED = ("ca", "cd")
 
 
@@ -79,12 +78,6 @@ def is_fashion_mnist_model(model: nn.Module) -> bool:
     return (c.input_size, c.in_channels, c.num_classes) == (28, 1, 10)
 
 
-def icc_fraction(model: nn.Module, rank: int) -> float:
-    """MACs of an ICC-calibrated call at uniform `rank` as a share of a full call (the budget that matches it)."""
-    macs = count_macs(model, ICCConfig(period=2, rank=rank), 2)
-    return macs["per_call"][1] / macs["full_call"]
-
-
 class FactorSource:
     """CA/CD/CF factor files: read from `factors_dir`, else calibrated now on Fashion-MNIST (pixel
     Fashion-MNIST models only) and saved under OUT/factors, so `--factors-dir OUT/factors` reuses them.
@@ -95,12 +88,12 @@ class FactorSource:
         self.seconds = 0.0
         self._warned: set[str] = set()
 
-    def get(self, svd: str, budget: float | None = None, period: int = 2):
+    def get(self, svd: str, period: int = 2):
         from ..cache.factors import Factors
         from ..calibration.calibrate import calibrate
 
         kind = f"{svd}-p{period}" if svd == "cf" else svd
-        name = f"{kind}-full.safetensors" if budget is None else f"{kind}-budget{budget:.4f}.safetensors"
+        name = f"{kind}-full.safetensors"
         if self.opts.factors_dir is not None and (self.opts.factors_dir / name).exists():
             return Factors.load(self.opts.factors_dir / name)
         if not is_fashion_mnist_model(self.model):
@@ -112,7 +105,7 @@ class FactorSource:
                                   f"`calicache calibrate --svd {svd}` named like {name})")
             return None
         t0 = time.perf_counter()
-        factors = calibrate(self.model, "fashion-mnist", svd=svd, rank="full", rank_budget=budget,
+        factors = calibrate(self.model, "fashion-mnist", svd=svd, rank="full",
                             num=32 if self.opts.quick else 256, steps=self.opts.steps, seed=self.opts.seed,
                             data_dir=self.opts.data_dir, progress=True, period=period)
         self.seconds += time.perf_counter() - t0
@@ -156,16 +149,6 @@ def plan_grid(model: nn.Module, opts: GridOptions) -> Grid:
             grid.variants += [Variant(f"ICC {svd} r={r} p=2", ICCConfig(period=2, rank=r, svd=svd,
                                                                        factors=factors), s, f"ICC {svd}")
                               for r in ranks]
-    if "icc-budget" in fam:
-        for svd in (CALIBRATED[1:] if quick else CALIBRATED):
-            for r in ranks:
-                budget = icc_fraction(model, r)
-                factors = source.get(svd, budget)
-                if factors is None:
-                    break
-                grid.variants.append(Variant(f"ICC {svd} budget~r{r} p=2",
-                                             ICCConfig(period=2, svd=svd, factors=factors), s,
-                                             f"ICC {svd} budgeted ranks"))
     if "goc" in fam:
         t0 = time.perf_counter()
         goc_file = _goc_file(model, opts, grid.notes)

@@ -106,11 +106,12 @@ class CacheEngine:
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
-        self.schedule = config.schedule
+        self.schedule = config.schedule.for_branches([b.name for b in self.branches])
         if self.schedule.num_calls is not None:
             self.schedule.check(self.schedule.num_calls, len(self.branches))
         self._patched: list[_Patch] = []
         self.explicit = False  # inside sample()'s begin_run/end_run
+        self.run_calls: int | None = None  # the explicit run's length (a schedule's cool-down needs it)
         self.active = False  # a run is in progress
         self.call = -1
         self.prev_t: float | None = None
@@ -187,7 +188,7 @@ class CacheEngine:
             self.call += 1
             self.t = t
             try:
-                self.full = self.schedule.row(self.call, len(self.branches))
+                self.full = self.schedule.row(self.call, len(self.branches), self.run_calls if self.explicit else None)
                 self.full_flags.append(self.full)
                 if self.constants is not None:
                     self.constants.begin_call(self.adapter.text_input(args, kwargs))
@@ -218,6 +219,7 @@ class CacheEngine:
         self.check_attached()
         self._start_run()
         self.explicit = True
+        self.run_calls = num_calls
 
     def end_run(self) -> None:
         self._reset()

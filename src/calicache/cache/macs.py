@@ -28,7 +28,7 @@ class _Counter:
         self.config = config
         self.adapter = adapter
         self.branches = adapter.branches(model)
-        self.schedule = config.schedule
+        self.schedule = config.schedule.for_branches([b.name for b in self.branches])  # Fn/Bn need the blocks
         self.explicit = False
         self.call = -1
         self.t = 0.0

@@ -4,7 +4,8 @@ Plain SVD needs only the weights. CA-SVD, CD-SVD and CF-SVD (forecast residuals,
 for `method="forecast"`) first gather channel statistics on a
 calibration set (paper: 256 clean training images, batch 16, one pass, no guidance, labels dropped
 to the null class with probability 0.1), then factor every calibrated linear with the scaled SVD.
-Ranks are uniform, or chosen per linear under a MACs budget (`rank_budget`).
+Ranks are uniform: per-layer ranks under a MACs budget lost to uniform ranks at equal MACs on the
+shipped model (docs/BENCHMARKS.md), so calibration offers none (calibration/ranks.py keeps the rules).
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from ..adapters.diffusers import diffusers_family
 from ..cache.factors import Factors
 from ..cache.schedule import check_period
 from ..cache.state import get_engine
-from ..cache.svd import SCALES, SVD_KINDS, check_rank, scaled_decomposition, scaled_singular_values, truncate
+from ..cache.svd import SCALES, SVD_KINDS, check_rank, scaled_decomposition, truncate
 from ..diffusion.guidance import guided_model_fn
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import Schedule
 from ..models.io import weight_hash
 from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_images, select
-from .ranks import RankCandidate, allocate_ranks
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
+TRAJECTORIES = ("uncached", "cached")  # where CD statistics are taken: uncached steps, or the cached sampler's
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
 
 
@@ -140,38 +141,14 @@ def gather_statistics(
     return stats
 
 
-def budget_ranks(model: nn.Module, branches: list[BranchSpec], energies: dict[str, torch.Tensor],
-                 fraction: float) -> dict[str, int]:
-    """Per-linear ranks so that a calibrated call costs at most `fraction` of a full call's MACs.
-
-    What a calibrated call pays besides its rank units (embeddings, adaLN, final layer and the
-    attention matmuls, as the papers' ICC MACs count them) is set aside first; a branch left at
-    rank 0 everywhere is served whole from the cache and costs less than counted.
-    """
-    base = get_adapter(model).base_macs(model)
-    full_call = base + sum(b.full_macs() for b in branches)
-    fixed = base + sum(b.attention_macs() for b in branches)
-    if fraction * full_call < fixed:
-        raise ValueError(f"rank budget {fraction} is below the {fixed / full_call:.4f} of a full call that a "
-                         "calibrated call pays outside its low-rank factors; raise --rank-budget")
-    cands = [RankCandidate(s.name, energies[s.name], s.tokens * (s.in_features + s.out_features))
-             for b in branches for s in b.linears]
-    return allocate_ranks(cands, fraction * full_call - fixed)
-
-
 def factorize(model: nn.Module, branches: list[BranchSpec],
               scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]], rank: int | str = 128,
-              rank_budget: float | None = None, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Scaled-SVD factors (A, B) of every calibrated linear of `branches`, given its (s_in, s_out) scales:
-    at a uniform `rank` (clamped to each weight; "full") or per linear under `rank_budget` (`budget_ranks`)."""
+              progress: bool = False, ranks: dict[str, int] | None = None
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Scaled-SVD factors (A, B) of every calibrated linear of `branches`, given its (s_in, s_out) scales,
+    at a uniform `rank` (clamped to each weight; "full"), or at `ranks[name]` per linear if given."""
     specs = [s for b in branches for s in b.linears]
-    if rank_budget is not None:
-        energies = {}
-        for s in tqdm(specs, desc="singular values", disable=not progress):
-            s_in, s_out = scales[s.name]
-            energies[s.name] = scaled_singular_values(s.weight(), s_in, s_out).cpu() ** 2
-        ranks = budget_ranks(model, branches, energies, rank_budget)
-    else:
+    if ranks is None:
         ranks = {s.name: min(s.in_features, s.out_features) if rank == "full"
                  else min(rank, s.in_features, s.out_features) for s in specs}
     tensors = {}
@@ -181,19 +158,17 @@ def factorize(model: nn.Module, branches: list[BranchSpec],
     return tensors
 
 
-def check_factor_args(svd: str, rank, scale: str, rank_budget, methods: tuple[str, ...] = SVD_KINDS) -> None:
-    """The checks every calibration shares: statistics kind, scaling side, rank or rank budget."""
+def check_factor_args(svd: str, rank, scale: str, methods: tuple[str, ...] = SVD_KINDS) -> None:
+    """The checks every calibration shares: statistics kind, scaling side, rank."""
     if svd not in methods:
         raise ValueError(f"unknown svd {svd!r}; choose one of {methods}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
     check_rank(rank)
-    if rank_budget is not None and not 0 < rank_budget < 1:
-        raise ValueError(f"rank_budget is the MACs share of a full call, 0 < F < 1; got {rank_budget}")
 
 
-def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampler: str, period) -> None:
-    check_factor_args(svd, rank, scale, rank_budget)
+def _check_args(svd: str, rank, scale: str, cfg_scale: float, sampler: str, period) -> None:
+    check_factor_args(svd, rank, scale)
     if cfg_scale < 1:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance, the authors' calibration), got {cfg_scale}")
     if sampler not in SAMPLERS:
@@ -201,6 +176,17 @@ def _check_args(svd: str, rank, scale: str, rank_budget, cfg_scale: float, sampl
     if svd in ("cd", "cf") and sampler != "ddim":
         raise ValueError(f"{svd.upper()} statistics follow deterministic DDIM steps; use sampler='ddim'")
     check_period(period, " (the FORA period the forecast runs at)")
+
+
+def _check_trajectory(svd: str, trajectory: str, rounds, num) -> None:
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory {trajectory!r}; choose one of {TRAJECTORIES}")
+    if trajectory == "cached":
+        if svd != "cd":
+            raise ValueError(f"trajectory='cached' refines CD statistics; use svd='cd' (got {svd!r})")
+        for name, v in (("trajectory_rounds", rounds), ("trajectory_num", num)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
 def calibrate(
@@ -217,11 +203,13 @@ def calibrate(
     seed: int = 0,
     vae=None,
     cfg_scale: float = 1.0,
-    rank_budget: float | None = None,
     progress: bool = False,
     data_dir=None,
     period: int = 2,
     forecast_weight: float = 1.0,
+    trajectory: str = "uncached",
+    trajectory_rounds: int = 1,
+    trajectory_num: int = 64,
 ) -> Factors:
     """ICC factors for `model` (save them with `.save(path)`; use with `ICCConfig(svd=..., factors=...)`).
 
@@ -232,14 +220,18 @@ def calibrate(
       (forecast residuals |v_s - v_hat| of `method="forecast"` with `forecast_weight` on a FORA
       schedule of `period`: references at sampler steps i and i - period, measured at i - period - 1).
     - scale: "both" (default), "input" or "output" (the paper's Table 4 ablation).
-    - rank: uniform rank (clamped to each weight's full rank) or "full"; rank_budget F (0 < F < 1)
-      instead picks per-linear ranks so that a calibrated call costs at most F of a full call.
+    - rank: uniform rank (clamped to each weight's full rank) or "full".
     - steps / sampler / spacing: the sampling schedule the statistics are taken on.
     - cfg_scale: 1 (default) as the authors; > 1 gathers the statistics of guided calls.
+    - trajectory: "uncached" (the paper's CD) or "cached" (svd="cd" only): trajectory-consistent
+      calibration, `trajectory_rounds` rounds of CD statistics along `trajectory_num` runs of the
+      cached sampler itself (ICC, FORA `period`, guidance `cfg_scale`), each run with the previous
+      round's factors (calibration/trajectory.py).
     """
     from .._version import __version__
 
-    _check_args(svd, rank, scale, rank_budget, cfg_scale, sampler, period)
+    _check_args(svd, rank, scale, cfg_scale, sampler, period)
+    _check_trajectory(svd, trajectory, trajectory_rounds, trajectory_num)
     if diffusers_family(getattr(model, "transformer", model)) == "pixart":  # images + class labels do not apply
         raise ValueError("PixArt is calibrated on prompt embeddings: use calicache.calibrate_text(transformer or "
                          "pipeline, prompt_embeds, latents=..., svd=...) or `calicache calibrate --pipeline DIR`")
@@ -258,16 +250,26 @@ def calibrate(
                                   spacing=spacing, seed=seed, vae=vae, cfg_scale=cfg_scale, data_dir=data_dir,
                                   progress=progress, period=period, forecast_weight=forecast_weight)
         scales = stats.scales(specs)
-    tensors = factorize(model, branches, scales, rank, rank_budget, progress)
+    tensors = factorize(model, branches, scales, rank, progress)
+    if trajectory == "cached":
+        from .trajectory import trajectory_statistics
+
+        for _ in range(trajectory_rounds):
+            stats = trajectory_statistics(model, Factors(tensors, {"svd": svd}), branches, sides, num=trajectory_num,
+                                          batch_size=batch_size, steps=steps, period=period, spacing=spacing,
+                                          seed=seed, cfg_scale=cfg_scale, progress=progress)
+            tensors = factorize(model, branches, stats.scales(specs), rank, progress)
     meta = {
         "method": "icc", "svd": svd, "scale": scale, "model_hash": weight_hash(model),
         "model_config": model.config.to_dict() if hasattr(model.config, "to_dict") else None,
-        "rank": None if rank_budget is not None else rank, "rank_budget": rank_budget,
+        "rank": rank,
         "data": None if svd == "plain" else _describe(data),
         "num": None if svd == "plain" else num, "batch_size": batch_size, "steps": steps, "sampler": sampler,
         "spacing": spacing, "seed": seed, "cfg_scale": cfg_scale, "label_drop": LABEL_DROP,
         "alpha": ALPHA, "max_ratio": MAX_RATIO, "calicache_version": __version__,
         **({"period": period, "forecast_weight": forecast_weight} if svd == "cf" else {}),
+        **({"trajectory": trajectory, "trajectory_rounds": trajectory_rounds, "trajectory_num": trajectory_num,
+            "period": period} if trajectory == "cached" else {}),
     }
     return Factors(tensors, meta)
 

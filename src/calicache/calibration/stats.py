@@ -77,12 +77,15 @@ class ChannelStatistics:
     """
 
     def __init__(self, model: nn.Module, specs: list[LinearSpec], kind: str, sides: tuple[str, ...] = SIDES,
-                 forecast_k: float = 1.0):
+                 forecast_k: float = 1.0, exact_output: bool = False):
         if kind not in KINDS:
             raise ValueError(f"unknown statistics kind {kind!r}; choose one of {KINDS}")
         if not sides or set(sides) - set(SIDES):
             raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {sides}")
         self.kind = kind
+        # Measure the output the layer's own weights give for this call's input, not the output the
+        # hooked call returned (under a cache that is the calibrated approximation).
+        self.exact_output = exact_output
         self.forecast_k = float(forecast_k)
         self.sides = tuple(sides)
         self.phase = "measure"
@@ -136,6 +139,8 @@ class ChannelStatistics:
                     x_refs = [t.input_fn(r) for r in x_refs]
                 self._record(t, "in", x - self._predict(t, x_refs, "input"))
             if "out" in self.sides:
+                if self.exact_output:
+                    output = torch.nn.functional.linear(x, module.weight, module.bias)
                 self._record(t, "out", output - self._predict(t, t.y_refs, "output"))
             if self.rolling:
                 t.pending = self._keep(t, x, output)
@@ -181,13 +186,16 @@ class ChannelStatistics:
         self.rolling = rolling
         self._pending = 0
 
-    def end_measure(self) -> None:
+    def end_measure(self, keep_references: bool = False) -> None:
         """Close one measuring pass: count its samples and forget the references (rolling: drop the
-        oldest and keep the measured call's values instead)."""
+        oldest and keep the measured call's values instead; `keep_references`: keep them for the next
+        measuring pass, as a cache serves several calls from one full call)."""
         if self._pending == 0:
             raise RuntimeError("no calibrated linear was called in the measuring pass")
         self.count += self._pending
         self._pending = 0
+        if keep_references:
+            return
         if not self.rolling:
             self.clear_references()
             return

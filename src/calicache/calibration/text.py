@@ -303,7 +303,6 @@ def calibrate_text(
     seed: int = 0,
     cfg_scale: float = 1.0,
     vae: Any = None,
-    rank_budget: float | None = None,
     pipeline_kwargs: dict | None = None,
     progress: bool = False,
 ) -> Factors:
@@ -330,13 +329,12 @@ def calibrate_text(
     - steps (default: the pipeline's; PixArt's 20 for a bare transformer) and scheduler (default: the
       pipeline's, else DPM-Solver++(2M)): the sampling schedule the statistics are taken on; use the one you
       will sample with.
-    - rank / rank_budget / scale: as `calibrate` (the budget is counted at the transformer's default
-      resolution and 120 prompt tokens).
+    - rank / scale: as `calibrate`.
     """
     from .._version import __version__
 
     transformer, pipe, family = _text_transformer(model)
-    check_factor_args(svd, rank, scale, rank_budget, TEXT_SVD_METHODS)
+    check_factor_args(svd, rank, scale, TEXT_SVD_METHODS)
     if cfg_scale < 1:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance, the authors' calibration), got {cfg_scale}")
     if batch_size < 1:
@@ -380,11 +378,11 @@ def calibrate_text(
         finally:
             transformer.train(was_training)
         scales = stats.scales(specs)
-    tensors = factorize(transformer, branches, scales, rank, rank_budget, progress)
+    tensors = factorize(transformer, branches, scales, rank, progress)
     meta = {
         "method": "icc", "svd": svd, "scale": scale, "model_hash": weight_hash(transformer),
         "model_config": json.loads(transformer.to_json_string()),
-        "rank": None if rank_budget is not None else rank, "rank_budget": rank_budget, "data": data,
+        "rank": rank, "data": data,
         "num": None if svd == "plain" else num, "batch_size": batch_size, "steps": steps,
         "sampler": type(sched).__name__, "scheduler_config": json.loads(sched.to_json_string()),
         "statistics": {"plain": None, "ca": "one call on latents noised to a random step",

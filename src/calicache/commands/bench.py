@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the peer caches (cache-dit, diffusers hooks) where installed")
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--factors-dir", default=None,
-                   help="folder with CA/CD factor files (ca-full.safetensors, cd-budget0.3125.safetensors, ...; "
+                   help="folder with CA/CD factor files (ca-full.safetensors, cd-full.safetensors, ...; "
                         "a previous run's OUT/factors); missing ones are calibrated on Fashion-MNIST for pixel models")
     p.add_argument("--config", default=None, help="also run this cache config file (config.save(path))")
     p.add_argument("--goc-file", default=None, help="GOC steps file for --steps at period 2 (default: found now)")

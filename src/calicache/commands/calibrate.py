@@ -63,8 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CF: the forecast weight w the factors will be used with")
     g.add_argument("--scale", choices=SCALES, default="both", help="which side the CA/CD scaling weighs")
     g.add_argument("--rank", default="128", help="uniform rank (clamped to each weight) or 'full'")
-    g.add_argument("--rank-budget", type=float, default=None,
-                   help="per-layer ranks instead: a calibrated call costs at most this share (0-1) of a full call")
+    g.add_argument("--trajectory", choices=("uncached", "cached"), default="uncached",
+                   help="where CD statistics are taken: uncached sampler steps (the paper), or the cached sampler's "
+                        "own runs, refined over --trajectory-rounds (trajectory-consistent calibration, TCC; "
+                        "ICC at --period, guidance --cfg-scale, default the model's)")
+    g.add_argument("--trajectory-rounds", type=int, default=1, help="TCC rounds (each samples with the last factors)")
+    g.add_argument("--trajectory-num", type=int, default=64, help="TCC: cached sampling runs per round")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models; "
                    "PixArt: encodes --data instead of the pipeline's VAE")
     p.add_argument("--period", type=int, default=2,
@@ -129,13 +133,16 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     from ..cache.methods import ICCConfig
     from ..calibration.calibrate import calibrate
 
-    cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
+    cached = args.trajectory == "cached"
+    cfg_scale = (defaults.get("cfg_scale", 1.0) if cached else 1.0) if args.cfg_scale is None else args.cfg_scale
     factors = calibrate(model, args.data or "fashion-mnist", svd=args.svd, rank=parse_rank(args.rank),
                         num=args.num or 256,
                         batch_size=args.batch_size, steps=steps, sampler=args.sampler, spacing=args.spacing,
                         scale=args.scale, seed=args.seed, vae=args.vae, cfg_scale=cfg_scale,
-                        rank_budget=args.rank_budget, progress=distributed.is_main(),
-                        data_dir=args.data_dir, period=args.period, forecast_weight=args.forecast_weight)
+                        progress=distributed.is_main(),
+                        data_dir=args.data_dir, period=args.period, forecast_weight=args.forecast_weight,
+                        trajectory=args.trajectory, trajectory_rounds=args.trajectory_rounds,
+                        trajectory_num=args.trajectory_num)
     wall = time.perf_counter() - t0
     if not distributed.is_main():
         return 0
@@ -145,7 +152,9 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     report = {
         "method": "icc", "model": str(args.model), "out": args.out, "svd": args.svd, "scale": args.scale,
         "data": factors.meta["data"], "num": factors.meta["num"], "steps": steps, "sampler": args.sampler,
-        "spacing": args.spacing, "seed": args.seed, "cfg_scale": cfg_scale, "rank_budget": args.rank_budget,
+        "spacing": args.spacing, "seed": args.seed, "cfg_scale": cfg_scale,
+        "trajectory": args.trajectory, **({"trajectory_rounds": args.trajectory_rounds, "period": args.period,
+                                           "trajectory_num": args.trajectory_num} if cached else {}),
         "rank_min": min(ranks), "rank_max": max(ranks), "rank_mean": round(sum(ranks) / len(ranks), 2),
         "calibrated_call_macs": macs["per_call"][1], "full_call_macs": macs["full_call"],
         "calibrated_call_share": round(macs["per_call"][1] / macs["full_call"], 4),

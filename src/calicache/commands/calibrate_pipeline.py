@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         factors = calibrate_text(pipe if pipe is not None else model, embeds, latents=latents, images=images,
                                  svd=args.svd, rank=parse_rank(args.rank), num=args.num, batch_size=args.batch_size,
                                  steps=args.steps, scheduler=_scheduler(args, pipe), scale=args.scale, seed=args.seed,
-                                 cfg_scale=cfg_scale, vae=args.vae, rank_budget=args.rank_budget,
+                                 cfg_scale=cfg_scale, vae=args.vae,
                                  pipeline_kwargs=size if family is not None else None, progress=True)
     finally:
         handle.remove()
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         "out": args.out, "svd": args.svd, "scale": args.scale, "data": meta["data"],
         "prompt_embeds": args.prompt_embeds, "latents": args.latents, "images": args.data, "num": meta["num"],
         "steps": meta["steps"], "scheduler": meta["sampler"], "seed": args.seed, "cfg_scale": cfg_scale,
-        "rank_budget": args.rank_budget, "rank_min": min(ranks), "rank_max": max(ranks),
+        "rank_min": min(ranks), "rank_max": max(ranks),
         "rank_mean": round(sum(ranks) / len(ranks), 2), "text_tokens": text_tokens,
         "calibrated_call_macs": macs["per_call"][1], "full_call_macs": macs["full_call"],
         "calibrated_call_share": round(macs["per_call"][1] / macs["full_call"], 4),

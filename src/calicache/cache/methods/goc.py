@@ -173,7 +173,7 @@ class GradientOptimizedCache(Method):
         if late:
             raise ValueError(f"goc steps {late} are beyond this run's {num_calls} calls (numbered 0..{num_calls - 1})")
         layers = len(self.engine.branches)
-        full = [s for s in self.given if self.engine.schedule.row(s, layers).all()]
+        full = [s for s in self.given if self.engine.schedule.row(s, layers, num_calls).all()]
         if full:
             raise ValueError(f"goc steps {full} are full calls for every layer under this schedule, so they are never "
                              "compensated; give cached calls (with period p: calls where call % p != 0)")
