@@ -98,5 +98,5 @@ def test_cli_cached_trajectory(setup, capsys):  # noqa: F811 (the fixture import
     report = json.loads(capsys.readouterr().out)
     assert report["trajectory"] == "cached" and report["trajectory_rounds"] == 1 and report["period"] == 3
     assert Factors.load(out).meta["trajectory"] == "cached"
-    assert run(tmp_path, "--svd", "ca", "--trajectory", "cached", "--out", str(out)) == 2
+    assert run(tmp_path, "--svd", "ca", "--trajectory", "cached", "--out", str(out), "--overwrite") == 2
     assert "svd='cd'" in capsys.readouterr().err
