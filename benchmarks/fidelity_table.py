@@ -20,7 +20,8 @@ import torch
 
 import calicache
 from calicache.bench.peers import Peer, missing, run_peer
-from calicache.bench.runs import Variant, markdown_table, run_variant, score
+from calicache.bench.report import markdown_table
+from calicache.bench.runs import Variant, run_variant, score
 from calicache.cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, NoCacheConfig
 from calicache.calibration.goc import find_goc_steps
 from calicache.commands.common import model_defaults

@@ -20,7 +20,7 @@ import torch
 
 import calicache
 from calicache.adapters import get_adapter
-from calicache.bench.runs import markdown_table
+from calicache.bench.report import markdown_table
 from calicache.cache import ICCConfig, MethodConfig, NoCacheConfig
 from calicache.cache.svd import scaled_singular_values
 from calicache.calibration.calibrate import factorize, gather_statistics

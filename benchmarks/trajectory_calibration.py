@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import calicache
-from calicache.bench.runs import markdown_table
+from calicache.bench.report import markdown_table
 from calicache.cache import ICCConfig
 from calicache.commands.common import model_defaults
 from calicache.tune.score import ModelRunner, Reference

@@ -10,11 +10,16 @@ import torch
 from PIL import Image
 
 from calicache import ForecastConfig, apply_cache, count_macs, remove_cache, sample, save_model
-from calicache.bench.grid import cached_call_share, winners
+from calicache.bench.grid import cached_call_share
 from calicache.bench.peers import BranchCounter, Peer, attach, counted_sample, missing
-from calicache.bench.plot import nice_ticks
+from calicache.bench.plot import COLOURS, MARKERS, quality_figure
+from calicache.bench.report import winners
+from calicache.bench.runs import Result, Variant, score
 from calicache.cli import main
-from conftest import randomize, tiny_model
+from calicache.metrics.domain import class_agreement, classifier_outputs
+from calicache.metrics.fidelity import fidelity
+from calicache.metrics.frechet import feature_frechet_distance
+from conftest import TinyClassifier, randomize, tiny_model
 
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 
@@ -126,7 +131,73 @@ def test_winners_respect_the_budget():
     assert (high["by_psnr"], high["by_fd"], high["candidates"]) == ("a", "a", 3)
 
 
-def test_nice_ticks_cover_the_range():
-    ticks = nice_ticks(0.23, 1.07)
-    assert ticks[0] <= 0.23 and ticks[-1] >= 1.07 and len(ticks) <= 8
-    assert np.allclose(np.diff(ticks), ticks[1] - ticks[0])
+def _rows(families: int, per_family: int = 3) -> list[dict]:
+    rows = [{"name": "no cache, 20 steps", "family": "uncached", "macs_per_sample": 2_000_000_000,
+             "psnr": float("inf"), "ssim": 1.0, "fd": 250.0}]
+    for f in range(families):
+        rows += [{"name": f"family {f} #{i}", "family": f"family {f}", "macs_per_sample": (5 + i + f) * 10**8,
+                  "psnr": 20.0 + i + f, "ssim": 0.8 + 0.01 * i, "fd": 260.0 + i} for i in range(per_family)]
+    return rows
+
+
+def _series(fig) -> list:
+    return [line for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def test_quality_plot_one_style_per_series_and_matching_legend(tmp_path):
+    fig = quality_figure(_rows(17), 32, tmp_path / "quality.png")
+    with Image.open(tmp_path / "quality.png") as img:
+        assert img.format == "PNG" and img.width > 800
+    assert len(fig.axes) == 2  # PSNR and SSIM; no FD panel without the real-data band
+    assert [ax.get_xlabel() for ax in fig.axes] == ["MACs per sample (GMACs)"] * 2
+    assert "dB" in fig.axes[0].get_ylabel()
+    first = [line for line in _series(fig) if line.axes is fig.axes[0]]
+    assert len(first) == 17  # the uncached reference (PSNR inf) is the dotted line, not a series
+    styles = {line.get_label(): (line.get_color(), line.get_marker()) for line in first}
+    assert len({c for c, _ in styles.values()}) == len({m for _, m in styles.values()}) == 17
+    for line in _series(fig):  # the same family has the same style in every panel
+        assert styles[line.get_label()] == (line.get_color(), line.get_marker())
+    legend = {h.get_label(): (h.get_color(), h.get_marker()) for h in fig.legends[0].legend_handles
+              if h.get_label() in styles}
+    assert legend == styles
+    assert "no cache, 20 steps (the reference)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(COLOURS) == len(set(COLOURS)) == len(MARKERS) == len(set(MARKERS)) == 20
+
+
+def test_quality_plot_draws_fd_only_with_the_real_data_band(tmp_path):
+    band = {"num": 32, "draws": 20, "mean": 255.0, "low": 240.0, "high": 270.0}
+    fig = quality_figure(_rows(3), 32, None, band)
+    assert len(fig.axes) == 3 and "FD" in fig.axes[2].get_ylabel()
+    assert len([p for p in fig.axes[2].patches]) == 1  # the band
+    assert "real test images, n = 32 (5th-95th pct.)" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_bench_scores_come_from_metrics():
+    rng = np.random.default_rng(0)
+    gray = [rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8) for _ in range(2)]
+    results = [Result(Variant(f"v{i}", None, 4, "f"), np.repeat(g, 3, -1), 1.0 + i, {"total": 100 - 10 * i}, 0)
+               for i, g in enumerate(gray)]
+    test_images = rng.integers(0, 256, (200, 28, 28), dtype=np.uint8)
+    classifier = TinyClassifier().eval()
+    band = score(results, results[0], classifier, test_images)
+    logits, feats = classifier_outputs(classifier, results[1].images)
+    _, test_feats = classifier_outputs(classifier, test_images)
+    got = results[1].scores
+    assert got["class_agreement"] == round(class_agreement(logits, np.arange(12) % 10), 4)
+    assert got["fd"] == round(feature_frechet_distance(feats, test_feats, method="eigh"), 3)
+    assert got["psnr"] == round(fidelity(results[1].images, results[0].images)["psnr"], 4)
+    assert (got["macs_speedup"], got["wall_speedup"]) == (round(100 / 90, 3), 0.5)
+    assert band["num"] == 12 and band["low"] <= band["mean"] <= band["high"]
+    # Real test images of the same size score inside the band's scale, far from 0 at n = 12.
+    assert band["low"] > 0
+
+
+def test_replot_redraws_from_the_report(tmp_path, capsys):
+    rows = [{**r, "num": 32} for r in _rows(2)]
+    rows[0]["psnr"] = "inf"  # as bench.json writes it
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "fd_range": None}))
+    assert main(["bench", "--replot", "--out", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "quality.png") as img:
+        assert img.format == "PNG"
+    assert main(["bench", "--replot", "--out", str(tmp_path / "none")]) == 2
+    assert "run `calicache bench --out" in capsys.readouterr().err

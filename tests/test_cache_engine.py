@@ -1,5 +1,7 @@
 """The caching engine: exactness identities, run boundaries, removal, bad input."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -18,22 +20,12 @@ from calicache import (
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule
-from conftest import tiny_model
+from conftest import rel, run_cached, tiny_model
 
 STEPS = 8
 
 
-def run(model, config=None, steps=STEPS, **kw):
-    if config is not None:
-        apply_cache(model, config)
-    try:
-        return sample(model, 4, steps, cfg_scale=kw.pop("cfg_scale", 2.0), **kw)
-    finally:
-        remove_cache(model)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
+run = partial(run_cached, steps=STEPS, cfg_scale=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,7 @@ def test_engine_binds_blocks_and_sampling_follows_the_pattern():
 
 def test_pattern_on_a_pixart_transformer_has_three_branches_per_block():
     pytest.importorskip("diffusers")
-    from test_diffusers_cache import tiny_pixart
+    from conftest import tiny_pixart
 
     tr = tiny_pixart()
     apply_cache(tr, FORAConfig(schedule=CacheSchedule.fora(2, last_blocks=1)))

@@ -13,7 +13,7 @@ from calicache.cache.svd import scaled_decomposition, scaled_svd
 from calicache.calibration.calibrate import factorize, gather_statistics
 from calicache.calibration.ranks import RankCandidate, allocate_ranks, budget_ranks
 from calicache.calibration.stats import ChannelStatistics, channel_magnitude, finalise, minmax_normalise
-from conftest import tiny_model
+from conftest import rel, tiny_model
 
 STEPS = 10
 
@@ -35,10 +35,6 @@ def stats_means(model, kind, seed=0, batch_size=8, num=24):
     st = gather_statistics(model, fake_data(), kind, specs_of(model), num=num, batch_size=batch_size,
                            steps=STEPS, seed=seed)
     return st.means()
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 # -- scaled SVD ---------------------------------------------------------------------------------
@@ -66,6 +62,19 @@ def test_unit_scales_equal_plain_svd():
         # Plain is the Eckart-Young optimum: torch's own truncated SVD.
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         assert torch.allclose(a0 @ b0, u[:, :r] @ torch.diag(s[:r]) @ vh[:r], atol=1e-5)
+
+
+def test_scaled_svd_in_float64_reproduces_w_under_wide_scales():
+    # Scales spanning 1e3 (as CA statistics do): the SVD runs in float64, so unscaling does not
+    # amplify float32 rounding; the float32 factors reproduce W to float32 precision.
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 64, generator=g)
+    s_in = torch.logspace(-3, 0, 64)[torch.randperm(64, generator=g)]
+    s_out = torch.logspace(0, 3, 96)[torch.randperm(96, generator=g)]
+    a, s, b = scaled_decomposition(w, s_in, s_out)
+    assert a.dtype == s.dtype == b.dtype == torch.float32
+    assert float((a @ b - w).abs().max()) < 2e-5
+    assert float((a.double() @ b.double() - w.double()).abs().max()) < 2e-5
 
 
 def test_scales_are_validated():

@@ -19,7 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, PixArtAlphaPipeline  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from test_diffusers_cache import CAPTION, pixart_pipe, prompts, rel, run, tiny_dit, tiny_pixart, tiny_vae  # noqa: E402
+from conftest import CAPTION, cli, pixart_pipe, prompts, rel, tiny_dit, tiny_pixart, tiny_vae  # noqa: E402
+from conftest import pipe_latents as run  # noqa: E402
 
 STEPS = 5
 P = 6
@@ -223,12 +224,6 @@ def folders(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in p.items() if v is not None}, str(root / "embeds.safetensors"))
     torch.save({"latents": calib_latents()}, root / "latents.pt")
     return root
-
-
-def cli(*argv):
-    from calicache.cli import main
-
-    return main([str(a) for a in argv])
 
 
 def samples(folder, out, *extra):

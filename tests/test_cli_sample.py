@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 import calicache
-from calicache import cli
+from calicache.cli import build_parser
 from calicache.commands import common
 from calicache.commands import sample as sample_cmd
 from calicache.images import to_uint8
 from calicache.models.io import save_model
 from calicache.sampling import sample
-from conftest import tiny_model
+from conftest import cli, tiny_model
 
 
 @pytest.fixture
@@ -28,13 +28,9 @@ def model_file(tmp_path) -> Path:
     return path
 
 
-def _run(*argv: str) -> int:
-    return cli.main(["sample", *map(str, argv)])
-
-
 def test_sample_writes_npz_grid_and_report(model_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _run("--model", model_file, "--num", 5, "--steps", 4, "--seed", 2, "--batch-size", 2,
+    assert cli("sample", "--model", model_file, "--num", 5, "--steps", 4, "--seed", 2, "--batch-size", 2,
                 "--out", out, "--json") == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "report.json", "samples.npz"]  # no temp files
     with np.load(out / "samples.npz") as npz:
@@ -56,7 +52,7 @@ def test_sample_writes_npz_grid_and_report(model_file, tmp_path, capsys):
 
 def test_sample_uses_recommended_settings_and_class_list(model_file, tmp_path):
     out = tmp_path / "run"
-    assert _run("--model", model_file, "--num", 3, "--classes", "3,1", "--sampler", "ddpm", "--out", out) == 0
+    assert cli("sample", "--model", model_file, "--num", 3, "--classes", "3,1", "--sampler", "ddpm", "--out", out) == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["steps"], report["cfg_scale"], report["sampler"]) == (3, 2.0, "ddpm")
     with np.load(out / "samples.npz") as npz:
@@ -72,16 +68,16 @@ def test_sample_uses_recommended_settings_and_class_list(model_file, tmp_path):
 ])
 def test_bad_arguments_fail_cleanly_and_write_nothing(model_file, tmp_path, capsys, args, message):
     out = tmp_path / "run"
-    assert _run("--model", model_file, "--num", 2, "--steps", 2, "--out", out, *args) == 2
+    assert cli("sample", "--model", model_file, "--num", 2, "--steps", 2, "--out", out, *args) == 2
     assert "calicache sample: error:" in capsys.readouterr().err
     with pytest.raises(ValueError, match=message):
-        sample_cmd.run(cli.build_parser().parse_args(
+        sample_cmd.run(build_parser().parse_args(
             ["sample", "--model", str(model_file), "--num", "2", "--steps", "2", "--out", str(out), *args]))
     assert not out.exists()
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
-    assert _run("--model", tmp_path / "nope.pt", "--out", tmp_path / "run") == 2
+    assert cli("sample", "--model", tmp_path / "nope.pt", "--out", tmp_path / "run") == 2
     assert "nope.pt: no such file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -98,15 +94,15 @@ def _broken_grid(images, cols=None):
 def test_error_after_sampling_leaves_no_partial_output(model_file, tmp_path, monkeypatch, capsys, target, fake):
     monkeypatch.setattr(common, target, fake)
     out = tmp_path / "run"
-    assert _run("--model", model_file, "--num", 2, "--steps", 2, "--out", out) == 2
+    assert cli("sample", "--model", model_file, "--num", 2, "--steps", 2, "--out", out) == 2
     assert "calicache sample: error:" in capsys.readouterr().err
     assert not out.exists()  # no files, no temp files, not even the folder this run would have made
     # An earlier run's complete output in an existing folder is left untouched.
     monkeypatch.undo()
-    assert _run("--model", model_file, "--num", 2, "--steps", 2, "--seed", 1, "--out", out) == 0
+    assert cli("sample", "--model", model_file, "--num", 2, "--steps", 2, "--seed", 1, "--out", out) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(common, target, fake)
-    assert _run("--model", model_file, "--num", 3, "--steps", 2, "--out", out, "--overwrite") == 2
+    assert cli("sample", "--model", model_file, "--num", 3, "--steps", 2, "--out", out, "--overwrite") == 2
     assert "--overwrite" not in capsys.readouterr().err  # the failure itself, not the refusal to overwrite
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -127,6 +123,6 @@ def test_latent_model_without_vae_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "latent.safetensors"
     torch.manual_seed(0)
     save_model(tiny_model(in_channels=4), path)
-    assert _run("--model", path, "--num", 1, "--steps", 1, "--out", tmp_path / "run") == 2
+    assert cli("sample", "--model", path, "--num", 1, "--steps", 1, "--out", tmp_path / "run") == 2
     assert "pass --vae" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -15,16 +15,13 @@ from calicache import (
     GOCConfig,
     ICCConfig,
     NoCacheConfig,
-    apply_cache,
     cli,
     load_config,
-    remove_cache,
-    sample,
 )
 from calicache.cache.methods import config_from_dict
 from calicache.commands.common import add_cache_arguments, cache_config_from_args
 from calicache.models.io import save_model
-from conftest import tiny_model
+from conftest import run_cached, tiny_model
 
 STEPS = 6
 
@@ -37,10 +34,7 @@ def factors(tmp_path):
 
 
 def run(config) -> torch.Tensor:
-    model = apply_cache(tiny_model(), config)
-    out = sample(model, 3, STEPS, cfg_scale=2.0, seed=1)
-    remove_cache(model)
-    return out
+    return run_cached(tiny_model(), config, STEPS, num=3, cfg_scale=2.0, seed=1)
 
 
 @pytest.mark.parametrize("config", [
@@ -98,6 +92,10 @@ def test_schedule_inline_and_by_path(tmp_path):
     assert load_config(tmp_path / "inline.json") == inline != FORAConfig(schedule=other)
     assert torch.equal(run(load_config(tmp_path / "inline.json")), ref)
     assert torch.equal(run(load_config(tmp_path / "by_path.json")), ref)
+    # A schedule file kept by path is checked like a factor file: changed, the config would cache other calls.
+    calicache.CacheSchedule.from_matrix(other).save(tmp_path / "s.json")
+    with pytest.raises(ValueError, match="schedule file .* changed since the config was saved"):
+        load_config(tmp_path / "by_path.json")
 
 
 def test_save_refuses_to_overwrite(tmp_path):

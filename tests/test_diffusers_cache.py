@@ -24,86 +24,25 @@ from calicache.cache import cache_run, get_engine
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule
-from conftest import tiny_model
+from conftest import (
+    CAPTION,
+    PIPE_STEPS,
+    TEXT_TOKENS,
+    cli,
+    count_linear,
+    dit_pipe,
+    pixart_pipe,
+    prompts,
+    rel,
+    tiny_dit,
+    tiny_model,
+    tiny_pixart,
+)
+from conftest import pipe_latents as run
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
-    AutoencoderKL,
-    DDIMScheduler,
-    DiTPipeline,
-    DiTTransformer2DModel,
-    DPMSolverMultistepScheduler,
-    PixArtAlphaPipeline,
-    PixArtTransformer2DModel,
-)
 
-STEPS = 6
-TEXT_TOKENS, CAPTION = 7, 12
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=8).eval()
-
-
-def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
-    """diffusers initialises nothing to zero (unlike the original DiT), so its outputs are non-trivial as built."""
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
-
-
-def tiny_pixart(seed: int = 0, **kw) -> PixArtTransformer2DModel:
-    torch.manual_seed(seed)
-    cfg = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-               sample_size=8, patch_size=2, cross_attention_dim=24, caption_channels=CAPTION)
-    cfg.update(kw)
-    return PixArtTransformer2DModel(**cfg).eval()
-
-
-def dit_pipe(seed: int = 0) -> DiTPipeline:
-    pipe = DiTPipeline(transformer=tiny_dit(seed), vae=tiny_vae(), scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def pixart_pipe(seed: int = 0) -> PixArtAlphaPipeline:
-    # With prompt embeddings given, the pipeline runs neither tokenizer nor text encoder: both may be None.
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tiny_pixart(seed),
-                               scheduler=DPMSolverMultistepScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def prompts(n: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(n, TEXT_TOKENS, dtype=torch.long)
-    mask[:, TEXT_TOKENS - 2:] = 0  # padded prompts, as T5 gives them
-    return dict(prompt_embeds=torch.randn(n, TEXT_TOKENS, CAPTION, generator=g), prompt_attention_mask=mask,
-                negative_prompt_embeds=torch.randn(n, TEXT_TOKENS, CAPTION, generator=g),
-                negative_prompt_attention_mask=torch.ones(n, TEXT_TOKENS, dtype=torch.long), negative_prompt=None)
-
-
-def run(pipe, steps: int = STEPS, batch: int = 2, seed: int = 0, prompt_seed: int = 0) -> torch.Tensor:
-    """The latents the VAE decoder receives (before its clamp), from one pipeline call."""
-    seen = []
-    handle = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(batch)]
-    try:
-        if isinstance(pipe, DiTPipeline):
-            pipe(class_labels=list(range(batch)), num_inference_steps=steps, generator=gens, output_type="pt")
-        else:
-            pipe(**prompts(batch, prompt_seed), num_inference_steps=steps, generator=gens, output_type="pt",
-                 use_resolution_binning=False)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
+STEPS = PIPE_STEPS
 
 
 def layers(pipe) -> int:
@@ -221,28 +160,20 @@ def test_failed_call_then_good_call(kind, ref):
 
 
 def test_inference_mode_and_cache_run(kind, ref):
-    pipe = cached(kind, FORAConfig(period=1))
+    pipe = cached(kind, FORAConfig(period=2))
+    own = run(pipe)
+    assert rel(own, ref) > 1e-4  # the cache served calls
     with torch.inference_mode():
-        assert torch.equal(run(pipe), ref)
-    with cache_run(pipe, STEPS):  # the caller's own run boundary is respected
-        assert torch.equal(run(pipe), ref)
+        assert torch.equal(run(pipe), own)
+    with cache_run(pipe, 2 * STEPS):  # the caller's own run boundary is respected: two pipeline calls, one run
+        assert torch.equal(run(pipe), own)
+        assert get_engine(pipe).explicit and get_engine(pipe).stats()["calls"] == STEPS
+        run(pipe)
+        assert get_engine(pipe).stats()["calls"] == 2 * STEPS
+    assert not get_engine(pipe).explicit
 
 
 # -- prompt-constant cross-attention K/V --------------------------------------------------------
-def count_linear(monkeypatch, weights):
-    """Counts F.linear calls per weight (what nn.Linear.forward computes), seen through every hook."""
-    counts = {id(w): 0 for w in weights}
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        if id(w) in counts:
-            counts[id(w)] += 1
-        return linear(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
-    return counts
-
-
 def test_cross_attention_kv_once_per_run(monkeypatch):
     pipe = cached("pixart", ICCConfig(period=2, rank=4))
     blocks = pipe.transformer.transformer_blocks
@@ -413,12 +344,6 @@ def folders(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in p.items() if v is not None}, str(root / "embeds.safetensors"))
     torch.save({k: p[k] for k in ("prompt_embeds", "prompt_attention_mask")}, root / "cond-only.pt")
     return root
-
-
-def cli(*argv):
-    from calicache.cli import main
-
-    return main([str(a) for a in argv])
 
 
 def test_cli_samples_through_pipelines(folders, tmp_path, capsys):

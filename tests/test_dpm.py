@@ -8,13 +8,9 @@ import torch
 from calicache.diffusion.samplers import SAMPLERS, ddim, dpmpp_2m
 from calicache.diffusion.schedule import Schedule
 from calicache.sampling import sample
-from conftest import tiny_model
+from conftest import rel, tiny_model
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _model_fn(seed: int = 5):
@@ -49,7 +45,7 @@ def test_dpmpp_2m_follows_diffusers(spacing, steps):
     schedule = Schedule.create(steps, spacing)
     ref = _diffusers_dpm(fn, x_T.clone(), schedule.timesteps[::-1].tolist())
     ours = dpmpp_2m(fn, x_T.clone(), schedule)
-    assert rel_err(ours, ref) < 1e-5
+    assert rel(ours, ref) < 1e-5
 
 
 def test_dpmpp_2m_one_call_per_step_and_registered():
@@ -72,9 +68,9 @@ def test_dpmpp_2m_is_ddim_for_two_steps_and_not_beyond():
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     for steps in (1, 2):
         s = Schedule.create(steps, "adm")
-        assert rel_err(dpmpp_2m(fn, x_T.clone(), s), ddim(fn, x_T.clone(), s)) < 1e-6
+        assert rel(dpmpp_2m(fn, x_T.clone(), s), ddim(fn, x_T.clone(), s)) < 1e-6
     s = Schedule.create(10, "adm")
-    assert rel_err(dpmpp_2m(fn, x_T.clone(), s), ddim(fn, x_T.clone(), s)) > 1e-3
+    assert rel(dpmpp_2m(fn, x_T.clone(), s), ddim(fn, x_T.clone(), s)) > 1e-3
 
 
 def test_dpmpp_2m_second_order_on_gaussian_data():
@@ -97,8 +93,8 @@ def test_dpmpp_2m_second_order_on_gaussian_data():
         schedule = Schedule.create(steps, "adm")
         abar_T = schedule.alphas_cumprod[-1]
         exact = x_T * s / np.sqrt(abar_T * s**2 + 1 - abar_T)
-        dpm[steps] = rel_err(dpmpp_2m(eps_fn, x_T.clone(), schedule), exact)
-        first[steps] = rel_err(ddim(eps_fn, x_T.clone(), schedule), exact)
+        dpm[steps] = rel(dpmpp_2m(eps_fn, x_T.clone(), schedule), exact)
+        first[steps] = rel(ddim(eps_fn, x_T.clone(), schedule), exact)
     for coarse, fine in ((100, 200), (200, 400)):
         assert dpm[coarse] / dpm[fine] > 3.5, dpm  # second order: ~4
         assert 1.7 < first[coarse] / first[fine] < 2.5, first  # first order: ~2

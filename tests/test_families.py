@@ -21,6 +21,7 @@ from calicache.adapters import get_adapter
 from calicache.cache import get_engine
 from calicache.cache.pipeline import PIPE_ATTR
 from calicache.calibration.text import calibrate_text
+from conftest import cli, count_linear, rel
 
 diffusers = pytest.importorskip("diffusers")
 from tiny_families import (  # noqa: E402
@@ -37,10 +38,6 @@ from tiny_families import (  # noqa: E402
     wan,
     with_vae,
 )
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module", params=sorted(PIPES))
@@ -116,22 +113,13 @@ def constant_weights(kind: str, model) -> list:
 
 def test_prompt_constants_once_per_run_and_pass(kind, monkeypatch):
     pipe = cached(kind, ICCConfig(period=2, rank=4))
-    weights = constant_weights(kind, pipe.transformer)
-    counts = {id(w): 0 for w in weights}
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, b=None):
-        if id(w) in counts:
-            counts[id(w)] += 1
-        return linear(x, w, b)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    counts = count_linear(monkeypatch, constant_weights(kind, pipe.transformer))
     a = run(pipe, kind)
     assert set(counts.values()) == {PASSES[kind]}
     b = run(pipe, kind, prompt_seed=1)  # a new prompt: recomputed, equal to a fresh pipeline's result
     assert set(counts.values()) == {2 * PASSES[kind]}
     assert rel(a, b) > 1e-3
-    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    monkeypatch.undo()
     assert torch.equal(b, run(cached(kind, ICCConfig(period=2, rank=4)), kind, prompt_seed=1))
 
 
@@ -250,12 +238,6 @@ def folders(tmp_path_factory):
         save_file({k: v.clone().contiguous() for k, v in call_kwargs(kind).items() if isinstance(v, torch.Tensor)},
                   str(root / f"{kind}.safetensors"))
     return root
-
-
-def cli(*argv):
-    from calicache.cli import main
-
-    return main([str(a) for a in argv])
 
 
 def test_cli_calibrates_and_samples_every_family(kind, folders, tmp_path, capsys):
@@ -401,3 +383,104 @@ def test_flux_schnell_macs_without_guidance_embedding(monkeypatch):
                 model(**kw, timestep=torch.tensor([1.0 - s / 3]))
             counted.append(fc.get_total_flops() // 2)
     assert counted == count_macs(model, None, 3, tokens=n, text_tokens=t)["per_call"]
+
+
+def test_caller_run_routes_guidance_passes_like_a_pipeline_run(kind):
+    """Inside the caller's own `cache_run(pipe, n)` each guidance pass still meets its own cache."""
+    from calicache.cache import cache_run
+
+    pipe = cached(kind, FORAConfig(period=2))
+    own = run(pipe, kind)
+    with cache_run(pipe, STEPS):
+        assert torch.equal(run(pipe, kind), own)
+    for model in [pipe.transformer] + vars(pipe)[PIPE_ATTR][2].twins:
+        assert get_engine(model).stats()["calls"] == STEPS
+
+
+def test_guidance_twin_under_offload_copies_no_weights():
+    """The twin of an offloaded transformer shares every parameter; accelerate's hook chain (which leads to the
+    text encoder) is not copied with it."""
+    import gc
+    import types
+
+    pytest.importorskip("accelerate")
+    pipe = wan()
+    class Encoder(torch.nn.Linear):  # stands in for UMT5: earlier in the offload chain
+        dtype = property(lambda self: self.weight.dtype)
+
+    pipe.register_modules(text_encoder=Encoder(4, 4))
+    pipe.enable_model_cpu_offload(device="cpu")
+    apply_cache(pipe, FORAConfig(period=2))
+    run(pipe, "wan")
+    (twin,) = vars(pipe)[PIPE_ATTR][2].twins
+    known = {id(p) for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()}
+    skip = (type, str, bytes, types.ModuleType, types.FunctionType)  # not through globals: objects only
+    seen, todo, copied = set(), [twin], []
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, skip) or obj is pipe or obj is get_engine(pipe):
+            continue
+        seen.add(id(obj))
+        if type(obj) is torch.nn.Parameter:
+            if id(obj) not in known:
+                copied.append(obj.shape)
+            continue
+        todo.extend(gc.get_referents(obj))
+    assert copied == []
+
+
+def test_summary_counts_every_guidance_pass(kind):
+    import calicache
+
+    pipe = cached(kind, FORAConfig(period=2))
+    run(pipe, kind)
+    engines = [get_engine(pipe)] + [get_engine(t) for t in vars(pipe)[PIPE_ATTR][2].twins]
+    s = calicache.summary(pipe)
+    assert s["passes"] == PASSES[kind] == len(engines)
+    assert s["cache_bytes"] == sum(e.peak_cache_bytes for e in engines) > 0
+    assert ("2 guidance passes" in str(s)) == (PASSES[kind] == 2)
+
+
+def test_a_diffusers_cache_added_after_ours_is_refused_at_the_next_run():
+    """Never double caching, in either order: a diffusers cache put on after calicache stops the next run."""
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = flux()
+    ref = run(pipe, "flux")
+    apply_cache(pipe, FORAConfig(period=1))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="already has a diffusers cache.*FirstBlockCache"):
+        run(pipe, "flux")
+    pipe.transformer.disable_cache()
+    assert torch.equal(run(pipe, "flux"), ref)
+    remove_cache(pipe)
+
+
+def test_one_stored_input_per_attention_stream_and_none_for_fc2(kind):
+    """q, k and v of a stream see one tensor (stored once, with q); a feed-forward's output linear takes GELU of
+    its input linear's output (recomputed, not stored)."""
+    branches = get_engine(cached(kind, FORAConfig())).branches
+    for b in branches:
+        by_name = {s.name.rsplit(".", 1)[-1] if "net" not in s.name else s.name.split(".net.")[-1]: s
+                   for s in b.linears}
+        for q, rest in (("to_q", ("to_k", "to_v")), ("add_q_proj", ("add_k_proj", "add_v_proj"))):
+            for k in rest:
+                if k in by_name:
+                    assert by_name[k].input_shared_with == by_name[q].name, (b.name, k)
+        if "2" in by_name:
+            assert by_name["2"].input_from == by_name["0.proj"].name and by_name["2"].input_fn is not None
+    assert sum("net.2" in s.name for b in branches for s in b.linears) >= 2
+
+
+def test_a_cache_replaced_on_the_transformer_is_a_clear_error():
+    """remove_cache(pipe.transformer) and a new apply_cache on it leave the pipeline's routing on the old engine
+    (its twins would cache the unconditional pass with the old config): the next call says so."""
+    pipe = apply_cache(wan(), FORAConfig(period=2))
+    remove_cache(pipe.transformer)
+    apply_cache(pipe.transformer, FORAConfig(period=3))
+    with pytest.raises(RuntimeError, match="remove_cache\\(pipe\\) and apply_cache\\(pipe, config\\) again"):
+        run(pipe, "wan")
+    remove_cache(pipe)
+    remove_cache(pipe.transformer)
+    assert torch.equal(run(apply_cache(pipe, FORAConfig(period=3)), "wan"),
+                       run(cached("wan", FORAConfig(period=3)), "wan"))

@@ -1,26 +1,19 @@
 """Calibrated forecasting: exact at full rank, a branch-level first-order forecast at rank 0,
 plain ICC while only one full call exists, and stable over long runs."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
-from calicache import ForecastConfig, ICCConfig, apply_cache, remove_cache, sample
-from conftest import tiny_model
+from calicache import ForecastConfig, ICCConfig, sample
+from conftest import rel, run_cached, tiny_model
 
 STEPS = 9
 
 
-def run(model, config, steps=STEPS, **kw):
-    apply_cache(model, config)
-    try:
-        return sample(model, 4, steps, cfg_scale=2.0, **kw)
-    finally:
-        remove_cache(model)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
+run = partial(run_cached, steps=STEPS, cfg_scale=2.0)
 
 
 def test_full_rank_equals_no_cache():

@@ -2,6 +2,7 @@
 steps files, and MACs."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,15 +19,9 @@ from calicache.calibration.goc import (
     inflection_points,
     trajectory_cosines,
 )
-from conftest import tiny_model
+from conftest import run_cached, tiny_model
 
-
-def run(model, config, steps=20, num=3, **kw):
-    apply_cache(model, config)
-    try:
-        return sample(model, num, steps, **kw)
-    finally:
-        remove_cache(model)
+run = partial(run_cached, steps=20, num=3)
 
 
 def test_registered():

@@ -14,7 +14,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import hooks  # noqa: E402
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading  # noqa: E402
 
-from test_diffusers_cache import dit_pipe, run, tiny_dit  # noqa: E402
+from conftest import dit_pipe, tiny_dit  # noqa: E402
+from conftest import pipe_latents as run  # noqa: E402
 
 CONFIG = ICCConfig(period=2, rank=4)  # patches the model, its branches and its linears
 

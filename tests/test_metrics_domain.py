@@ -1,27 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from calicache.metrics.adm import inception_score
 from calicache.metrics.domain import class_agreement, classifier_input, classifier_outputs, domain_metrics
 from calicache.metrics.frechet import frechet_distance, gaussian_stats
-
-
-class TinyClassifier(nn.Module):
-    """The interface of calicache.training.classifier's model: logits (N, 10) and features (N, D) of (N, 1, 28, 28)."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 5, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 12))
-        self.head = nn.Linear(12, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.body(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)) * 5
+from conftest import TinyClassifier
 
 
 def _images(n: int, seed: int, c: int = 3) -> np.ndarray:
@@ -69,3 +53,13 @@ def test_bad_inputs_are_clear_errors():
         classifier_input(np.zeros((2, 28, 28), np.float32))
     with pytest.raises(ValueError, match="labels"):
         class_agreement(np.zeros((3, 10)), np.zeros(2))
+
+
+def test_rgb_goes_through_bt601_luma_in_training_and_evaluation():
+    from calicache.training import classifier as training_classifier
+
+    rgb = np.zeros((1, 28, 28, 3), np.uint8)
+    rgb[..., 1] = 200  # pure green: luma 0.587 * 200 = 117.4 -> 117; a channel mean would give 66.67
+    x = classifier_input(rgb)
+    assert torch.equal(x, torch.full((1, 1, 28, 28), 117.0) / 127.5 - 1.0)
+    assert training_classifier.classifier_input is classifier_input

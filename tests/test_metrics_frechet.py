@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from calicache.metrics.frechet import frechet_distance, gaussian_stats
+from calicache.metrics.frechet import frechet_distance, gaussian_stats, subset_frechet_range
 
 
 def _random_cov(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -76,3 +76,14 @@ def test_bad_inputs_are_clear_errors():
         gaussian_stats(np.zeros((1, 5)))
     with pytest.raises(ValueError, match="unknown Frechet method"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
+
+
+def test_subset_range_is_what_real_data_scores_at_that_sample_size():
+    ref = np.random.default_rng(0).normal(size=(400, 6))
+    whole = subset_frechet_range(ref, 400, draws=3)
+    assert abs(whole["high"]) < 1e-9  # the whole set is the reference: no distance
+    small, large = subset_frechet_range(ref, 10), subset_frechet_range(ref, 200)
+    assert small["low"] <= small["mean"] <= small["high"] and small["num"] == 10 and small["draws"] == 20
+    assert small["mean"] > 5 * large["mean"] > 0  # the estimator's bias falls with the sample size
+    with pytest.raises(ValueError, match="subset size"):
+        subset_frechet_range(ref, 401)

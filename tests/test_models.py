@@ -132,7 +132,8 @@ def test_pos_embed_matches_independent_sincos(dim, grid):
 
 
 def test_timestep_embedding_matches_the_documented_formula():
-    # ALGORITHMS.md: emb = cat(cos(t f), sin(t f)), f_i = exp(-ln(10000) i / 128), i = 0..127.
+    # DiT (Peebles & Xie; facebookresearch/DiT models.py, TimestepEmbedder):
+    # emb = cat(cos(t f), sin(t f)), f_i = exp(-ln(10000) i / 128), i = 0..127.
     t = torch.tensor([0, 1, 53, 500, 999])
     emb = TimestepEmbedder.timestep_embedding(t, 256)
     assert emb.shape == (5, 256)

@@ -11,13 +11,9 @@ import torch
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule, respaced_timesteps
 from calicache.models.io import load_model
-from conftest import tiny_model
+from conftest import rel, tiny_model
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def reference_diffusers(state: dict, cfg, time_shift: float, norm_eps: float):
@@ -90,7 +86,7 @@ def test_dit_matches_diffusers_reference(original_checkpoint):
     assert out.shape == (6, 2 * cfg.in_channels, cfg.input_size, cfg.input_size)  # eps then variance
     ref = reference_diffusers(state, cfg, time_shift=0, norm_eps=1e-6)(x, t, y).sample
     assert out.abs().mean() > 1e-2  # not a vacuous all-zero model
-    assert rel_err(out, ref) < 1e-5
+    assert rel(out, ref) < 1e-5
 
 
 @torch.no_grad()
@@ -104,7 +100,7 @@ def test_diffusers_default_settings_differ_from_original(original_checkpoint):
     x, t, y = _inputs(cfg)
     ours = load_model(path, {"num_heads": cfg.num_heads})(x, t, y)
     shifted = reference_diffusers(state, cfg, time_shift=1, norm_eps=1e-6)(x, t, y).sample
-    assert rel_err(shifted, ours) > 1e-3
+    assert rel(shifted, ours) > 1e-3
 
 
 def _model_fn(model, labels):
@@ -132,7 +128,7 @@ def test_ddim_leading_follows_diffusers_ddim(steps):
         eps = fn(x, t.expand(2))[:, :1]
         x = sched.step(eps, t, x).prev_sample
     ours = ddim(fn, x_T.clone(), schedule)
-    assert rel_err(ours, x) < 1e-5
+    assert rel(ours, x) < 1e-5
 
 
 def adm_space_timesteps(num_timesteps: int, section_counts: list[int]) -> list[int]:

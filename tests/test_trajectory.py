@@ -16,8 +16,7 @@ from calicache.calibration.trajectory import trajectory_generator, trajectory_st
 from calicache.diffusion.guidance import guided_model_fn
 from calicache.diffusion.samplers import ddim
 from calicache.diffusion.schedule import Schedule
-from conftest import tiny_model
-from test_calibrate_cli import run, setup  # noqa: F401 (setup is a fixture)
+from conftest import calibrate_cli, tiny_model
 
 STEPS, PERIOD, NUM, CFG = 7, 3, 3, 2.0
 
@@ -90,13 +89,13 @@ def test_calibrate_cached_trajectory_rounds_and_options():
         calibrate(model, data, svd="cd", rank=3, trajectory="cached", trajectory_rounds=0)
 
 
-def test_cli_cached_trajectory(setup, capsys):  # noqa: F811 (the fixture imported above)
-    tmp_path, _ = setup
+def test_cli_cached_trajectory(calibrate_files, capsys):
+    tmp_path, _ = calibrate_files
     out = tmp_path / "tcc.safetensors"
-    assert run(tmp_path, "--svd", "cd", "--rank", "4", "--trajectory", "cached", "--trajectory-rounds", "1",
+    assert calibrate_cli(tmp_path, "--svd", "cd", "--rank", "4", "--trajectory", "cached", "--trajectory-rounds", "1",
                "--trajectory-num", "2", "--period", "3", "--out", str(out), "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["trajectory"] == "cached" and report["trajectory_rounds"] == 1 and report["period"] == 3
     assert Factors.load(out).meta["trajectory"] == "cached"
-    assert run(tmp_path, "--svd", "ca", "--trajectory", "cached", "--out", str(out), "--overwrite") == 2
+    assert calibrate_cli(tmp_path, "--svd", "ca", "--trajectory", "cached", "--out", str(out), "--overwrite") == 2
     assert "svd='cd'" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_tune_respects_the_budget_and_beats_its_coarse_rung(tuner, tmp_path):
 
 def test_tune_a_pixart_pipeline_from_prompt_embeddings(tmp_path):
     pytest.importorskip("diffusers")
-    from test_diffusers_cache import pixart_pipe, prompts
+    from conftest import pixart_pipe, prompts
 
     pipe = pixart_pipe()
     embeds = {k: v for k, v in prompts(2).items() if v is not None}
@@ -142,7 +142,7 @@ def folders(tmp_path):
     pytest.importorskip("diffusers")
     from safetensors.torch import save_file
 
-    from test_diffusers_cache import pixart_pipe, prompts
+    from conftest import pixart_pipe, prompts
 
     pixart_pipe().save_pretrained(tmp_path / "pixart")
     save_file({k: v.contiguous() for k, v in prompts(2).items() if v is not None}, str(tmp_path / "embeds.safetensors"))

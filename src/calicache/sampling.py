@@ -17,9 +17,10 @@ from .diffusion.samplers import SAMPLERS
 from .diffusion.schedule import Schedule
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of one sample: its noise depends only on (seed, index)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+def sample_generator(seed: int, index: int, *stream: int) -> torch.Generator:
+    """The generator of one sample: its draws depend only on (seed, index) and the `stream` tag
+    (calibration passes its own, so its draws never repeat sampling's noise)."""
+    state = np.random.SeedSequence([int(seed), int(index), *map(int, stream)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

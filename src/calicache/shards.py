@@ -29,7 +29,7 @@ from . import __version__, distributed
 from .images import decode_latents, save_npz, to_uint8
 from .models.io import weight_hash
 from .sampling import _class_labels, sample
-from .utils import stale_temps, write_file
+from .utils import file_sha256, stale_temps, write_file
 
 SHARD_DIR = "shards"
 SHARD_KEYS = ("images", "labels", "indices", "settings")
@@ -37,14 +37,6 @@ SHARD_KEYS = ("images", "labels", "indices", "settings")
 # so an option added later can only make shards be recomputed, never merge stale ones.
 NON_PIXEL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "nproc_per_node", "overwrite",
                                "command"})
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def settings_digest(settings: Mapping) -> str:
@@ -61,7 +53,7 @@ def sample_settings(args: argparse.Namespace, model: nn.Module, **resolved: obje
     the last bits between them)."""
     options = {k: v for k, v in vars(args).items() if k not in NON_PIXEL_OPTIONS and not k.startswith("_")}
     options.update(resolved)
-    files = {k: file_digest(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
+    files = {k: file_sha256(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
     param = next(model.parameters())
     return {
         "options": options,

@@ -2,11 +2,12 @@
 file with an unpredictable name in its own folder, and all of a command's outputs are committed
 together (renamed into place; on a failure the ones already renamed are rolled back, so a folder
 holds the old set or the new set, never a mix). Nothing follows a symbolic link at an output path:
-renaming replaces the link itself.
+renaming replaces the link itself. Also: file hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -175,3 +176,12 @@ def stale_temps(folder: Path, name_pattern: str) -> list[Path]:
     """Temporary files for outputs named like `name_pattern` (a glob) left in `folder` by killed processes."""
     suffix = Path(name_pattern).suffix
     return [p for p in folder.glob(f".{name_pattern}.*{TEMP_MARK}{suffix}") if stat.S_ISREG(p.lstat().st_mode)]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,7 +1,8 @@
 """diffusers' `DiTTransformer2DModel` and `PixArtTransformer2DModel`: every `BasicTransformerBlock`
 has the cacheable branches self-attention `attn1`, cross-attention `attn2` (PixArt; no gate) and
 feed-forward `ff`, cached pre-gate, so L = 3 x depth with cross-attention, 2 x depth without
-(ALGORITHMS.md).
+(the ICC paper, arXiv 2505.05829 Sec. 3, caches DiT's attention and MLP branches; cross-attention
+is PixArt-alpha's third branch per block).
 
 The cross-attention keys and values and PixArt's caption projection depend on the prompt only; the
 adapter names them as run constants, which the engine computes once per run and reuses exactly
@@ -11,12 +12,12 @@ those of the model as diffusers runs it (a DiT block carries its own timestep/la
 
 from __future__ import annotations
 
-import inspect
 import sys
 
 from torch import nn
 
-from .base import Adapter, BranchSpec, LinearSpec
+from .base import BranchSpec
+from .common import IMAGE_PROJECTIONS, TransformerAdapter, attention_linears, feed_forward_branch
 from .common import embedder_macs as _mlp
 from .common import linear_macs as _lin
 
@@ -39,23 +40,19 @@ def diffusers_family(model: nn.Module) -> str | None:
     return None
 
 
-class DiffusersAdapter(Adapter):
+class DiffusersAdapter(TransformerAdapter):
     """Adapter for one diffusers transformer. `tokens` / `text_tokens` (image tokens and prompt
     tokens per sample) default to the config's sample size and PixArt-alpha's 120; give them to
     count the MACs of other resolutions or prompt lengths."""
+
+    default_text_tokens = DEFAULT_TEXT_TOKENS
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
         family = diffusers_family(model)
         if family is None:
             raise ValueError(f"{type(model).__name__} is not a DiTTransformer2DModel or PixArtTransformer2DModel")
         self.family = family
-        cfg = model.config
-        self.tokens = int(tokens) if tokens is not None else (cfg.sample_size // cfg.patch_size) ** 2
-        self.text_tokens = int(text_tokens) if text_tokens is not None else DEFAULT_TEXT_TOKENS
-        if self.tokens < 1 or self.text_tokens < 1:
-            raise ValueError(f"tokens and text_tokens must be >= 1, got {self.tokens} and {self.text_tokens}")
-        names = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
-        self._position = {name: i for i, name in enumerate(names)}
+        super().__init__(model, tokens, text_tokens)
         _check_supported(model)
 
     # -- where things are --------------------------------------------------------------------
@@ -64,34 +61,17 @@ class DiffusersAdapter(Adapter):
         out = []
         for i, blk in enumerate(model.transformer_blocks):
             p = f"transformer_blocks.{i}"
-            a1, q = blk.attn1, f"{p}.attn1.to_q"
-            out.append(BranchSpec(
-                name=f"{p}.attn1", module=a1, tokens=n, attention_dim=a1.to_q.out_features,
-                linears=[
-                    LinearSpec(q, a1.to_q),
-                    # Self-attention feeds one tensor to to_q, to_k and to_v: stored once (with to_q).
-                    LinearSpec(f"{p}.attn1.to_k", a1.to_k, input_shared_with=q),
-                    LinearSpec(f"{p}.attn1.to_v", a1.to_v, input_shared_with=q),
-                    LinearSpec(f"{p}.attn1.to_out.0", a1.to_out[0]),
-                ],
-            ))
+            a1 = blk.attn1
+            out.append(BranchSpec(name=f"{p}.attn1", module=a1, tokens=n, attention_dim=a1.to_q.out_features,
+                                  linears=attention_linears(f"{p}.attn1", a1, IMAGE_PROJECTIONS + ("to_out.0",), n)))
             if blk.attn2 is not None:
                 a2 = blk.attn2
                 # Only the query side is calibrated: keys and values of the prompt are run constants.
-                out.append(BranchSpec(
-                    name=f"{p}.attn2", module=a2, tokens=n, attention_dim=a2.to_q.out_features,
-                    kv_tokens=self.text_tokens,
-                    linears=[LinearSpec(f"{p}.attn2.to_q", a2.to_q), LinearSpec(f"{p}.attn2.to_out.0", a2.to_out[0])],
-                ))
-            act, fc1 = blk.ff.net[0], f"{p}.ff.net.0.proj"
-            out.append(BranchSpec(
-                name=f"{p}.ff", module=blk.ff, tokens=n,
-                linears=[
-                    LinearSpec(fc1, act.proj),
-                    # fc2's input is act(fc1's output): GELU with the block's own `approximate` ("tanh" in DiT/PixArt).
-                    LinearSpec(f"{p}.ff.net.2", blk.ff.net[2], input_from=fc1, input_fn=act.gelu),
-                ],
-            ))
+                out.append(BranchSpec(name=f"{p}.attn2", module=a2, tokens=n, attention_dim=a2.to_q.out_features,
+                                      kv_tokens=self.text_tokens,
+                                      linears=attention_linears(f"{p}.attn2", a2, ("to_q", "to_out.0"), n)))
+            # fc2's input is act(fc1's output): GELU with the block's own `approximate` ("tanh" in DiT/PixArt).
+            out.append(feed_forward_branch(f"{p}.ff", blk.ff, n))
         return out
 
     def constant_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -101,24 +81,8 @@ class DiffusersAdapter(Adapter):
                 mods += [blk.attn2.to_k, blk.attn2.to_v]
         return mods
 
-    # -- reading a call ----------------------------------------------------------------------
-    def _arg(self, name: str, args: tuple, kwargs: dict):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._position.get(name)
-        return args[i] if i is not None and i < len(args) else None
-
-    def timestep(self, args: tuple, kwargs: dict):
-        t = self._arg("timestep", args, kwargs)
-        if t is None:
-            raise ValueError("the transformer was called without a timestep; pass timestep=... as the pipelines do")
-        return t
-
-    def sample_input(self, args: tuple, kwargs: dict):
-        return self._arg("hidden_states", args, kwargs)
-
     def text_input(self, args: tuple, kwargs: dict):
-        return self._arg("encoder_hidden_states", args, kwargs) if self.family == "pixart" else None
+        return super().text_input(args, kwargs) if self.family == "pixart" else None
 
     # -- MACs --------------------------------------------------------------------------------
     def base_macs(self, model: nn.Module) -> int:

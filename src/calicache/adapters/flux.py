@@ -52,11 +52,10 @@ class FluxAdapter(TransformerAdapter):
     4096 packed latents) and `text_tokens` (default 512) size the MACs."""
 
     default_text_tokens = FLUX_TEXT_TOKENS
+    default_tokens = 4096
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
-        super().__init__(model, text_tokens)
-        self.tokens = int(tokens) if tokens is not None else 4096
-        self._check_tokens()
+        super().__init__(model, tokens, text_tokens)
         for i, blk in enumerate(model.transformer_blocks):
             check_processor(f"transformer_blocks.{i}.attn", blk.attn, _PROCESSORS)
             check_linear_ff(f"transformer_blocks.{i}.ff", blk.ff)

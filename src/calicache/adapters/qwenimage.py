@@ -38,11 +38,10 @@ class QwenImageAdapter(TransformerAdapter):
     """Adapter for QwenImageTransformer2DModel; `tokens` image tokens, `text_tokens` prompt tokens."""
 
     default_text_tokens = QWEN_TEXT_TOKENS
+    default_tokens = QWEN_TOKENS
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
-        super().__init__(model, text_tokens)
-        self.tokens = int(tokens) if tokens is not None else QWEN_TOKENS
-        self._check_tokens()
+        super().__init__(model, tokens, text_tokens)
         cfg = model.config
         if cfg.guidance_embeds or getattr(cfg, "zero_cond_t", False) or getattr(cfg, "use_additional_t_cond", False):
             raise ValueError("calicache caches Qwen-Image's text-to-image transformer; this config uses guidance "

@@ -43,10 +43,7 @@ class SD3Adapter(TransformerAdapter):
     default_text_tokens = SD3_TEXT_TOKENS
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
-        super().__init__(model, text_tokens)
-        cfg = model.config
-        self.tokens = int(tokens) if tokens is not None else (cfg.sample_size // cfg.patch_size) ** 2
-        self._check_tokens()
+        super().__init__(model, tokens, text_tokens)
         for i, blk in enumerate(model.transformer_blocks):
             p = f"transformer_blocks.{i}"
             if blk._chunk_size is not None:

@@ -43,11 +43,10 @@ class WanAdapter(TransformerAdapter):
     """Adapter for WanTransformer3DModel (text-to-video); `tokens` are video tokens per sample."""
 
     default_text_tokens = WAN_TEXT_TOKENS
+    default_tokens = WAN_TOKENS
 
     def __init__(self, model: nn.Module, tokens: int | None = None, text_tokens: int | None = None):
-        super().__init__(model, text_tokens)
-        self.tokens = int(tokens) if tokens is not None else WAN_TOKENS
-        self._check_tokens()
+        super().__init__(model, tokens, text_tokens)
         if model.config.image_dim is not None or model.config.added_kv_proj_dim is not None:
             raise ValueError("calicache caches Wan's text-to-video transformer; this one also attends to image "
                              "embeddings (image-to-video: image_dim / added_kv_proj_dim), which it does not support")

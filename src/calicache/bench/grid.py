@@ -1,15 +1,13 @@
 """The benchmark grid: calicache's methods and the peers at matched compute on one model, same seeds.
 
 `plan_grid` lays out the configurations (and makes the factor files and GOC steps they need),
-`run_grid` samples them, `quality_scores` adds the in-domain and Inception metrics, `winners` picks
-the best configuration under each MACs budget. `calicache bench` (commands/bench.py) writes the report.
+`run_grid` samples them (runs.py, peers.py); runs.score adds the metrics and report.py writes the
+report. `calicache bench` (commands/bench.py) strings them together.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from tqdm.auto import tqdm
 from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig, NoCacheConfig
 from ..sampling import sample
 from .peers import Peer, fbc_threshold, missing, run_peer
-from .runs import Result, Variant, run_variant
+from .runs import PeakRSS, Result, Variant, run_variant
 
 FAMILIES = ("fewer-steps", "fora", "icc", "goc", "forecast", "peers")
 CALIBRATED = ("ca", "cd")
@@ -76,6 +74,24 @@ def is_fashion_mnist_model(model: nn.Module) -> bool:
     """A pixel-space 28x28 one-channel 10-class DiT: Fashion-MNIST data and the shipped classifier fit it."""
     c = model.config
     return (c.input_size, c.in_channels, c.num_classes) == (28, 1, 10)
+
+
+def domain_inputs(model: nn.Module, data_dir: str | None, notes: list[str]
+                  ) -> tuple[nn.Module | None, np.ndarray | None]:
+    """(the shipped Fashion-MNIST classifier, the test images) for in-domain scores, or Nones with a note."""
+    if not is_fashion_mnist_model(model):
+        notes.append("class agreement and classifier FD skipped: the classifier is for 28x28 one-channel "
+                     "10-class (Fashion-MNIST) models")
+        return None, None
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..training.classifier import load_classifier
+
+    try:
+        test_images = load_fashion_mnist("test", data_dir)[0]
+    except (FileNotFoundError, ValueError) as e:
+        notes.append(f"classifier FD skipped: {e}")
+        test_images = None
+    return load_classifier(), test_images
 
 
 class FactorSource:
@@ -189,43 +205,6 @@ def _plan_peers(model: nn.Module, quick: bool, notes: list[str]) -> list[Peer | 
     return out
 
 
-class PeakRSS:
-    """Peak growth of this process's resident set while the block runs, sampled from /proc/self/statm
-    every 5 ms (Linux). torch's tensors are invisible to tracemalloc; memory the allocator kept from
-    earlier runs is reused without growing the RSS, so this is a lower bound."""
-
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.available = Path("/proc/self/statm").exists()
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakRSS:
-        if self.available:
-            self.start = self.peak = self._rss()
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.available:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-
-    @property
-    def delta_mb(self) -> float | None:
-        return round((self.peak - self.start) / 2**20, 1) if self.available else None
-
-
 def run_grid(model: nn.Module, grid: Grid, opts: GridOptions) -> list[Result]:
     """Sample every configuration with the same seeds; peers that fail to attach or run become notes."""
     kw = dict(num=opts.num, cfg_scale=opts.cfg_scale, seed=opts.seed, batch_size=opts.batch_size)
@@ -268,75 +247,3 @@ def run_grid(model: nn.Module, grid: Grid, opts: GridOptions) -> list[Result]:
         bar.update(1)
     bar.close()
     return results
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance of Gaussians fitted to two feature sets."""
-    try:
-        from ..metrics.frechet import frechet_distance, gaussian_stats
-    except ImportError:  # calicache.metrics.frechet not in this build: the same formula with scipy's sqrtm
-        from scipy import linalg
-
-        (m1, s1), (m2, s2) = [(f.mean(0), np.cov(f, rowvar=False)) for f in (a, b)]
-        return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
-    # eigh: the sqrtm value, stable when there are fewer samples than feature dimensions.
-    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b), method="eigh")
-
-
-def domain_fd(results: list[Result], classifier: nn.Module, reference: np.ndarray) -> None:
-    """Frechet distance of classifier features of each result to those of `reference` images (`fd`)."""
-    from ..training.classifier import features_uint8
-
-    ref = features_uint8(classifier, reference)
-    for r in tqdm(results, desc="classifier features", leave=False):
-        r.scores["fd"] = round(frechet(features_uint8(classifier, r.images), ref), 3)
-
-
-def inception_fid(results: list[Result], ref: str, inception: str | None, data_dir: str | None) -> str | None:
-    """Inception FID of each result against `ref` (`fid`); returns why it was skipped, or None."""
-    try:
-        from ..metrics.frechet import frechet_distance, gaussian_stats
-        from ..metrics.inception import InceptionExtractor
-        from ..metrics.reference import reference_stats
-    except ImportError as e:
-        return f"--fid skipped: calicache.metrics' Inception FID is not available in this build ({e})"
-    try:
-        extractor = InceptionExtractor(inception)
-        stats = reference_stats(ref, extractor, data_dir=data_dir)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        return f"--fid skipped: {e}"
-    for r in results:
-        acts = extractor(r.images, desc=f"inception ({r.variant.name})")
-        r.scores["fid"] = round(frechet_distance(*gaussian_stats(acts.pool), stats.mu, stats.sigma, method="eigh"), 3)
-    return None
-
-
-def winners(rows: list[dict], levels: list[tuple[str, int]]) -> list[dict]:
-    """For each MACs budget, the configuration with the best PSNR to the uncached run, and with the
-    lowest in-domain FD, among those that cost at most the budget (the reference itself excluded)."""
-    out = []
-    for label, budget in levels:
-        fits = [r for r in rows if r["family"] != "uncached" and r["macs_per_sample"] <= budget]
-        entry: dict = {"level": label, "macs": budget, "candidates": len(fits)}
-        psnr = [r for r in fits if r.get("psnr") is not None and not math.isnan(r["psnr"])]  # inf: identical
-        if psnr:
-            best = max(psnr, key=lambda r: r["psnr"])
-            entry.update(by_psnr=best["name"], psnr=best["psnr"], ssim=best.get("ssim"))
-        fd = [r for r in fits if r.get("fd") is not None]
-        if fd:
-            best = min(fd, key=lambda r: r["fd"])
-            entry.update(by_fd=best["name"], fd=best["fd"])
-        out.append(entry)
-    return out
-
-
-def pick_level(results: list[Result], level: int) -> list[Result]:
-    """The reference, then per family the result whose MACs are closest to `level` (within 25%)."""
-    chosen: dict[str, Result] = {}
-    for r in results[1:]:
-        gap = abs(r.macs["total"] - level) / level
-        old = chosen.get(r.variant.family)
-        if gap <= 0.25 and (old is None or gap < abs(old.macs["total"] - level) / level):
-            chosen[r.variant.family] = r
-    return [results[0], *chosen.values()]
-

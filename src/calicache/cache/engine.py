@@ -94,8 +94,8 @@ def check_no_foreign_cache(model: nn.Module) -> None:
                 found.add(f"{type(hook).__name__} ({name})")
     if found:
         raise ValueError(f"this model already has a diffusers cache: {', '.join(sorted(found))}; two caches would "
-                         "serve each other's stale outputs. Remove it first (transformer.disable_cache(), or "
-                         "HookRegistry.remove_hook) and then apply_cache")
+                         "serve each other's stale outputs. Remove it (transformer.disable_cache(), or "
+                         "HookRegistry.remove_hook) to cache with calicache")
 
 
 class CacheEngine:
@@ -217,6 +217,7 @@ class CacheEngine:
         self.schedule.check(num_calls, len(self.branches))
         self.method.check_run(num_calls)
         self.check_attached()
+        check_no_foreign_cache(self.model)  # also one put on after ours
         self._start_run()
         self.explicit = True
         self.run_calls = num_calls

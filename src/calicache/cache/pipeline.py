@@ -36,6 +36,7 @@ from .state import ENGINE_ATTR, get_engine
 
 PIPE_ATTR = "_calicache_pipeline"  # (original class, cached transformer, _Passes) on a wrapped pipeline
 _SUBCLASSES: dict[type, type] = {}
+FOREIGN_HOOK_ATTRS = ("_hf_hook", "_old_forward", "_diffusers_hook")  # accelerate's and diffusers' hook state
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -63,9 +64,13 @@ def _twin(transformer: nn.Module, engine) -> nn.Module:
     """`transformer` with new module objects around the same parameter and buffer tensors, cached alike."""
     memo = {id(t): t for t in itertools.chain(transformer.parameters(), transformer.buffers())}
     memo[id(engine)] = engine
+    # Other libraries' hooks are not copied (accelerate's offload hook leads to the pipeline's other models).
+    hooks = [vars(m)[a] for m in transformer.modules() for a in FOREIGN_HOOK_ATTRS if a in vars(m)]
+    memo.update({id(h): h for h in hooks})
     twin = copy.deepcopy(transformer, memo)
     for module in twin.modules():  # the copied forwards are the original's hooks: drop them, then attach anew
-        vars(module).pop("forward", None)
+        for attr in ("forward",) + FOREIGN_HOOK_ATTRS:
+            vars(module).pop(attr, None)
     vars(twin).pop(ENGINE_ATTR, None)
     setattr(twin, ENGINE_ATTR, type(engine)(twin, engine.config))
     return twin
@@ -80,9 +85,11 @@ class _Passes:
         self.twins: list[nn.Module] = []
         self.num_calls: int | None = None
         self.index = 0  # transformer calls since the scheduler's last step
+        self.caller_run = False  # inside the caller's `with cache_run(pipe, n)`: it owns the first pass's run
 
     def engines(self) -> list:
-        return [self.engine] + [get_engine(t) for t in self.twins]
+        """The engines whose runs the pipeline call opens and closes."""
+        return ([] if self.caller_run else [self.engine]) + [get_engine(t) for t in self.twins]
 
     def begin_run(self, num_calls: int) -> None:
         for engine in self.engines():
@@ -146,6 +153,12 @@ def unwrap_pipeline(pipe: Any) -> nn.Module | None:
     return transformer
 
 
+def pass_engines(model: Any) -> list:
+    """The cache engine of each separate guidance pass: the model's own, then its twins' (a pipeline's)."""
+    state = vars(model).get(PIPE_ATTR)
+    return [get_engine(model)] + ([get_engine(t) for t in state[2].twins] if state is not None else [])
+
+
 @contextmanager
 def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
     """Within the block, `obj.name(...)` runs `then()` after itself; the method is put back on exit."""
@@ -171,11 +184,10 @@ def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
 def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
     _, transformer, passes = vars(pipe)[PIPE_ATTR]
     engine = get_engine(transformer)
-    if pipe.transformer is not transformer or engine is None:
-        raise RuntimeError("pipe.transformer was replaced (or its cache removed) after apply_cache(pipe); "
+    if pipe.transformer is not transformer or engine is not passes.engine:
+        raise RuntimeError("pipe.transformer was replaced (or its cache removed or replaced) after apply_cache(pipe); "
                            "call remove_cache(pipe) and apply_cache(pipe, config) again")
-    if engine.explicit:  # inside the caller's own `with cache_run(pipe, n)`: the caller sets the run
-        return call(pipe, *args, **kwargs)
+    passes.caller_run = engine.explicit  # the caller's own `with cache_run(pipe, n)` sets the first pass's run
     scheduler = pipe.scheduler
     forward = vars(transformer).get("forward")
     transformer.forward = passes.route(transformer.forward)

@@ -7,6 +7,7 @@ import numpy as np
 from torch import nn
 
 from .macs import count_macs
+from .pipeline import pass_engines
 from .state import get_engine
 
 
@@ -19,7 +20,8 @@ class Summary(dict):
         if self["calls"] == 0:
             return lines[0] + " (no run yet)"
         macs = self["macs"]
-        lines.append(f"peak cache memory {self['cache_bytes'] / 2**20:.2f} MiB; MACs per sample "
+        passes = f" ({self['passes']} guidance passes, each with its own cache)" if self["passes"] > 1 else ""
+        lines.append(f"peak cache memory {self['cache_bytes'] / 2**20:.2f} MiB{passes}; MACs per sample "
                      f"{macs['total'] / 1e9:.4g} G vs {macs['full_call'] * self['calls'] / 1e9:.4g} G uncached "
                      f"({macs['speedup']:.2f}x fewer)")
         lines += ["", f"{'call':>4}  {'cached':>7}  {'MACs (G)':>9}"]
@@ -35,12 +37,14 @@ def summary(model: nn.Module) -> Summary:
     """The last run of `model`'s cache (a model or pipeline after `apply_cache`).
 
     Keys: method, calls, cached_share (all branch computations), per_call (cached share of each
-    call's layers), per_layer ([{name, cached_share}] per cacheable branch), cache_bytes (peak),
-    macs (`count_macs` of a run of that many calls; None before the first run).
+    call's layers), per_layer ([{name, cached_share}] per cacheable branch), passes (separate guidance
+    passes of a pipeline, each cached alike by its own engine), cache_bytes (the peaks of all passes),
+    macs (`count_macs` of one pass of that many calls; None before the first run).
     """
     engine = get_engine(model)
     if engine is None:
         raise ValueError("this model has no cache attached; call apply_cache(model, config) first")
+    engines = pass_engines(model)
     flags = np.array(engine.full_flags, dtype=bool).reshape(-1, len(engine.branches))  # (calls, layers)
     calls = int(flags.shape[0])
     cached = ~flags
@@ -51,6 +55,7 @@ def summary(model: nn.Module) -> Summary:
         per_call=[float(row.mean()) for row in cached],
         per_layer=[{"name": b.name, "cached_share": float(cached[:, i].mean()) if calls else 0.0}
                    for i, b in enumerate(engine.branches)],
-        cache_bytes=int(engine.peak_cache_bytes),
+        passes=len(engines),
+        cache_bytes=sum(int(e.peak_cache_bytes) for e in engines),
         macs=count_macs(model, None, calls) if calls else None,
     )

@@ -35,11 +35,14 @@ def scale_weight(
     s_in: torch.Tensor | None = None,
     s_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(diag(s_o) W diag(s_i) in float32, s_o + 1e-6, s_i + 1e-6); a missing side is a unit scale (None)."""
-    w = weight.detach().float()
+    """(diag(s_o) W diag(s_i), s_o + 1e-6, s_i + 1e-6) in float64; a missing side is a unit scale (None).
+
+    float64: the factors are unscaled again by ratios of up to ~1e3 between channels, which would
+    lift float32's rounding of the SVD above the 1e-4 a reconstruction must hold on any CPU."""
+    w = weight.detach().double()
     c_out, c_in = w.shape
-    so = None if s_out is None else s_out.detach().float().to(w.device) + SCALE_EPS
-    si = None if s_in is None else s_in.detach().float().to(w.device) + SCALE_EPS
+    so = None if s_out is None else s_out.detach().double().to(w.device) + SCALE_EPS
+    si = None if s_in is None else s_in.detach().double().to(w.device) + SCALE_EPS
     if so is not None and so.shape != (c_out,) or si is not None and si.shape != (c_in,):
         raise ValueError(f"scales must have shapes ({c_out},) and ({c_in},) for a {c_out}x{c_in} weight")
     for v in (so, si):
@@ -57,8 +60,8 @@ def scaled_singular_values(
     s_in: torch.Tensor | None = None,
     s_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Singular values of diag(s_o) W diag(s_i), descending, without forming U and V (rank budgets)."""
-    return torch.linalg.svdvals(scale_weight(weight, s_in, s_out)[0])
+    """Singular values of diag(s_o) W diag(s_i), descending, without forming U and V (rank budgets); float32."""
+    return torch.linalg.svdvals(scale_weight(weight, s_in, s_out)[0]).float()
 
 
 def scaled_decomposition(
@@ -66,7 +69,8 @@ def scaled_decomposition(
     s_in: torch.Tensor | None = None,
     s_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The full-rank scaled SVD in float32: (A (C_o, k), singular values (k,), B (k, C_i)), k = min(C_o, C_i).
+    """The full-rank scaled SVD: (A (C_o, k), singular values (k,), B (k, C_i)), k = min(C_o, C_i), computed
+    in float64 and returned in float32.
 
     `svd(diag(s_o) W diag(s_i)) = U S V^T`, `A = diag(s_o)^-1 U S` (S merged into A),
     `B = V^T diag(s_i)^-1`. Columns come in descending singular value, so the first r columns of
@@ -81,7 +85,7 @@ def scaled_decomposition(
         a = a / so[:, None]
     if si is not None:
         b = b / si[None, :]
-    return a.contiguous(), s, b.contiguous()
+    return a.float().contiguous(), s.float(), b.float().contiguous()
 
 
 def scaled_svd(

@@ -23,20 +23,21 @@ from ..cache.schedule import check_period
 from ..cache.state import get_engine
 from ..cache.svd import SCALES, SVD_KINDS, check_rank, scaled_decomposition, truncate
 from ..diffusion.guidance import guided_model_fn
-from ..diffusion.samplers import SAMPLERS
+from ..diffusion.samplers import SAMPLERS, ddim_step
 from ..diffusion.schedule import Schedule
 from ..models.io import weight_hash
+from ..sampling import sample_generator
 from .inputs import DataArg, ModelSpaceBatches, batches, check_images, load_images, select
 from .stats import ALPHA, MAX_RATIO, ChannelStatistics
 
+CALIBRATION_STREAM = 0x1CC  # sample_generator's tag for calibration draws
 TRAJECTORIES = ("uncached", "cached")  # where CD statistics are taken: uncached steps, or the cached sampler's
 LABEL_DROP = 0.1  # the authors drop the label to the null class with DiT's training probability
 
 
 def calibration_generator(seed: int, index: int) -> torch.Generator:
     """Generator of calibration sample `index`: its step, label drop and noise depend only on (seed, index)."""
-    state = np.random.SeedSequence([int(seed), int(index), 0x1CC]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return sample_generator(seed, index, CALIBRATION_STREAM)
 
 
 def _draw(gens: list[torch.Generator], low: int, high: int, shape: tuple[int, ...]
@@ -46,14 +47,6 @@ def _draw(gens: list[torch.Generator], low: int, high: int, shape: tuple[int, ..
     drop = torch.stack([torch.rand((), generator=g) < LABEL_DROP for g in gens])
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
     return index, drop, noise
-
-
-def _ddim_step(z: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, abar_next: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM update (eta = 0) with a per-sample step, as `diffusion.samplers.ddim`."""
-    a = abar.view(-1, 1, 1, 1).to(z)
-    ap = abar_next.view(-1, 1, 1, 1).to(z)
-    x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-    return ap.sqrt() * x0 + (1 - ap).sqrt() * eps
 
 
 @torch.inference_mode()
@@ -128,7 +121,7 @@ def gather_statistics(
                 for phase in passes:
                     stats.reference() if phase == "reference" else stats.idle()
                     eps = fn(z, t)[:, : z.shape[1]]
-                    z = _ddim_step(z, eps, abar[index], abar[index - 1])
+                    z = ddim_step(z, eps, abar[index].view(-1, 1, 1, 1).to(z), abar[index - 1].view(-1, 1, 1, 1).to(z))
                     index = index - 1
                     t = timesteps[index].to(device)
                 stats.measure()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import load_dataset
 from ..images import LATENT_SCALE, to_model_space
 
 DataArg = tuple[np.ndarray, np.ndarray | None] | str | os.PathLike
@@ -18,35 +19,10 @@ DataArg = tuple[np.ndarray, np.ndarray | None] | str | os.PathLike
 
 def load_images(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None, size: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images uint8 (N, H, W[, C]), labels (N,) or None) of the training split named by `spec`;
-    images of a folder are resized and center-cropped to `size` (the model's) when given.
-
-    Uses `calicache.data.load_dataset` (fashion-mnist, image folders, .npz) where it exists;
-    otherwise reads Fashion-MNIST and .npz files (arr_0 images, optional arr_1 labels) itself.
-    """
-    try:
-        from ..data import load_dataset
-    except ImportError:
-        load_dataset = None
-    if load_dataset is not None:
-        return load_dataset(spec, split="train", data_dir=data_dir, size=size if Path(str(spec)).is_dir() else None)
-    key = str(spec)
-    if key == "fashion-mnist":
-        from ..data.fashion_mnist import load_fashion_mnist
-
-        return load_fashion_mnist("train", data_dir)
-    path = Path(key)
-    if path.suffix.lower() == ".npz":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such .npz file; pass a file with arr_0 = uint8 images")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                images = f["arr_0"]
-                labels = f["arr_1"] if "arr_1" in f.files else None
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path}: not a readable .npz with arr_0 = uint8 images ({e})") from e
-        return images, labels
-    raise ValueError(f"data {key!r}: give 'fashion-mnist' or an .npz file (arr_0 = uint8 images, arr_1 = labels)")
+    """(images uint8 (N, H, W[, C]), labels (N,) or None) of the training split named by `spec`
+    ("fashion-mnist", an image folder or an .npz file; see `calicache.data.load_dataset`); images of
+    a folder are resized and center-cropped to `size` (the model's) when given."""
+    return load_dataset(spec, split="train", data_dir=data_dir, size=size if Path(str(spec)).is_dir() else None)
 
 
 def check_images(images: np.ndarray, labels: np.ndarray | None, num_classes: int) -> None:

@@ -17,40 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import time
 from pathlib import Path
 
 import torch
 
-from ..bench.grid import (
-    FAMILIES,
-    GridOptions,
-    domain_fd,
-    inception_fid,
-    is_fashion_mnist_model,
-    pick_level,
-    plan_grid,
-    run_grid,
-    winners,
-)
-from ..bench.plot import PALETTE, line_chart, side_by_side_charts
-from ..bench.runs import markdown_table, score, side_by_side
+from ..bench.grid import FAMILIES, GridOptions, domain_inputs, plan_grid, run_grid
+from ..bench.report import COLUMNS, jsonable, markdown_table, mmacs, replot, write_report
+from ..bench.runs import inception_fid, score
 from ..cache import load_config
-from ..images import png_bytes
 from ..models.io import load_model
-from ..utils import Outputs, check_output
+from ..utils import check_output
 from .common import add_model_arguments, model_defaults, parse_arch, setup
-
-COLUMNS = [("name", "configuration", ""), ("steps", "steps", "d"), ("mmacs", "MMACs/sample", ",.1f"),
-           ("macs_speedup", "MACs speed-up", ".2f"), ("cached_ratio", "cached", ".0%"),
-           ("wall_seconds", "wall s", ".2f"), ("wall_speedup", "wall speed-up", ".2f"),
-           ("peak_rss_mb", "peak RSS +MB", ".1f"), ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
-           ("class_agreement", "class agr.", ".1%"), ("fd", "FD (classifier)", ".2f"), ("fid", "FID", ".2f")]
-WINNER_COLUMNS = [("level", "MACs level", ""), ("mmacs", "MMACs/sample", ",.1f"), ("candidates", "configs", "d"),
-                  ("by_psnr", "best PSNR", ""), ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
-                  ("by_fd", "best FD", ""), ("fd", "FD", ".2f")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-ref", default="fashion-mnist-test", help="FID reference: an npz batch or fashion-mnist-test")
     p.add_argument("--inception", default=None, help="Inception-v3 weights file for --fid")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw OUT/quality.png from OUT/bench.json (a previous run's numbers; no sampling)")
     p.set_defaults(_bench_parser=p)
 
 
@@ -119,57 +100,10 @@ def _options(args: argparse.Namespace, model) -> GridOptions:
                        config_name=Path(args.config).name if args.config else "config")
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # "inf": PSNR of the reference against itself
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-def _mmacs(rows: list[dict]) -> list[dict]:
-    """Rows with MACs in millions for the tables (the JSON keeps exact integers)."""
-    return [{**r, "mmacs": r.get("macs_per_sample", r.get("macs")) / 1e6} for r in rows]
-
-
-def _chart(rows: list[dict], key: str, label: str):
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    colours = {f: PALETTE[i % len(PALETTE)] for i, f in enumerate(families)}
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r.get(key) is not None:
-            series.setdefault(r["family"], []).append((r["macs_per_sample"] / rows[0]["macs_per_sample"],
-                                                       float(r[key])))
-    return line_chart(series, f"{label} vs MACs", "MACs per sample / uncached", label, colours=colours)
-
-
-def _markdown(command: str, settings: str, notes: list[str], rows: list[dict], wins: list[dict],
-              side_level: str) -> str:
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in _mmacs(rows))]  # no all-n/a columns
-    parts = [f"# calicache bench\n\n```\n{command}\n```\n\n{settings}\n",
-             "MACs per sample follow the papers' convention (linear layers, attention matmuls, adaLN, embeddings; "
-             "no guidance doubling): calicache counts its own (`count_macs`), the peers are measured with torch's "
-             "flop counter on the diffusers model, which also counts diffusers' per-block copies of the "
-             "timestep/label embedders. `cached` is the share of (call, branch) pairs not computed. Peak RSS is the "
-             "growth of the process's resident set during the run (sampled every 5 ms; a lower bound). PSNR/SSIM "
-             "are against the uncached samples of the same seeds; FD is the Frechet distance of the Fashion-MNIST "
-             "classifier's features to the test set.\n"]
-    if notes:
-        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    for fam in families:
-        fam_rows = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["macs_per_sample"])
-        parts.append(f"## {fam}\n\n{markdown_table(_mmacs(fam_rows), columns)}\n")
-    parts.append("## Winner per MACs level\n\nAmong the configurations costing at most the MACs of uncached sampling "
-                 f"with that many steps.\n\n{markdown_table(_mmacs(wins), WINNER_COLUMNS)}\n")
-    parts.append(f"![quality vs MACs](quality.png)\n\nSide by side at {side_level}:\n\n![side by side]"
-                 "(side_by_side.png)\n")
-    return "\n".join(parts)
-
-
 def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        print(f"wrote {replot(Path(args.out))}")
+        return 0
     t_start = time.perf_counter()
     setup(args)
     model = load_model(args.model, parse_arch(args.arch))
@@ -182,58 +116,24 @@ def run(args: argparse.Namespace) -> int:
     results = run_grid(model, grid, opts)
     grid.seconds["sampling"] = time.perf_counter() - t_runs
     t_metrics = time.perf_counter()
-    classifier = reference = None
-    if args.no_classifier:
-        pass
-    elif not is_fashion_mnist_model(model):
-        grid.notes.append("class agreement and classifier FD skipped: the classifier is for 28x28 one-channel "
-                          "10-class (Fashion-MNIST) models")
-    else:
-        from ..data.fashion_mnist import load_fashion_mnist
-        from ..training.classifier import load_classifier
-
-        classifier = load_classifier()
-        try:
-            reference = load_fashion_mnist("test", args.data_dir)[0]
-        except (FileNotFoundError, ValueError) as e:
-            grid.notes.append(f"classifier FD skipped: {e}")
-    score(results, results[0], classifier)
-    if reference is not None:
-        domain_fd(results, classifier, reference)
+    classifier, test_images = (None, None) if args.no_classifier else domain_inputs(model, args.data_dir, grid.notes)
+    fd_range = score(results, results[0], classifier, test_images)
     if args.fid:
         why = inception_fid(results, args.fid_ref, args.inception, args.data_dir)
         if why:
             grid.notes.append(why)
     grid.seconds["metrics"] = time.perf_counter() - t_metrics
-    rows = [r.row() for r in results]
-    ref_macs = rows[0]["macs_per_sample"]
-    levels = [(f"{r['steps']} steps", r["macs_per_sample"]) for r in rows if r["family"] == "fewer steps"]
-    wins = winners(rows, levels + [(f"{opts.steps} steps (all)", ref_macs)])
-    side_macs = levels[len(levels) // 2][1] if levels else ref_macs // 2
-    picked = pick_level(results, side_macs)
-    charts = [_chart(rows, "psnr", "PSNR dB to uncached")]
-    charts.append(_chart(rows, "fd", "FD (classifier) to test set") if any(r.get("fd") is not None for r in rows)
-                  else _chart(rows, "ssim", "SSIM to uncached"))
-    command = command_line(args)
     settings = (f"Model `{args.model}` (width {model.config.hidden_size}, depth {model.config.depth}), {opts.num} "
                 f"samples per configuration (classes index % {model.config.num_classes}, seed {opts.seed}), DDIM "
                 f"{opts.steps} steps (adm spacing), guidance {opts.cfg_scale}, {torch.get_num_threads()} CPU threads.")
-    side_level = f"about {side_macs / 1e6:,.1f} MMACs per sample (the reference first, then each family's closest)"
     grid.seconds["total"] = time.perf_counter() - t_start
-    report = {"command": command, "settings": settings, "notes": grid.notes, "rows": rows, "winners": wins,
-              "seconds": {k: round(v, 1) for k, v in grid.seconds.items()},
-              "side_by_side": [r.variant.name for r in picked]}
-    with Outputs() as outputs:  # the four report files are replaced together
-        outputs.write(opts.out / "side_by_side.png", png_bytes(side_by_side(picked)))
-        outputs.write(opts.out / "quality.png", png_bytes(side_by_side_charts(charts)))
-        outputs.write(opts.out / "bench.md", _markdown(command, settings, grid.notes, rows, wins, side_level))
-        outputs.write(opts.out / "bench.json", json.dumps(_jsonable(report), indent=2))
+    report = write_report(opts.out, command_line(args), settings, grid.notes, results, opts.steps, opts.num,
+                          grid.seconds, fd_range)
     if args.json:
-        print(json.dumps(_jsonable(report), indent=2))
+        print(json.dumps(jsonable(report), indent=2))
     else:
-        table = markdown_table(_mmacs(rows), COLUMNS[:10])
-        print(f"\n{command}\n\n{table}\n\n" + "\n".join(f"note: {n}" for n in grid.notes)
+        table = markdown_table(mmacs(report["rows"]), COLUMNS[:10])
+        print(f"\n{report['command']}\n\n{table}\n\n" + "\n".join(f"note: {n}" for n in grid.notes)
               + f"\nwrote {opts.out}/bench.md, bench.json, quality.png, side_by_side.png "
               f"({grid.seconds['total']:.0f} s)")
     return 0
-

@@ -111,11 +111,7 @@ def _calibrate(args: argparse.Namespace, model, world: int) -> int:
     steps = args.steps or defaults.get("steps", 50)
     t0 = time.perf_counter()
     if args.method == "goc":
-        try:
-            from ..calibration.goc import find_goc_steps
-        except ImportError as e:
-            raise RuntimeError("GOC calibration needs calicache.calibration.goc, which this installation lacks; "
-                               "update calicache") from e
+        from ..calibration.goc import find_goc_steps
 
         cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.0)
         found = find_goc_steps(model, steps, sampler=args.sampler, spacing=args.spacing, num=args.num or 32,

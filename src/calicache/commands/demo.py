@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..bench.runs import Variant, markdown_table, run_variant, score, side_by_side
+from ..bench.report import markdown_table, side_by_side
+from ..bench.runs import Variant, run_variant, score
 from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, NoCacheConfig, load_config
 from ..cache.svd import parse_rank
 from ..images import png_bytes

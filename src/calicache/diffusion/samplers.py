@@ -56,6 +56,14 @@ def _timestep(schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
 
 
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor,
+              clip_denoised: bool = False, sigma: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """One DDIM update from abar `a` to `a_prev` without its noise term (Song et al. 2021, Eq. 12);
+    `a`, `a_prev` and `sigma` broadcast against x (scalars, or per sample (N, 1, 1, 1))."""
+    x0, eps = _x0(x, eps, a, clip_denoised)
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+
+
 def ddim(
     model_fn: ModelFn,
     x: torch.Tensor,
@@ -72,9 +80,8 @@ def ddim(
     for i in _steps(schedule, progress, "ddim"):
         eps, _ = _split_output(model_fn(x, _timestep(schedule, i, x)), x.shape[1])
         a, ap = _coef(abar, i, x), _coef(abar_prev, i, x)
-        x0, eps = _x0(x, eps, a, clip_denoised)
         sigma = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
-        x = ap.sqrt() * x0 + (1 - ap - sigma**2).sqrt() * eps
+        x = ddim_step(x, eps, a, ap, clip_denoised, sigma)
         if eta > 0 and i > 0:
             x = x + sigma * noise_fn(x)
     return x

@@ -13,36 +13,53 @@ import torch
 from tqdm.auto import tqdm
 
 from .adm import inception_score
-from .frechet import frechet_distance, gaussian_stats
+from .frechet import feature_frechet_distance
 
 IMAGE_SIZE = 28
 
 
 def classifier_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W[, C]) -> float (N, 1, H, W) in [-1, 1]; channels averaged (replicated gray stays exact)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"in-domain metrics take uint8 images, got {images.dtype}")
-    x = torch.from_numpy(images.astype(np.float32))  # a copy: inputs may be read-only
-    if x.ndim == 4:
-        x = x.mean(dim=-1)
-    if x.ndim != 3 or tuple(x.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"the Fashion-MNIST classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images, got shape "
-                         f"{tuple(images.shape)}")
-    return (x / 127.5 - 1.0)[:, None]
+    """uint8 (N, 28, 28), (N, 28, 28, 1) or (N, 28, 28, 3) -> float (N, 1, 28, 28) in [-1, 1].
+
+    Three channels are reduced to luma with the ITU-R BT.601 weights in PIL's integer form,
+    (299 R + 587 G + 114 B + 500) // 1000 (PIL's `convert("L")`), which gives back a
+    grayscale-replicated image (as in samples.npz) exactly.
+    """
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise ValueError(f"the Fashion-MNIST classifier takes uint8 images, got {a.dtype}; convert with "
+                         "calicache.images.to_uint8 (or ((x + 1) * 127.5).round().astype(uint8))")
+    if a.ndim == 4 and a.shape[-1] == 3:
+        a = (a[..., 0].astype(np.int32) * 299 + a[..., 1].astype(np.int32) * 587
+             + a[..., 2].astype(np.int32) * 114 + 500) // 1000
+    elif a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"the Fashion-MNIST classifier takes {IMAGE_SIZE}x{IMAGE_SIZE} images (N, 28, 28[, 1 or 3]), "
+                         f"got shape {np.asarray(images).shape}")
+    return torch.from_numpy(a.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0  # a copy: inputs may be read-only
 
 
 @torch.inference_mode()
+def classifier_pass(fns, images: np.ndarray, batch_size: int = 500, desc: str = "classifier") -> list[np.ndarray]:
+    """Each of `fns` (e.g. `model`, `model.features`) over uint8 images in batches: float64 (N, ...) arrays,
+    one per function, flattened to (N, D)."""
+    x = classifier_input(images)
+    if len(x) == 0:
+        raise ValueError("no images given to the classifier")
+    outs: list[list[torch.Tensor]] = [[] for _ in fns]
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
+        xb = x[start : start + batch_size]
+        for out, fn in zip(outs, fns):
+            out.append(fn(xb).flatten(1).double())
+    return [torch.cat(out).numpy() for out in outs]
+
+
 def classifier_outputs(model: torch.nn.Module, images: np.ndarray, batch_size: int = 500,
                        desc: str = "classifier") -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, K), features (N, D)) as float64 numpy arrays."""
-    x = classifier_input(images)
-    logits, feats = [], []
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=len(x) <= batch_size):
-        xb = x[start : start + batch_size]
-        logits.append(model(xb).double())
-        feats.append(model.features(xb).flatten(1).double())
-    return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+    logits, feats = classifier_pass([model, model.features], images, batch_size, desc)
+    return logits, feats
 
 
 def class_agreement(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -69,7 +86,7 @@ def domain_metrics(model: torch.nn.Module, samples: np.ndarray, labels: np.ndarr
         out["notes"].append("class agreement needs the sampled labels (arr_1 in the samples npz)")
     if reference is not None:
         _, ref_feats = classifier_outputs(model, reference, desc="classifier (reference)")
-        out["fd"] = frechet_distance(*gaussian_stats(feats), *gaussian_stats(ref_feats), method=fd_method)
+        out["fd"] = feature_frechet_distance(feats, ref_feats, method=fd_method)
         out["num_reference"] = int(len(reference))
     else:
         out["notes"].append("feature Frechet distance needs 28x28 reference images (--ref)")

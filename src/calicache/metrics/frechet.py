@@ -68,3 +68,29 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"unknown Frechet method {method!r}; choose one of {METHODS}")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def feature_frechet_distance(features1: np.ndarray, features2: np.ndarray, method: str = "sqrtm") -> float:
+    """Frechet distance of Gaussians fitted to two feature sets (N1, D) and (N2, D)."""
+    return frechet_distance(*gaussian_stats(features1), *gaussian_stats(features2), method=method)
+
+
+def subset_frechet_range(reference: np.ndarray, num: int, draws: int = 20, seed: int = 0,
+                         method: str = "eigh") -> dict:
+    """What real data scores at sample size `num`: the Frechet distance to all of `reference` (M, D)
+    of `draws` random `num`-row subsets of it (without replacement). At small `num` the estimate is
+    biased upwards and spread out; an FD inside this range is not told apart from real data.
+
+    Returns {"num", "draws", "mean", "low", "high"} with low/high the 5th and 95th percentiles.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    if not 2 <= num <= len(reference):
+        raise ValueError(f"subset size must lie in 2..{len(reference)} (the reference rows), got {num}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    mu, sigma = gaussian_stats(reference)
+    rng = np.random.default_rng(seed)
+    fds = np.array([frechet_distance(*gaussian_stats(reference[rng.choice(len(reference), num, replace=False)]),
+                                     mu, sigma, method=method) for _ in range(draws)])
+    low, high = np.percentile(fds, [5, 95])
+    return {"num": int(num), "draws": int(draws), "mean": float(fds.mean()), "low": float(low), "high": float(high)}

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..utils import file_sha256
 from .inception_net import InceptionV3, from_torchvision_names
 
 INPUT_SIZE = 299
@@ -56,14 +57,6 @@ def find_inception(path: str | os.PathLike | None = None) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"no Inception-v3 weights found: {HOW_TO_GET}")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_inception_net(path: str | os.PathLike) -> tuple[InceptionV3, str]:

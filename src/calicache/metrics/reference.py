@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..images import save_npz
+from ..utils import file_sha256
 from .adm import NEIGHBOURS, manifold_radii
 from .frechet import gaussian_stats
-from .inception import file_sha256
 from .npz import STAT_KEYS, load_batch
 
 FASHION_MNIST_TEST = "fashion-mnist-test"

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..metrics.domain import IMAGE_SIZE, classifier_input, classifier_pass
 from ..tensorfile import decode_metadata, load_tensors, read_header, save_tensors
 
 FORMAT = "calicache-classifier"
 FIX = "re-create it with `calicache train-classifier`"
 SHIPPED_FILE = "fmnist-classifier.safetensors"
-IMAGE_SIZE = 28
 
 
 @dataclass(frozen=True)
@@ -76,41 +76,14 @@ class FashionClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-def classifier_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28), (N, 28, 28, 1) or (N, 28, 28, 3) -> float (N, 1, 28, 28) in [-1, 1].
-
-    Three channels are reduced to luma with PIL's integer weights (299, 587, 114) / 1000, which
-    returns a grayscale-replicated image (as in samples.npz) exactly.
-    """
-    a = np.asarray(images)
-    if a.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images, got {a.dtype}; convert with ((x + 1) * 127.5).round().astype(uint8)")
-    if a.ndim == 4 and a.shape[-1] == 3:
-        a = (a[..., 0].astype(np.int32) * 299 + a[..., 1].astype(np.int32) * 587
-             + a[..., 2].astype(np.int32) * 114 + 500) // 1000
-    elif a.ndim == 4 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected 28x28 images (N, 28, 28[, 1 or 3]), got {np.asarray(images).shape}")
-    return torch.from_numpy(a.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0
-
-
-@torch.inference_mode()
-def _batched(fn, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    x = classifier_input(images)
-    if len(x) == 0:
-        raise ValueError("no images given")
-    return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
-
-
 def predict_uint8(model: FashionClassifier, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Predicted labels int64 (N,) for uint8 images (NHW, or NHWC such as samples.npz's arr_0)."""
-    return _batched(model, images, batch_size).argmax(-1).numpy().astype(np.int64)
+    return classifier_pass([model], images, batch_size)[0].argmax(-1).astype(np.int64)
 
 
 def features_uint8(model: FashionClassifier, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Penultimate features float64 (N, D) for uint8 images (NHW or NHWC)."""
-    return _batched(model.features, images, batch_size).double().numpy()
+    return classifier_pass([model.features], images, batch_size)[0]
 
 
 def accuracy(model: FashionClassifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:

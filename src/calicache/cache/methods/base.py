@@ -148,6 +148,7 @@ class MethodConfig:
             if f.name == "schedule":
                 if self._schedule_path is not None:
                     out["schedule"] = _relative(self._schedule_path, base)
+                    out["schedule_sha256"] = file_sha256(self._schedule_path)
                     continue
                 js = _schedule_json(v)
                 if set(js) == {"period"}:
@@ -185,7 +186,7 @@ class MethodConfig:
         if method != cls.method:
             raise ValueError(f"{where}: method {method!r} is not {cls.method!r}")
         names = {f.name for f in fields(cls) if f.init}
-        digests = {f"{n}_sha256" for n in cls.files}
+        digests = {f"{n}_sha256" for n in ("schedule",) + cls.files}  # a schedule by path is a file too
         unknown = sorted(set(data) - names - digests)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown} for method {cls.method!r}; "
@@ -200,8 +201,7 @@ class MethodConfig:
                 _check_type(k, v, (str,), "a file path")
                 if v is not None:
                     v = _resolve(v, base)
-                    if k in cls.files:
-                        _verify(k, v, data.get(f"{k}_sha256"), where)
+                    _verify(k, v, data.get(f"{k}_sha256"), where)
             elif k == "cache_dtype":
                 _check_type(k, v, (str,), f"one of {sorted(DTYPES)} or null")
             kwargs[k] = v
