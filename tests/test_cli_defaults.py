@@ -36,7 +36,7 @@ def test_calibrate_goc_prints_the_cosines(tmp_path, capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "cos(d_s, d_s-1)" in table and len([line for line in table.splitlines() if line[:4].strip().isdigit()]) == 5
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--json", "--overwrite"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 5 and len(report["cosines"]) == 5 and report["cosines"][:2] == [None, None]
     assert report["compensated"] == json.loads((tmp_path / "g.json").read_text())["steps"]

@@ -82,8 +82,7 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def _half_written_npz(path, **arrays):
-    Path(path).write_bytes(b"PK\x03\x04 half an archive")
+def _failing_npz(**arrays):
     raise RuntimeError("disk full while writing samples.npz")
 
 
@@ -91,7 +90,7 @@ def _broken_grid(images, cols=None):
     raise RuntimeError("grid failed")
 
 
-@pytest.mark.parametrize(("target", "fake"), [("save_npz", _half_written_npz), ("grid", _broken_grid)])
+@pytest.mark.parametrize(("target", "fake"), [("npz_bytes", _failing_npz), ("grid", _broken_grid)])
 def test_error_after_sampling_leaves_no_partial_output(model_file, tmp_path, monkeypatch, capsys, target, fake):
     monkeypatch.setattr(common, target, fake)
     out = tmp_path / "run"
@@ -103,7 +102,8 @@ def test_error_after_sampling_leaves_no_partial_output(model_file, tmp_path, mon
     assert cli("sample", "--model", model_file, "--num", 2, "--steps", 2, "--seed", 1, "--out", out) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(common, target, fake)
-    assert cli("sample", "--model", model_file, "--num", 3, "--steps", 2, "--out", out) == 2
+    assert cli("sample", "--model", model_file, "--num", 3, "--steps", 2, "--out", out, "--overwrite") == 2
+    assert "--overwrite" not in capsys.readouterr().err  # the failure itself, not the refusal to overwrite
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -195,8 +195,9 @@ def test_resume_recomputes_only_missing_shards_and_refuses_foreign_ones(tmp_path
     # The state a killed run leaves: some shards missing, a half-written temporary file, no samples.npz.
     (folder / "batch-000001.npz").unlink()
     (folder / "batch-000002.npz").unlink()
-    (folder / ".batch-000002.tmp-99999.npz").write_bytes(b"half a shard")
-    (out / "samples.npz").unlink()
+    (folder / ".batch-000002.npz.k3x9q_zz.tmp.npz").write_bytes(b"half a shard")
+    for name in ("samples.npz", "grid.png", "report.json"):
+        (out / name).unlink()
     time.sleep(0.01)  # so a rewritten shard would get another mtime
     codes, logs = run_ranks(tmp_path, main, _argv(model_file, out))
     assert codes == [0, 0], "\n".join(logs)
@@ -209,6 +210,8 @@ def test_resume_recomputes_only_missing_shards_and_refuses_foreign_ones(tmp_path
 
     # Other settings (another seed) go to another folder and never merge the first run's shards.
     codes, logs = run_ranks(tmp_path, main, _argv(model_file, out, "--seed", "1"))
+    assert codes == [2, 2] and "pass --overwrite" in logs[0]  # the finished outputs are not replaced unasked
+    codes, logs = run_ranks(tmp_path, main, _argv(model_file, out, "--seed", "1", "--overwrite"))
     assert codes == [0, 0], "\n".join(logs)
     other = next(p for p in (out / "shards").iterdir() if p != folder)
     assert (out / "samples.npz").read_bytes() != expected
@@ -216,7 +219,7 @@ def test_resume_recomputes_only_missing_shards_and_refuses_foreign_ones(tmp_path
     # and both ranks end with a non-zero exit and the message.
     shutil.copy(folder / "batch-000000.npz", other / "batch-000000.npz")
     (out / "samples.npz").unlink()
-    codes, logs = run_ranks(tmp_path, main, _argv(model_file, out, "--seed", "1"))
+    codes, logs = run_ranks(tmp_path, main, _argv(model_file, out, "--seed", "1", "--overwrite"))
     assert codes[0] != 0 and codes[1] != 0, "\n".join(logs)
     assert "other settings" in logs[0] and "batch-000000.npz" in logs[0]
     assert "stopped because rank 0/2 failed" in logs[1]
@@ -234,7 +237,8 @@ def test_error_on_one_rank_ends_torchrun_job(tmp_path, model_file) -> None:
     folder = next((out / "shards").iterdir())
     for p in folder.glob("batch-*.npz"):
         p.unlink()
-    (out / "samples.npz").unlink()
+    for name in ("samples.npz", "grid.png", "report.json"):  # what a killed run leaves: no outputs
+        (out / name).unlink()
     (folder / "batch-000003.npz").write_bytes(b"not a shard")  # batch 3 belongs to rank 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "-m", "calicache", "--", *_argv(model_file, out, *extra)]

@@ -46,10 +46,65 @@ def test_plain_state_dict_pt_infers_the_architecture_and_takes_heads_from_arch(t
     loaded = load_model(path, arch=TINY_HEADS)
     assert loaded.config == model.config
     assert _same_outputs(model, loaded)
-    # Without arch the heads are guessed (head_dim 64 -> 1 head here): same weights, other model.
-    guessed = load_model(path)
-    assert guessed.config.num_heads == 1
-    assert not _same_outputs(model, guessed)
+    # Without arch no registry architecture has this width and depth: the heads are not guessed.
+    with pytest.raises(ValueError, match=r"plain\.pt: the attention head count cannot be read.*--arch"):
+        load_model(path)
+
+
+def _registry_tiny(seed: int = 0):
+    from conftest import randomize
+
+    torch.manual_seed(seed)
+    return randomize(create_model("DiT-Tiny/2"), seed)
+
+
+def test_original_train_py_checkpoint_takes_the_architecture_from_its_args(tmp_path):
+    """facebookresearch/DiT's train.py saves {model, ema, opt, args}; args.model names the architecture
+    (issue 18 item 1: the heads were guessed as 1 and the outputs silently differed)."""
+    ema = _registry_tiny()
+    ckpt = {"model": ema.state_dict(), "ema": ema.state_dict(), "opt": {},
+            "args": argparse.Namespace(model="DiT-Tiny/2", image_size=224, num_classes=10, epochs=1400)}
+    path = tmp_path / "0004353.pt"
+    torch.save(ckpt, path)
+    loaded = load_model(path)
+    assert loaded.config == ema.config and loaded.config.num_heads == 3
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 700]), torch.tensor([0, 9])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), ema(x, t, y))
+    # Args naming an architecture the weights do not fit: an error naming both, not a guess.
+    ckpt["args"] = argparse.Namespace(model="DiT-S/2", image_size=256, num_classes=10)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"do not match architecture DiT-S/2: hidden_size is 192"):
+        load_model(path)
+    ckpt["args"] = argparse.Namespace(model="MyDiT", image_size=256, num_classes=10)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"args name the model 'MyDiT'.*--arch"):
+        load_model(path)
+
+
+def test_plain_state_dict_of_a_registry_size_takes_the_registry_heads(tmp_path):
+    model = _registry_tiny(seed=3)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    assert load_model(tmp_path / "plain.pt").config.num_heads == 3
+
+
+@pytest.mark.parametrize("arch, message", [
+    ({"bogus": 1}, r"--arch \(arch=\) has fields that are not DiT config fields \['bogus'\]"),
+    ({"num_heads": 5}, r"num_heads|heads"),
+])
+def test_bad_arch_overrides_are_clear_errors(tmp_path, arch, message):
+    torch.save(tiny_model().state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path / "plain.pt", arch=arch)
+
+
+@pytest.mark.parametrize("content", [os.urandom(2000), b"\x80\x04K\x01.", b"not a pickle at all"])
+def test_files_that_are_not_checkpoints_get_no_unsafe_advice(tmp_path, content):
+    path = tmp_path / "random.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"random\.pt: (not a|cannot read)") as e:
+        load_model(path)
+    assert "weights_only" not in str(e.value) and "pickled objects other than tensors" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in DIT_MODELS if not n.startswith("DiT-Tiny")))

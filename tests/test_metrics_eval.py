@@ -124,7 +124,7 @@ def test_fidelity_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     (None, "not found"),
-    (b"this is not a zip file", "not a readable npz"),
+    (b"this is not a zip file", "not an .npz file"),
     ({"arr_0": np.zeros((0, 8, 8, 3), np.uint8)}, "no images"),
     ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "not uint8"),
     ({"arr_0": np.zeros((2, 3, 8, 8), np.uint8)}, "channels first"),

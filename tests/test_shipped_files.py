@@ -33,7 +33,7 @@ def test_cli_samples_with_shipped_names(tmp_path, capsys):
     argv = ["sample", "--num", "2", "--steps", "20", "--threads", "1", "--json", "--out", str(out)]
     assert main([*argv, "--method", "goc", "--goc-file", "fmnist-dit-goc20"]) == 0
     assert json.loads(capsys.readouterr().out)["cached_ratio"] == 0.5
-    assert main([*argv, "--method", "icc", "--svd", "cd", "--factors", "fmnist-dit-cd"]) == 0
+    assert main([*argv, "--overwrite", "--method", "icc", "--svd", "cd", "--factors", "fmnist-dit-cd"]) == 0
     assert json.loads(capsys.readouterr().out)["cache_config"]["factors"] == "fmnist-dit-cd"
 
 

@@ -97,5 +97,5 @@ def test_cli_cached_trajectory(calibrate_files, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["trajectory"] == "cached" and report["trajectory_rounds"] == 1 and report["period"] == 3
     assert Factors.load(out).meta["trajectory"] == "cached"
-    assert calibrate_cli(tmp_path, "--svd", "ca", "--trajectory", "cached", "--out", str(out)) == 2
+    assert calibrate_cli(tmp_path, "--svd", "ca", "--trajectory", "cached", "--out", str(out), "--overwrite") == 2
     assert "svd='cd'" in capsys.readouterr().err

@@ -305,3 +305,43 @@ def all_reduce_sum_(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.T
             with torch.inference_mode(t.is_inference()), torch.no_grad():
                 t.copy_(part.view(t.shape))
     return tensors
+
+
+LAUNCH_FLAG = "--nproc-per-node"
+
+
+def without_launch_flag(argv: list[str]) -> list[str]:
+    """`argv` without `--nproc-per-node N` (or `--nproc-per-node=N`), as the workers get it."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == LAUNCH_FLAG:
+            skip = True
+        elif not arg.startswith(LAUNCH_FLAG + "="):
+            out.append(arg)
+    return out
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `calicache ARGV` on `nproc` worker processes of this machine, as
+    `torchrun --standalone --nproc_per_node NPROC -m calicache -- ARGV` would (without the user having
+    to know about `--`); returns 0 when every worker succeeded, else 2 (each worker prints its error)."""
+    if launched():
+        raise ValueError(f"{LAUNCH_FLAG} starts the workers itself, but this process already runs under torchrun; "
+                         f"drop {LAUNCH_FLAG} (or start the command without torchrun)")
+    if nproc < 1:
+        raise ValueError(f"{LAUNCH_FLAG} must be >= 1, got {nproc}")
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    cmd = ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), "--max_restarts", "0",
+           "-m", "calicache", "--", *without_launch_flag(argv)]
+    try:
+        torchrun.main(cmd)
+    except ChildFailedError as e:
+        failed = sorted(e.failures)
+        print(f"calicache: {len(failed)} of {nproc} workers failed (ranks {failed}); see their errors above",
+              file=sys.stderr)
+        return 2
+    return 0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .utils import atomic_path
+from .utils import write_file
 
 LATENT_SCALE = 0.18215
 
@@ -63,12 +63,38 @@ def grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    write_file(path, png_bytes(image))
+
+
+def open_npz(path: str | os.PathLike, fix: str) -> np.lib.npyio.NpzFile:
+    """An .npz archive opened without pickles; any other file is an error ending in `fix` (never numpy's
+    advice to allow pickles)."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            start = f.read(6)
+        what = ("not a readable .npz file (a truncated or damaged zip archive)" if start.startswith(b"PK\x03\x04")
+                else "not an .npz file: it holds a single .npy array, not an .npz archive" if start == b"\x93NUMPY"
+                else "not an .npz file (an .npz is a zip archive of arrays)")
+        raise ValueError(f"{path}: {what}; {fix}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e}); {fix}") from e
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez's format with fixed zip timestamps (see npz_bytes), written in one step."""
+    write_file(path, npz_bytes(**arrays))
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
     """np.savez's format (one stored .npy member per array), but with fixed zip timestamps:
     equal arrays give equal file bytes, so sharded and single-process runs can be compared."""
     buf = io.BytesIO()
@@ -77,5 +103,4 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    return buf.getvalue()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import operator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache.state import cache_run
+from .cache.state import cache_run, get_engine
 from .diffusion.guidance import guided_model_fn
 from .diffusion.samplers import SAMPLERS
 from .diffusion.schedule import Schedule
@@ -26,9 +28,12 @@ def _class_labels(classes: Sequence[int] | int | None, num: int, num_classes: in
     if classes is None:
         labels = [i % num_classes for i in range(num)]
     elif isinstance(classes, (int, np.integer)):
-        labels = [classes] * num
+        labels = [int(classes)] * num
     else:
-        labels = [int(c) for c in classes]
+        try:
+            labels = [operator.index(c) for c in classes]  # 1.7 is not a class; int() would make it 1
+        except TypeError:
+            raise ValueError(f"class labels must be integers, got {list(classes)[:5]}") from None
         if len(labels) == 0:
             raise ValueError("classes is empty; give one class, one per sample, or None")
         labels = [labels[i % len(labels)] for i in range(num)]
@@ -47,6 +52,75 @@ def default_steps(model: nn.Module, steps: int | None = None) -> int:
     if steps is not None:
         return steps
     return int(dict(getattr(model, "calicache_defaults", {}) or {}).get("steps", FALLBACK_STEPS))
+
+
+def _finite_number(x: object) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class NonFiniteSamplesError(ValueError):
+    """Sampling produced NaN or infinite values; the message names the likely source."""
+
+
+def _tensors(obj: object, name: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors held by `obj` (attributes, dicts, lists, tuples), a few levels deep."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif depth < 4 and isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}[{k!r}]", depth + 1)
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{name}[{i}]", depth + 1)
+    elif depth < 4 and hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for k, v in vars(obj).items():
+            yield from _tensors(v, f"{name}.{k}", depth + 1)
+
+
+def nonfinite_sources(model: nn.Module, cfg_scale: float = 1.0, noise: torch.Tensor | None = None) -> list[str]:
+    """Why sampling `model` may give NaN or inf: non-finite weights, cache settings or factors,
+    a guidance scale or noise far outside their usual range (most likely first)."""
+    found = []
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        found.append(f"the model's weights contain NaN or inf ({', '.join(bad[:3])}): the checkpoint is damaged; "
+                     "re-create or re-download it")
+    engine = get_engine(model)
+    if engine is not None:
+        config = getattr(engine, "config", None)
+        fields = vars(config) if config is not None and hasattr(config, "__dict__") else {}
+        bad = [f"{k}={v}" for k, v in fields.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            found.append(f"the cache settings are not finite ({', '.join(bad)})")
+        bad = [n for obj_name in ("method", "config") for n, t in _tensors(getattr(engine, obj_name, None), obj_name)
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            found.append(f"the cache's factors or statistics contain NaN or inf ({', '.join(bad[:3])}): re-create "
+                         "the factor file with `calicache calibrate`")
+    if not math.isfinite(cfg_scale) or cfg_scale > 100:
+        found.append(f"the guidance scale cfg_scale={cfg_scale} (usual: 1-10) amplifies the model's output")
+    if noise is not None and noise.numel():
+        peak = noise.abs().max().item()
+        if not math.isfinite(peak) or peak > 100:
+            found.append(f"the noise reaches |x| = {peak:.3g}; x_T should be standard normal (|x| below ~6)")
+    return found
+
+
+def _nonfinite_error(model: nn.Module, cfg_scale: float, noise: torch.Tensor | None,
+                     first: int) -> NonFiniteSamplesError:
+    sources = nonfinite_sources(model, cfg_scale, noise)
+    engine = get_engine(model)
+    method = getattr(getattr(engine, "config", None), "method", None)
+    if not sources:
+        sources = ["the cache method's weights or factors (--forecast-weight, --goc-weight, --factors)" if
+                   method not in (None, "none") else "the model itself (its outputs overflow)",
+                   "the guidance scale (--cfg-scale)", "the noise"]
+        hint = " Sample again with --method none to see whether caching causes it." if method not in (None, "none") \
+            else ""
+    else:
+        hint = ""
+    return NonFiniteSamplesError(f"sampling produced NaN or infinite values (batch starting at sample {first}); "
+                                 f"likely source: {'; '.join(sources)}.{hint}")
 
 
 def model_calls(steps: int, sampler: str = "ddim") -> int:
@@ -116,8 +190,10 @@ def sample(
         raise ValueError(f"batch_size must be >= 1 (or None for one batch), got {batch_size}")
     if start < 0:
         raise ValueError(f"start must be >= 0 (the first global sample index), got {start}")
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    if not _finite_number(cfg_scale) or cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 and finite (1 = no guidance), got {cfg_scale}")
+    if not _finite_number(eta) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     cfg = model.config
     if cfg_scale != 1.0 and cfg.class_dropout_prob <= 0:
         # Without label dropout the embedding table has no null-class row to guide against.
@@ -156,11 +232,19 @@ def sample(
             fn, finite = _watch_finite(guided_model_fn(model, y, cfg.num_classes, cfg_scale, cfg_channels))
             extra = {"eta": eta} if sampler == "ddim" else {}
             extra["clip_denoised"] = clip
+            x_T = x
             # Calls go from the noisiest kept timestep down: host-side numbers, so no model call reads one.
             timesteps = [float(t) for t in schedule.timesteps[::-1]]
-            with cache_run(model, model_calls(steps, sampler), timesteps):
-                x = sampler_fn(fn, x, schedule, noise_fn=noise_fn, **extra)
-            _check_finite(finite)
+            try:
+                with cache_run(model, model_calls(steps, sampler), timesteps):
+                    x = sampler_fn(fn, x, schedule, noise_fn=noise_fn, **extra)
+                _check_finite(finite)
+            except (ValueError, RuntimeError) as e:  # the per-run finiteness check or one in the engine/sampler
+                if not any(word in str(e) for word in ("NaN", "infinite", "non-finite")):
+                    raise
+                raise _nonfinite_error(model, cfg_scale, x_T, start + first) from e
+            if not torch.isfinite(x).all():  # once per batch, after sampling
+                raise _nonfinite_error(model, cfg_scale, x_T, start + first)
             out.append(x.cpu())
             bar.update(len(idx))
     finally:

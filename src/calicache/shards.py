@@ -29,13 +29,14 @@ from . import __version__, distributed
 from .images import decode_latents, save_npz, to_uint8
 from .models.io import weight_hash
 from .sampling import _class_labels, sample
-from .utils import atomic_path, file_sha256
+from .utils import file_sha256, stale_temps, write_file
 
 SHARD_DIR = "shards"
 SHARD_KEYS = ("images", "labels", "indices", "settings")
 # Command-line options that never change a pixel. Every other option goes into the settings hash,
 # so an option added later can only make shards be recomputed, never merge stale ones.
-NON_PIXEL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
+NON_PIXEL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "nproc_per_node", "overwrite",
+                               "command"})
 
 
 def settings_digest(settings: Mapping) -> str:
@@ -110,7 +111,7 @@ def merge_shards(folder: Path, digest: str, batches: Sequence[range]) -> tuple[n
             images = np.empty((batches[-1].stop, *part.shape[1:]), dtype=np.uint8)
         images[idx.start : idx.stop] = part
         labels[idx.start : idx.stop] = part_labels
-    for tmp in folder.glob(".batch-*.tmp-*"):  # left by ranks killed mid-write; every rank is done now
+    for tmp in stale_temps(folder, "batch-*.npz"):  # left by ranks killed mid-write; every rank is done now
         tmp.unlink(missing_ok=True)
     return images, labels
 
@@ -133,8 +134,8 @@ def sample_sharded(
     folder = shard_folder(out, digest)
     rank, world = distributed.rank(), distributed.world_size()
     if rank == 0:
-        with atomic_path(folder / "settings.json") as tmp:  # for people: which run the folder belongs to
-            tmp.write_text(json.dumps({"hash": digest, **settings}, indent=2, default=str))
+        # For people: which run the folder belongs to.
+        write_file(folder / "settings.json", json.dumps({"hash": digest, **settings}, indent=2, default=str))
     batches = distributed.batches(num, batch_size)
     if rank == 0 and len(batches) < world:
         print(f"calicache: {num} samples in batches of {batch_size} keep only {len(batches)} of {world} ranks "

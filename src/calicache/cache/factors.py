@@ -7,14 +7,14 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..adapters import LinearSpec
 from ..models.io import shipped_file
-from ..utils import atomic_path
+from ..tensorfile import load_tensors, save_tensors
+from ..utils import Outputs
 
 FORMAT = "calicache-factors"
+FIX = "re-create it with `calicache calibrate`"
 
 
 @dataclass
@@ -61,14 +61,14 @@ class Factors:
                 raise ValueError(f"factor shapes for {s.name} are A {tuple(a.shape)}, B {tuple(b.shape)}; the model's "
                                  f"weight is {s.out_features}x{s.in_features}")
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, outputs: Outputs | None = None) -> None:
+        """One safetensors file with a content checksum; with `outputs`, committed with that set."""
         tensors = {}
         for name, (a, b) in self.tensors.items():
             tensors[f"{name}.A"] = a.contiguous().float()
             tensors[f"{name}.B"] = b.contiguous().float()
         meta = {"format": FORMAT, "meta": json.dumps(self.meta | {"ranks": self.ranks()})}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        save_tensors(path, tensors, meta, outputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Factors:
@@ -76,28 +76,20 @@ class Factors:
         path = shipped_file(path)
         if not path.exists():
             raise FileNotFoundError(f"factor file {path} does not exist; make one with `calicache calibrate`")
-        try:
-            raw = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: not a readable factor file ({e}); it may be truncated. "
-                             "Re-create it with `calicache calibrate`") from e
+        if path.is_dir():
+            raise ValueError(f"factor file {path} is a folder; pass the .safetensors file `calicache calibrate` wrote")
+        raw, header = load_tensors(path, FIX)
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: not a calicache factor file (format {header.get('format')!r}); "
                              "make one with `calicache calibrate`")
         try:
             meta = json.loads(header.get("meta", "{}"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: unreadable factor metadata ({e}); "
-                             "re-create it with `calicache calibrate`") from e
+            raise ValueError(f"{path}: unreadable factor metadata ({e}); {FIX}") from e
         tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         names = {key.rsplit(".", 1)[0] for key in raw}
         for name in sorted(names):
             if f"{name}.A" not in raw or f"{name}.B" not in raw:
-                raise ValueError(f"{path}: {name} lacks its A or B factor; "
-                                 "re-create the file with `calicache calibrate`")
+                raise ValueError(f"{path}: {name} lacks its A or B factor; {FIX}")
             tensors[name] = (raw[f"{name}.A"], raw[f"{name}.B"])
         return cls(tensors, meta)

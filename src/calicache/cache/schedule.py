@@ -98,7 +98,14 @@ class CacheSchedule:
 
     @classmethod
     def from_matrix(cls, gather) -> CacheSchedule:
-        g = np.asarray(gather)
+        try:
+            g = np.asarray(gather)
+        except ValueError:  # numpy's message for rows of different lengths names no schedule
+            g = None
+        if g is None or g.ndim != 2:
+            raise ValueError("a schedule matrix is rectangular, calls x layers (one row per model call, each as "
+                             "long as the number of cacheable layers); this one is "
+                             + ("ragged (rows of different lengths)" if g is None else f"{g.ndim}-dimensional"))
         if g.dtype != bool:
             if not np.isin(g, (0, 1)).all():
                 raise ValueError("a schedule matrix holds only 0/1 (or booleans)")

@@ -69,9 +69,11 @@ def gather_statistics(
     forecast_weight: float = 1.0,
 ) -> ChannelStatistics:
     """CA, CD or CF statistics of `specs` on `num` images of `data` (see `calibrate`)."""
-    images, labels = load_images(data, data_dir) if _is_spec(data) else data
-    images = np.asarray(images)
     cfg = model.config
+    # Folder images of mixed sizes are brought to the model's pixel size (SD-VAE latents: 8x the latent side).
+    side = cfg.input_size * (1 if cfg.in_channels in (1, 3) else 8)
+    images, labels = load_images(data, data_dir, side) if _is_spec(data) else data
+    images = np.asarray(images)
     check_images(images, labels, cfg.num_classes)
     has_null = getattr(cfg, "class_dropout_prob", 0) > 0
     if labels is None and not has_null:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,11 +17,12 @@ from ..images import LATENT_SCALE, to_model_space
 DataArg = tuple[np.ndarray, np.ndarray | None] | str | os.PathLike
 
 
-def load_images(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None
+def load_images(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None, size: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(images uint8 (N, H, W[, C]), labels (N,) or None) of the training split named by `spec`
-    ("fashion-mnist", an image folder or an .npz file; see `calicache.data.load_dataset`)."""
-    return load_dataset(spec, split="train", data_dir=data_dir)
+    ("fashion-mnist", an image folder or an .npz file; see `calicache.data.load_dataset`); images of
+    a folder are resized and center-cropped to `size` (the model's) when given."""
+    return load_dataset(spec, split="train", data_dir=data_dir, size=size if Path(str(spec)).is_dir() else None)
 
 
 def check_images(images: np.ndarray, labels: np.ndarray | None, num_classes: int) -> None:

@@ -28,6 +28,7 @@ from ..bench.report import COLUMNS, jsonable, markdown_table, mmacs, replot, wri
 from ..bench.runs import inception_fid, score
 from ..cache import load_config
 from ..models.io import load_model
+from ..utils import check_output
 from .common import add_model_arguments, model_defaults, parse_arch, setup
 
 
@@ -107,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     setup(args)
     model = load_model(args.model, parse_arch(args.arch))
     opts = _options(args, model)
+    for name in ("bench.md", "bench.json", "quality.png", "side_by_side.png"):  # bench replaces its own reports
+        check_output(opts.out / name, overwrite=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     grid = plan_grid(model, opts)
     t_runs = time.perf_counter()

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from .. import distributed
 from ..cache.svd import SCALES, SVD_KINDS, parse_rank
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
-from ..models.io import load_model, weight_hash
+from ..models.io import SHIPPED, load_model, shipped_path, weight_hash
 from ..sampling import default_steps
 from ..shards import settings_digest
+from ..utils import check_output
 from . import calibrate_pipeline
 from .common import add_distributed_arguments, add_model_arguments, model_defaults, parse_arch, setup
 
@@ -32,13 +34,15 @@ from .common import add_distributed_arguments, add_model_arguments, model_defaul
 DIT_DEFAULTS = {"sampler": "ddim", "spacing": "adm", "period": 2, "forecast_weight": 1.0, "threshold": 0.0}
 
 # Options each rank may set for itself; every other option must be the same on every rank.
-RANK_LOCAL_OPTIONS = frozenset({"out", "json", "threads", "model", "dist_timeout", "command"})
+RANK_LOCAL_OPTIONS = frozenset({"out", "overwrite", "json", "threads", "model", "dist_timeout", "nproc_per_node",
+                                "command"})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--method", choices=("icc", "goc"), default="icc", help="what to calibrate")
     p.add_argument("--out", required=True, help="output file (ICC: factors.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a file it reads)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended, "
                    "else 50; PixArt: the pipeline's, 20)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="DiT sampler (default: ddim)")
@@ -78,7 +82,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     calibrate_pipeline.add_arguments(p)  # --pipeline DIR --prompt-embeds FILE: PixArt (text-to-image)
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """Before any work: --out must be a writable file path, not a folder, not one of the inputs (the
+    model above all), and not an existing file unless --overwrite."""
+    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and Path(v).is_file()]
+    if args.model in SHIPPED:
+        inputs.append(str(shipped_path(args.model)))
+    check_output(args.out, args.overwrite, "--out", inputs)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_out(args)
+    if args.nproc_per_node is not None:  # this process starts the workers, which run the same command
+        return distributed.launch(args.nproc_per_node, args._argv)
     if calibrate_pipeline.wanted(args):
         return calibrate_pipeline.run(args)
     setup(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,8 @@ import torch
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SPACINGS
-from ..images import grid, save_npz, save_png
-from ..utils import atomic_path
+from ..images import grid, npz_bytes, png_bytes
+from ..utils import Outputs, check_output
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default: str | None = "fmnist-dit") -> None:
@@ -44,20 +43,39 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     """Options of commands that also run under torchrun (see docs/distributed.md)."""
     from .. import distributed
 
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start this many worker processes on this machine (torchrun for you; gloo on CPU, one GPU "
+                        "each with CUDA); see docs/distributed.md")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="under torchrun: seconds a collective waits for a missing rank "
                         f"(default: ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:.0f})")
 
 
+def json_object(text: str, flag: str, example: str) -> dict:
+    """A JSON object given on the command line; anything else is an error naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}); give an object such as "
+                         f"{example}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object such as {example}, got {text!r}")
+    return value
+
+
 def parse_arch(text: str | None) -> str | dict | None:
-    if text is None or not text.strip().startswith("{"):
+    if text is None or not text.strip().startswith(("{", "[")):
         return text
-    return json.loads(text)
+    return json_object(text, "--arch", '\'{"num_heads": 6}\' or a registry name such as DiT-S/2')
 
 
 def setup(args: argparse.Namespace) -> None:
     """Seed first, then threads: every command starts the same way."""
     seed = getattr(args, "seed", 0)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer in 0..2**63-1, got {seed}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1 (or omitted for torch's choice), got {args.threads}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -118,17 +136,28 @@ def parse_classes(text: str | None) -> list[int] | None:
 
 
 def write_sample_outputs(out: Path, images: np.ndarray, labels: np.ndarray, report: dict) -> None:
-    """All three files or none: each is written under a temporary name, and all are renamed only
-    once every one is complete (a folder this call created is removed again on failure)."""
+    """All three files or none: each is written to an exclusive temporary file, and all are renamed
+    together once every one is complete (the old set is put back if a rename fails; a folder this
+    call created is removed again on failure)."""
     created = not out.exists()
     try:
-        with ExitStack() as stack:
-            tmp = {name: stack.enter_context(atomic_path(out / name))
-                   for name in ("samples.npz", "grid.png", "report.json")}
-            save_npz(tmp["samples.npz"], arr_0=images, arr_1=labels)
-            save_png(grid(images[:64]), tmp["grid.png"])
-            tmp["report.json"].write_text(json.dumps(report, indent=2))
+        with Outputs() as outputs:
+            outputs.write(out / "samples.npz", npz_bytes(arr_0=images, arr_1=labels))
+            outputs.write(out / "grid.png", png_bytes(grid(images[:64])))
+            outputs.write(out / "report.json", json.dumps(report, indent=2))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+
+
+SAMPLE_OUTPUTS = ("samples.npz", "grid.png", "report.json")
+
+
+def check_sample_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a --out that cannot take the sample outputs: a file, a folder that cannot
+    be written, existing outputs without --overwrite, or a file the command reads."""
+    out = check_output(args.out, flag="--out", folder=True)
+    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and Path(v).is_file()]
+    for name in SAMPLE_OUTPUTS:
+        check_output(out / name, args.overwrite, "--out", inputs)

@@ -18,9 +18,9 @@ from ..bench.report import markdown_table, side_by_side
 from ..bench.runs import Variant, run_variant, score
 from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, NoCacheConfig, load_config
 from ..cache.svd import parse_rank
-from ..images import save_png
+from ..images import png_bytes
 from ..models.io import SHIPPED, load_model, shipped_asset
-from ..utils import atomic_path
+from ..utils import Outputs, check_output
 from .common import add_model_arguments, model_defaults, parse_arch, setup
 
 METHODS = ("none", "fora", "icc", "goc", "forecast", "equal-macs")
@@ -81,6 +81,8 @@ def _variants(args: argparse.Namespace, model, factors: str | None, goc_file: st
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
+    for name in ("demo.png", "demo.md", "demo.json"):  # the demo replaces its own files; checked before work
+        check_output(Path(args.out) / name, overwrite=True)
     model = load_model(args.model, parse_arch(args.arch))
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else model_defaults(model).get("cfg_scale", 1.0)
     shipped = args.model in SHIPPED
@@ -107,17 +109,15 @@ def run(args: argparse.Namespace) -> int:
     score(results, results[0], classifier)
     rows = [r.row() for r in results]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_png(side_by_side(results), out / "demo.png")
     table = markdown_table(rows, COLUMNS)
     settings = (f"model `{args.model}`, {args.num} samples (classes index % 10, seed {args.seed}), DDIM "
                 f"{args.steps} steps (adm spacing), guidance {cfg_scale}, FORA period {args.period}, "
                 f"{torch.get_num_threads()} CPU threads")
     md = (f"# calicache demo\n\n{settings}.\n\nPSNR/SSIM are against the uncached {args.steps}-step samples "
           f"(same seeds); MACs per sample exclude the guidance doubling.\n\n{table}\n\n![side by side](demo.png)\n")
-    with atomic_path(out / "demo.md") as tmp:
-        tmp.write_text(md)
-    with atomic_path(out / "demo.json") as tmp:
-        tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    with Outputs() as outputs:  # the three files are replaced together
+        outputs.write(out / "demo.png", png_bytes(side_by_side(results)))
+        outputs.write(out / "demo.md", md)
+        outputs.write(out / "demo.json", json.dumps({"settings": settings, "rows": rows}, indent=2))
     print(json.dumps(rows, indent=2) if args.json else f"\n{settings}\n\n{table}\n\nwrote {out}/demo.png, demo.md")
     return 0

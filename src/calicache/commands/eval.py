@@ -177,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         from ..metrics.fidelity import fidelity
 
         other = load_batch(args.against)
+        if len(other.images) != len(samples.images):
+            raise ValueError(f"--against {args.against} holds {len(other.images)} images but --samples "
+                             f"{args.samples} holds {len(samples.images)}: fidelity compares the same samples one to "
+                             "one, so sample both runs with the same --num, seed and classes")
         if samples.labels is not None and other.labels is not None and not np.array_equal(samples.labels,
                                                                                            other.labels):
             raise ValueError(f"{args.samples} and {args.against} were sampled for different class labels (arr_1): "

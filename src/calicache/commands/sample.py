@@ -27,6 +27,7 @@ from .common import (
     add_model_arguments,
     add_sampling_arguments,
     cache_config_from_args,
+    check_sample_outputs,
     clip_flag,
     model_defaults,
     parse_arch,
@@ -46,12 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated class labels, repeated over the samples; index %% classes if not given")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL (path or hub id) for latent models")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples.npz, grid.png and report.json in --out (nothing else there is touched)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_distributed_arguments(p)
     sample_pipeline.add_arguments(p)  # --pipeline DIR --prompt/--prompt-embeds: sampling through diffusers
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sample_outputs(args)  # before any work: a bad --out must not cost a sampling run
+    if args.nproc_per_node is not None:  # this process starts the workers, which run the same command
+        return distributed.launch(args.nproc_per_node, args._argv)
     if args.pipeline is not None:
         return sample_pipeline.run(args)
     if args.prompt is not None or args.prompt_embeds is not None:
@@ -66,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} works on {model.config.in_channels}-channel latents: pass --vae "
                          "(e.g. stabilityai/sd-vae-ft-ema) to decode them")
     config = cache_config_from_args(args)
+    period = getattr(config, "period", None)
+    if getattr(config, "method", "none") != "none" and period is not None and period > steps:
+        raise ValueError(f"--period {period} is larger than --steps {steps}: every call would be full, so "
+                         f"--method {config.method} would cache nothing; choose a period of at most {steps}")
     apply_cache(model, config)
     macs = count_macs(model, None, steps, cfg_scale)
     out = Path(args.out)

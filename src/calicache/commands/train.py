@@ -14,7 +14,7 @@ import numpy as np
 from ..data import load_dataset
 from ..diffusion.losses import LOSS_WEIGHTINGS
 from ..training.train import LR_DECAYS, TrainConfig, train
-from .common import setup
+from .common import json_object, setup
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,16 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-tune: start from another run's state.pt (model and EMA) or a model file or "
                         "shipped name such as fmnist-dit (its weights start both); fresh optimiser")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out holding a run (replaces its state.pt, model.safetensors, train.json)")
 
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     images, labels = load_dataset(args.data, "train", args.data_dir, size=args.image_size)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
                       seed=args.seed, flip=not args.no_flip, warmup=args.warmup, lr_decay=args.lr_decay,
                       loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma)
-    overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+    overrides = (json_object(args.model_overrides, "--model-overrides", '\'{"depth": 4}\'')
+                 if args.model_overrides else {})
     if labels is None:  # unlabelled images: one class, i.e. an unconditional model
         labels = np.zeros(len(images), dtype=np.int64)
     # The data's shape decides what the user did not set explicitly.
@@ -63,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     overrides.setdefault("in_channels", 1 if images.ndim == 3 else images.shape[3])
     overrides.setdefault("num_classes", int(labels.max()) + 1)
     summary = train(cfg, images, labels, args.out, resume=args.resume, init_from=args.init_from,
-                    model_overrides=overrides)
+                    model_overrides=overrides, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0

@@ -15,11 +15,13 @@ import torch
 
 from ..data import load_dataset
 from ..training.classifier import accuracy, save_classifier, train_classifier
+from ..utils import check_output
 from .common import setup
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     p.add_argument("--batch-size", type=int, default=128, help="images per Adam step")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine decay to 0)")
@@ -32,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
+    check_output(args.out, args.overwrite, "--out")  # before the training, not after it
     images, labels = load_dataset("fashion-mnist", "train", args.data_dir)
     test_images, test_labels = load_dataset("fashion-mnist", "test", args.data_dir)
     if args.limit is not None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import open_npz
+
 
 def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """(images uint8 (N, H, W) or (N, H, W, C), labels int64 (N,) or None) from `arr_0` and optional `arr_1`.
@@ -19,8 +21,8 @@ def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .npz file; pass a file with arr_0 = uint8 images (N, H, W[, C])")
+    f = open_npz(path, "re-create it with np.savez(path, images_uint8[, labels])")
     try:
-        f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise ValueError("it holds a single .npy array, not an .npz archive")
         with f:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import open_npz
+
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 _LAYOUT = "expected an npz with arr_0 = uint8 images (N, H, W, 3|1) as `calicache sample` writes"
 
@@ -51,15 +53,15 @@ def load_batch(path: str | os.PathLike, require_images: bool = True) -> ImageBat
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {_LAYOUT}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
+    with open_npz(path, _LAYOUT) as npz:
+        try:
             keys = set(npz.files)
             images = npz["arr_0"] if "arr_0" in keys else None
             labels = npz["arr_1"] if "arr_1" in keys else None
             prompts = npz["prompts"] if "prompts" in keys else None
             stats = {k: npz[k] for k in STAT_KEYS if k in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable npz file ({e}); {_LAYOUT}") from e
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable npz file ({e}); {_LAYOUT}") from e
     if images is None:
         if require_images or not {"mu", "sigma"} <= stats.keys():
             raise ValueError(f"{path}: no arr_0 in the file (keys: {sorted(keys)}); {_LAYOUT}")

@@ -8,16 +8,14 @@ import hashlib
 import json
 import math
 import os
-import pickle
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
-from ..utils import atomic_path
+from ..tensorfile import decode_metadata, load_tensors, read_header, read_torch, save_tensors
+from ..utils import Outputs, atomic_path
 from .dit import DIT_MODELS, DiT, DiTConfig, make_config
 
 FORMAT = "calicache-dit"
@@ -46,29 +44,25 @@ def weight_hash(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) ->
     return h.hexdigest()
 
 
-def save_model(model: DiT, path: str | os.PathLike, **metadata: object) -> None:
-    """Weights and config in one safetensors file (config and extras as JSON metadata)."""
+MODEL_FIX = "re-create or re-download it"
+
+
+def save_model(model: DiT, path: str | os.PathLike, outputs: Outputs | None = None, **metadata: object) -> Path:
+    """Weights and config in one safetensors file (config and extras as JSON metadata, plus a content
+    checksum); with `outputs` the file is committed with that set of outputs (the temporary file it is
+    in until then is returned)."""
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    return save_tensors(path, model.state_dict(), meta, outputs)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a calicache safetensors file (values decoded)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create or re-download it") from e
-    return {k: json.loads(v) if k != "format" else v for k, v in raw.items()}
+    return decode_metadata(read_header(path, MODEL_FIX), path, MODEL_FIX)
 
 
-def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = None) -> DiTConfig:
-    """A DiT config from the tensor shapes; `arch` supplies what shapes cannot tell (heads)."""
-    overrides = dict(arch) if isinstance(arch, dict) else {}
-    name = arch if isinstance(arch, str) else overrides.pop("name", None)
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict:
+    """The config fields a DiT state dict's shapes tell (all but heads, classes and label dropout)."""
     required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
                 "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
     missing = [k for k in required if k not in state]
@@ -76,18 +70,46 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
         raise ValueError(f"not a DiT state dict: missing {missing}")
     hidden, in_ch, p, _ = state["x_embedder.proj.weight"].shape
     tokens = state["pos_embed"].shape[1]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    rows = state["y_embedder.embedding_table.weight"].shape[0]
     out = state["final_layer.linear.weight"].shape[0] // (p * p)
-    shapes = dict(
+    return dict(
         input_size=math.isqrt(tokens) * p,
         patch_size=p,
         in_channels=in_ch,
         hidden_size=hidden,
-        depth=depth,
+        depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         learn_sigma=out == 2 * in_ch,
     )
+
+
+def _registry_heads(shapes: dict) -> int:
+    """Heads of the registry architectures with this width and depth; none or several is an error."""
+    heads = {c.num_heads for c in DIT_MODELS.values()
+             if (c.hidden_size, c.depth, c.mlp_ratio) == (shapes["hidden_size"], shapes["depth"], shapes["mlp_ratio"])}
+    if len(heads) != 1:
+        raise ValueError(
+            f"the attention head count cannot be read from the weights, and no registry architecture has width "
+            f"{shapes['hidden_size']} and depth {shapes['depth']}"
+            + (f" with one head count (candidates {sorted(heads)})" if heads else "")
+            + "; pass --arch (arch=) with a registry name, e.g. --arch DiT-S/2, or the heads, e.g. "
+            f"--arch '{{\"num_heads\": {max(1, shapes['hidden_size'] // 64)}}}'"
+        )
+    return heads.pop()
+
+
+def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = None) -> DiTConfig:
+    """A DiT config from the tensor shapes; `arch` supplies what shapes cannot tell (heads).
+
+    Without `arch` the heads come from the registry architecture of the same width and depth;
+    when there is none, the heads cannot be known and this is an error naming `--arch`."""
+    overrides = dict(arch) if isinstance(arch, dict) else {}
+    name = arch if isinstance(arch, str) else overrides.pop("name", None)
+    unknown = sorted(set(overrides) - set(DiTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--arch (arch=) has fields that are not DiT config fields {unknown}; fields: "
+                         f"{sorted(DiTConfig.__dataclass_fields__)}, or a registry name {sorted(DIT_MODELS)}")
+    shapes = _shapes(state)
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
     # A null-class row exists exactly when label dropout was used in training.
     if name is not None:
         base = make_config(name)
@@ -96,7 +118,8 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
         shapes["num_heads"] = base.num_heads
     else:
         shapes["num_classes"] = rows - 1
-        shapes["num_heads"] = hidden // 72 if hidden % 72 == 0 and hidden >= 1152 else max(1, hidden // 64)
+        if "num_heads" not in overrides:
+            shapes["num_heads"] = _registry_heads(shapes)
     shapes.update(overrides)
     # Compared before building the config, whose own checks (e.g. heads) would hide the real mismatch.
     if name is not None:
@@ -110,30 +133,34 @@ def infer_config(state: Mapping[str, torch.Tensor], arch: str | dict | None = No
     return DiTConfig(**shapes)
 
 
-def _torch_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # The original train.py stores its argparse.Namespace under "args"; a Namespace only holds
-        # plain values, so allowing it keeps the weights-only guarantee.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is long and suggests weights_only=False; keep the line naming the object.
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e))
-        raise ValueError(
-            f"{path}: refused to load: the file holds pickled objects other than tensors ({detail}). "
-            "calicache loads weights only; re-save the checkpoint as a plain state dict"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(
-            f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); the file may be truncated or corrupt"
-        ) from e
+def _arch_from_args(args: argparse.Namespace, state: Mapping[str, torch.Tensor], path: Path) -> dict:
+    """The architecture a facebookresearch/DiT train.py checkpoint records in its `args`:
+    the registry name `args.model` and `args.num_classes`; sizes the data set (input size, channels,
+    learned variance) come from the shapes."""
+    name = getattr(args, "model", None)
+    if name not in DIT_MODELS:
+        raise ValueError(f"{path}: the checkpoint's args name the model {name!r}, which is not a registry "
+                         f"architecture {sorted(DIT_MODELS)}; pass --arch (arch=) with its name or JSON fields")
+    shapes = _shapes(state)
+    arch = {"name": name, **{k: shapes[k] for k in ("input_size", "in_channels", "learn_sigma")}}
+    if isinstance(getattr(args, "num_classes", None), int):
+        arch["num_classes"] = args.num_classes
+    return arch
+
+
+def _torch_state(path: Path) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
+    """The weights of a torch checkpoint (EMA first), and the original train.py's `args` if present."""
+    obj = read_torch(path, "pass a state dict of tensors (torch.save(model.state_dict(), path)) or a DiT "
+                           "checkpoint of the original train.py")
+    ckpt_args = obj.get("args") if isinstance(obj, dict) else None
+    ckpt_args = ckpt_args if isinstance(ckpt_args, argparse.Namespace) else None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # training checkpoints of the original code: the EMA weights sample best
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    return obj
+    return obj, ckpt_args
 
 
 def _build(state: Mapping[str, torch.Tensor], cfg: DiTConfig, path: object) -> DiT:
@@ -223,11 +250,9 @@ def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) 
         from .convert import load_diffusers_dit
         return load_diffusers_dit(path)
     if path.suffix == ".safetensors":
-        meta = read_metadata(path)
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read weights ({e}); the file may be truncated") from e
+        # Files of other tools (and calicache's from before checksums) load unverified, with a note.
+        state, header = load_tensors(path, MODEL_FIX, require_checksum=False)
+        meta = decode_metadata(header, path, MODEL_FIX)
         if "config" in meta:
             cfg = _stored_config(meta["config"], arch, path)
         else:
@@ -236,7 +261,9 @@ def load_model(path_or_name: str | os.PathLike, arch: str | dict | None = None) 
         # Recommended sampling settings (cfg_scale, steps) travel with the weights.
         model.calicache_defaults = dict(meta.get("recommended", {}))
         return model
-    state = _torch_state(path)
+    state, ckpt_args = _torch_state(path)
+    if arch is None and ckpt_args is not None:  # the original train.py records its architecture
+        arch = _arch_from_args(ckpt_args, state, path)
     return _build(state, _infer(state, arch, path), path)
 
 

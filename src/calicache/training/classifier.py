@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..metrics.domain import IMAGE_SIZE, classifier_input, classifier_pass
 from ..models.io import shipped_file
-from ..utils import atomic_path
+from ..tensorfile import decode_metadata, load_tensors, read_header, save_tensors
 
 FORMAT = "calicache-classifier"
+FIX = "re-create it with `calicache train-classifier`"
 SHIPPED_FILE = "fmnist-classifier.safetensors"
 
 
@@ -148,9 +147,7 @@ def save_classifier(model: FashionClassifier, path: str | os.PathLike, **metadat
     """Weights, config and metadata (e.g. test accuracy, epochs, seed) in one safetensors file, atomically."""
     meta = {"format": FORMAT, "config": json.dumps(asdict(model.config))}
     meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_tensors(path, model.state_dict(), meta)
 
 
 def shipped_classifier_path() -> Path:
@@ -164,15 +161,11 @@ def classifier_metadata(path: str | os.PathLike | None = None) -> dict:
         raise FileNotFoundError(
             f"{path}: no classifier file; train one with `calicache train-classifier --out {path}`"
         )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create it with train-classifier") from e
+    raw = read_header(path, FIX)
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path}: not a calicache classifier (format {raw.get('format')!r}); pass a file "
                          "written by `calicache train-classifier`")
-    return {k: v if k == "format" else json.loads(v) for k, v in raw.items()}
+    return decode_metadata(raw, path, FIX)
 
 
 def load_classifier(path: str | os.PathLike | None = None) -> FashionClassifier:
@@ -182,14 +175,11 @@ def load_classifier(path: str | os.PathLike | None = None) -> FashionClassifier:
     cfg = dict(meta["config"])
     cfg["widths"] = tuple(cfg["widths"])
     model = FashionClassifier(ClassifierConfig(**cfg))
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: cannot read weights ({e}); the file may be truncated, re-create it") from e
+    state, _ = load_tensors(path, FIX)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the stored classifier config {cfg} ({e})") from e
-    model.calicache_metadata = {k: v for k, v in meta.items() if k not in ("format", "config")}
+    model.calicache_metadata = {k: v for k, v in meta.items() if k not in ("format", "config", "sha256")}
     return model.eval()
 

@@ -8,6 +8,7 @@ Training state (model, EMA, optimiser, RNG, step) goes to `OUT/state.pt` atomica
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import time
@@ -23,7 +24,8 @@ from ..diffusion.schedule import Schedule
 from ..images import to_model_space
 from ..models.dit import DiT, create_model
 from ..models.io import load_model, save_model
-from ..utils import atomic_path
+from ..tensorfile import read_torch
+from ..utils import Outputs, check_output, write_file
 
 LR_DECAYS = ("constant", "cosine")
 
@@ -88,7 +90,7 @@ def _initial_weights(init_from: str | Path) -> tuple[dict, dict]:
     """(model, EMA) state dicts to fine-tune from: a training `state.pt`, or a model file or shipped
     name that `load_model` reads (its weights then start both the model and its EMA)."""
     if Path(init_from).suffix == ".pt":
-        st = torch.load(init_from, map_location="cpu", weights_only=True)
+        st = _read_state(init_from, "--init-from")
         return st["model"], st["ema"]
     weights = load_model(init_from).state_dict()
     return weights, weights
@@ -101,6 +103,21 @@ def _ema_update(ema: DiT, model: DiT, decay: float) -> None:
             e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+STATE_KEYS = ("model", "ema", "opt", "rng", "step", "losses", "elapsed", "config")
+
+
+def _read_state(path: str | Path, flag: str) -> dict:
+    """A training state written by `calicache train` (weights-only load; anything else is refused)."""
+    fix = "pass the state.pt a `calicache train` run wrote"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag}: no training state at {path}; {fix}")
+    st = read_torch(path, fix)
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise ValueError(f"{flag} {path}: not a calicache training state (missing {missing}); {fix}")
+    return st
+
+
 def train(
     cfg: TrainConfig,
     images: np.ndarray,
@@ -110,9 +127,20 @@ def train(
     model_overrides: dict | None = None,
     progress: bool = True,
     init_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Train and return a summary dict (also written to OUT/train.json)."""
+    """Train and return a summary dict (also written to OUT/train.json).
+
+    A folder that already holds a run is continued only with `resume`, replaced only with `overwrite`."""
     out = Path(out)
+    check_output(out, flag="--out", folder=True)
+    if not resume:
+        for name in ("state.pt", "model.safetensors", "train.json"):
+            if (out / name).exists() and not overwrite:
+                raise ValueError(f"--out {out} already holds a training run ({name}); pass --resume to continue it, "
+                                 "--overwrite to start over (its state.pt, model.safetensors and train.json are "
+                                 "replaced), or choose another --out")
+            check_output(out / name, overwrite=True, inputs=[init_from] if init_from else ())
     out.mkdir(parents=True, exist_ok=True)
     data = to_model_space(images)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -137,7 +165,7 @@ def train(
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: no training state at {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = _read_state(state_path, "--resume")
         if _config_key(json.loads(st["config"])) != _config_key(cfg):
             raise ValueError(f"{state_path} was written with other training settings; use a new --out")
         model.load_state_dict(st["model"])
@@ -156,9 +184,11 @@ def train(
         st = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
               "rng": torch.get_rng_state(), "step": step, "losses": losses, "elapsed": elapsed,
               "config": _config_key(cfg)}
-        with atomic_path(state_path) as tmp:
-            torch.save(st, tmp)
-        save_model(ema, out / "model.safetensors", train_step=step)
+        with Outputs() as outputs:  # state and exported model are replaced together
+            buf = io.BytesIO()
+            torch.save(st, buf)
+            outputs.write(state_path, buf.getvalue())
+            save_model(ema, out / "model.safetensors", outputs, train_step=step)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress)
     t0 = time.perf_counter() - elapsed
@@ -191,6 +221,5 @@ def train(
                "model_config": model.config.to_dict(), "steps_done": step,
                "wall_seconds": round(time.perf_counter() - t0, 1),
                "final_loss_mean100": float(np.mean(losses[-100:])), "images": len(data)}
-    with atomic_path(out / "train.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_file(out / "train.json", json.dumps(summary, indent=2))
     return summary
