@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 import calicache
-from calicache.bench.runs import Variant, markdown_table, run_variant
+from calicache.bench.report import markdown_table
+from calicache.bench.runs import Variant, run_variant
 from calicache.cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig, NoCacheConfig
 from calicache.cache.macs import count_macs
 from calicache.data.fashion_mnist import load_fashion_mnist
