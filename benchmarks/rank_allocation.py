@@ -26,7 +26,7 @@ from calicache.cache.svd import scaled_singular_values
 from calicache.calibration.calibrate import factorize, gather_statistics
 from calicache.calibration.ranks import branch_groups, budget_ranks, group_factors, search_branch_ranks
 from calicache.commands.common import model_defaults
-from calicache.tune.score import ModelRunner, Reference
+from calicache.tuning.score import ModelRunner, Reference
 
 
 def main() -> None:

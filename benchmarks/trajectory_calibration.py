@@ -20,7 +20,7 @@ import calicache
 from calicache.bench.report import markdown_table
 from calicache.cache import ICCConfig
 from calicache.commands.common import model_defaults
-from calicache.tune.score import ModelRunner, Reference
+from calicache.tuning.score import ModelRunner, Reference
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from calicache.bench.grid import GridOptions, plan_grid, run_grid
 from calicache.bench.peers import KINDS
 from calicache.bench.report import markdown_table
 from calicache.bench.runs import Variant, score
-from calicache.tune import make_tuner, tune
+from calicache.tuning import make_tuner, tune
 
 PEERS = set(KINDS.values()) - {KINDS["none"]}
 

@@ -9,10 +9,10 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "calicache"
 # A lower layer never imports a higher one; training sits beside calibration (both use the cache,
-# neither is used by it), tune beside bench. Modules outside these packages (diffusion, metrics, data, ...) are
+# neither is used by it), tuning beside bench. Modules outside these packages (diffusion, metrics, data, ...) are
 # not ranked.
-LAYERS = {"models": 0, "adapters": 1, "cache": 2, "calibration": 3, "training": 3, "bench": 4, "tune": 4, "commands": 5,
-          "cli": 5}
+LAYERS = {"models": 0, "adapters": 1, "cache": 2, "calibration": 3, "training": 3, "bench": 4, "tuning": 4,
+          "commands": 5, "cli": 5}
 
 
 def modules() -> dict[str, Path]:

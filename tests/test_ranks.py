@@ -15,7 +15,7 @@ from calicache.calibration.ranks import (
     search_branch_ranks,
     uniform_rank,
 )
-from calicache.tune.score import ModelRunner, Reference
+from calicache.tuning.score import ModelRunner, Reference
 from conftest import tiny_model
 
 

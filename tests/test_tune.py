@@ -19,8 +19,8 @@ from calicache import (
     save_model,
 )
 from calicache.cli import main
-from calicache.tune import Candidate, Space, make_tuner, tune
-from calicache.tune.space import cache_config
+from calicache.tuning import Candidate, Space, make_tuner, tune
+from calicache.tuning.space import cache_config
 from conftest import tiny_model
 
 STEPS = 8

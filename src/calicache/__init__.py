@@ -24,7 +24,7 @@ from .calibration.text import calibrate_text
 from .models.dit import DIT_MODELS, DiT, DiTConfig, create_model
 from .models.io import load_model, save_model, weight_hash
 from .sampling import sample
-from .tune.api import tune  # shadows the subpackage's name, as calibrate does
+from .tuning.api import tune
 
 __all__ = [
     "METHODS",

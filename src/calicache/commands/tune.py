@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..tune.space import METHODS, Space
+from ..tuning.space import METHODS, Space
 from .common import add_model_arguments, parse_arch, setup
 
 
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tune import make_tuner, tune
+    from ..tuning import make_tuner, tune
 
     setup(args)
     if any(not 0 < b <= 1 for b in args.budget):

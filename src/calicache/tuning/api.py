@@ -87,7 +87,7 @@ def tune(model, steps: int = 20, budget: float = 0.5, *, data="fashion-mnist", p
          batch_size: int | None = None, space: Space | None = None, tuner: Tuner | None = None,
          out: str | os.PathLike | None = None, progress: bool = True) -> TuneResult:
     """The cache configuration with the best PSNR against uncached sampling on `num` tuning seeds
-    whose MACs per sample are at most `budget` x uncached (the search: tune/search.py).
+    whose MACs per sample are at most `budget` x uncached (the search: tuning/search.py).
 
     - model: calicache's DiT (calibrated on `data`, images as `calibrate` takes them; None: plain
       SVD factors) or a PixArt pipeline with `prompt_embeds` (a dict as `calibrate_text` takes).
