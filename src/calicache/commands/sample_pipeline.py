@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..adapters import transformer_family
 from ..cache import apply_cache, get_engine
 from ..cache.macs import count_macs
+from ..cache.pipeline import pass_engines
 from ..calibration.flow_text import flow_embeddings
 from ..data.prompts import load_prompt_embeds, prompt_rows, text_width
 from ..sampling import _class_labels, sample_generator
@@ -244,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         "tokens": seen.get("tokens"), "text_tokens": seen.get("text_tokens"),
         "wall_seconds": round(wall, 3), "threads": torch.get_num_threads(),
         "method": engine.config.method, "cache_config": engine.config.to_dict(),
-        "macs": macs, "cached_ratio": macs["cached_ratio"], "cache_bytes": stats["cache_bytes"],
+        "macs": macs, "cached_ratio": macs["cached_ratio"],
+        "cache_bytes": sum(e.stats()["cache_bytes"] for e in pass_engines(pipe)),  # every guidance pass
     }
     out_dir = Path(args.out)
     write_sample_outputs(out_dir, images, np.repeat(labels, frames or 1), report)
