@@ -1,11 +1,12 @@
-"""Cache schedules: warm-up, cool-down, period and always-full first/last blocks (Fn/Bn), their
-matrices written out by hand, JSON round trips, and the block layout taken from the model."""
+"""Cache schedules: warm-up, cool-down, period, listed full calls (and their spread) and
+always-full first/last blocks (Fn/Bn), their matrices written out by hand, JSON round trips, and
+the block layout taken from the model."""
 
 import numpy as np
 import pytest
 import torch
 
-from calicache import CacheSchedule, FORAConfig, apply_cache, count_macs, remove_cache, sample
+from calicache import CacheSchedule, FORAConfig, apply_cache, count_macs, load_config, remove_cache, sample
 from calicache.cache import cache_run, get_engine
 from calicache.cache.schedule import block_layout
 from conftest import tiny_model
@@ -67,6 +68,32 @@ def test_all_patterns_together_and_call_0_full():
     assert m[~m.all(1)][:, 6:].all() and not m[~m.all(1)][:, :6].any()
 
 
+def test_listed_calls_are_the_full_calls_with_blocks_kept():
+    names = [f"b.{i}.{x}" for i in range(3) for x in "am"]
+    s = CacheSchedule(calls=[0, 1, 3, 7], last_blocks=1).for_branches(names)
+    assert s.calls == (0, 1, 3, 7)  # a list becomes a tuple: the schedule stays hashable and comparable
+    m = s.matrix(9, 6)
+    assert [t for t in range(9) if m[t].all()] == [0, 1, 3, 7]
+    assert m[~m.all(1)][:, 4:].all() and not m[~m.all(1)][:, :4].any()
+    with pytest.raises(ValueError, match=r"go past this run's 6 calls"):
+        s.matrix(6, 6)
+
+
+def test_spread_even_is_fora_and_a_higher_power_packs_early():
+    assert CacheSchedule.spread(5, 20).calls == (0, 4, 8, 12, 16)
+    assert np.array_equal(CacheSchedule.spread(5, 20).matrix(20, 2), CacheSchedule.fora(4).matrix(20, 2))
+    early = CacheSchedule.spread(6, 20, power=2).calls
+    gaps = np.diff(early)
+    assert len(early) == 6 and early[0] == 0 and (gaps >= 1).all() and (np.diff(gaps) >= 0).all()
+    assert gaps[0] < gaps[-1]
+    assert CacheSchedule.spread(20, 20, power=3).calls == tuple(range(20))  # every call: distinct, still inside
+    assert CacheSchedule.spread(7, 50, power=1.5).calls[-1] < 50
+    with pytest.raises(ValueError, match="full must be an integer from 1"):
+        CacheSchedule.spread(0, 20)
+    with pytest.raises(ValueError, match="power must be > 0"):
+        CacheSchedule.spread(4, 20, power=0)
+
+
 def test_block_layout_from_branch_names():
     assert block_layout(["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]) == (0, 0, 1, 1)
     assert block_layout(["t.0.attn1", "t.0.attn2", "t.0.ff", "t.1.attn1", "t.1.attn2", "t.1.ff"]) == (0,) * 3 + (1,) * 3
@@ -78,6 +105,10 @@ def test_block_layout_from_branch_names():
     (dict(period=0), "period"), (dict(period=2, warmup=-1), "warmup"), (dict(period=2, cooldown=1.5), "cooldown"),
     (dict(period=2, first_blocks=True), "first_blocks"), (dict(period=True), "period"),
     (dict(gather=np.ones((2, 2), bool), warmup=1), "go with a period"),
+    (dict(period=2, calls=[0, 2]), "exactly one of"), (dict(calls=[1, 3]), "start with call 0"),
+    (dict(calls=[0, 3, 3]), "strictly increasing"), (dict(calls=[0, 2.5]), "integer call indices"),
+    (dict(calls=[]), "non-empty"), (dict(calls=5), "list of call indices"),
+    (dict(calls=[0, 4], warmup=2), "put the warm-up"),
 ])
 def test_bad_values_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -101,6 +132,12 @@ def test_json_round_trip_and_bad_files(tmp_path):
     g = CacheSchedule.fora(2).matrix(4, 2)
     CacheSchedule.from_matrix(g).save(tmp_path / "g.json")
     assert np.array_equal(CacheSchedule.load(tmp_path / "g.json").gather, g)
+    c = CacheSchedule(calls=(0, 2, 5, 9), first_blocks=1)
+    c.save(tmp_path / "c.json")
+    assert CacheSchedule.load(tmp_path / "c.json") == c
+    config = FORAConfig(schedule=c)
+    config.save(tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json").schedule == c
     (tmp_path / "bad.json").write_text('{"period": 2, "warmpu": 3}')
     with pytest.raises(ValueError, match=r"bad.json: unknown schedule fields \['warmpu'\]"):
         CacheSchedule.load(tmp_path / "bad.json")

@@ -3,6 +3,7 @@ search never below its best coarse candidate, files that sample again, a PixArt 
 prompt embeddings, and the CLI."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from calicache import (
     sample,
     save_model,
 )
+from calicache.cache.schedule import CacheSchedule
 from calicache.cli import main
 from calicache.tuning import Candidate, Space, make_tuner, tune
 from calicache.tuning.space import cache_config
@@ -47,6 +49,10 @@ def tuner():
     Candidate("forecast", 4, warmup=1, cooldown=1, rank=2, weight=0.5, factors="cd"),
     Candidate("forecast", 3, rank=0, weight=1.0, factors="cd"),
     Candidate("goc", 2, warmup=2, weight=0.8),
+    Candidate("forecast", 3, rank=2, weight=1.0, factors="cd", order=2),
+    Candidate("forecast", 0, calls=(0, 1, 3, 6), first_blocks=1, rank=2, weight=0.5, factors="cd", order=2),
+    Candidate("icc", 0, calls=(0, 2, 5), rank=4, factors="cd"),
+    Candidate("fora", 0, calls=(0, 3, 4), last_blocks=1),
 ])
 def test_costs_equal_count_macs(tuner, c):
     costs = tuner.costs
@@ -63,6 +69,25 @@ def test_candidates_refuse_mismatched_fields():
         Candidate("icc", 2, rank=4, factors="cd", weight=1.0)
     with pytest.raises(ValueError, match="unknown method"):
         Candidate("magic", 2)
+    with pytest.raises(ValueError, match="order goes with forecast"):
+        Candidate("icc", 2, rank=4, factors="cd", order=2)
+    for bad in (dict(period=2, calls=(0, 2)), dict(period=0), dict(period=0, calls=(0, 2), warmup=1)):
+        with pytest.raises(ValueError, match="full calls"):
+            Candidate("fora", **bad)
+    assert Candidate("forecast", 2, rank=4, weight=1.0, factors="cd").order == 1  # one key per configuration
+
+
+def test_listed_calls_move_one_at_a_time_and_fill_the_budget(tuner):
+    c = Candidate("forecast", 0, calls=(0, 2, 3, 6), rank=2, weight=1.0, factors="cd")
+    moved = {n.calls for n in tuner.space.neighbours(c) if n.calls != c.calls}
+    assert moved == {(0, 1, 3, 6), (0, 2, 4, 6), (0, 2, 3, 5), (0, 2, 3, 7)}  # 2 -> 3 or 3 -> 2 would collide
+    assert all(n.period == 0 and not n.warmup for n in tuner.space.neighbours(c))
+    assert {n.order for n in tuner.space.neighbours(c)} == {1, 2}
+    limit = 0.6 * tuner.costs.uncached
+    dense = tuner.densest(c, 1.5, limit)
+    assert tuner.feasible(dense, limit)
+    more = replace(dense, calls=CacheSchedule.spread(len(dense.calls) + 1, STEPS, 1.5).calls)
+    assert not tuner.feasible(more, limit)  # one more full call breaks the budget
 
 
 def test_tune_respects_the_budget_and_beats_its_coarse_rung(tuner, tmp_path):

@@ -3,7 +3,10 @@
 G[t, l] = 1: compute layer l fully at call t and store it; S = 1 - G: serve it from the cache.
 Calls are numbered from 0, the noisiest; call 0 is always full (the cache starts empty).
 
-A schedule is either an explicit gather matrix (a fixed run length) or a pattern:
+A schedule is an explicit gather matrix (a fixed run length), a list of full calls, or a pattern:
+- `calls` (c_0 = 0, c_1, ...): exactly these calls are full, whatever the spacing between them
+  (non-uniform periods: dense where the trajectory moves fast; `CacheSchedule.spread` makes such
+  lists); runs may be shorter than the list's last call + 1 only by error, not silently;
 - `period` p: between warm-up and cool-down, call t is full when (t - a) % p == 0, where the
   anchor a is the last warm-up call (0 without warm-up: plain FORA, t % p == 0);
 - `warmup` k: calls 0 .. k-1 are full (the early, fast-moving calls; TaylorSeer and cache-dit
@@ -12,7 +15,8 @@ A schedule is either an explicit gather matrix (a fixed run length) or a pattern
   `cache_run` and the pipelines give it);
 - `first_blocks` n / `last_blocks` m: every branch of the first n and the last m transformer
   blocks is full at every call (cache-dit's Fn/Bn). A block is its branches (2 per DiT block,
-  3 per PixArt block); the engine tells the schedule which layer belongs to which block.
+  3 per PixArt block); the engine tells the schedule which layer belongs to which block. Fn/Bn go
+  with `calls` too.
 """
 
 from __future__ import annotations
@@ -48,6 +52,22 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+def _check_calls(calls) -> tuple[int, ...]:
+    """A list of full calls as a tuple: integers, strictly increasing, starting at call 0."""
+    try:
+        out = tuple(calls)
+    except TypeError:
+        raise ValueError(f"calls must be a list of call indices, e.g. [0, 2, 5, 9], got {calls!r}") from None
+    if not out or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in out):
+        raise ValueError(f"calls must be a non-empty list of integer call indices, e.g. [0, 2, 5, 9], got {calls!r}")
+    out = tuple(int(c) for c in out)
+    if out[0] != 0:
+        raise ValueError(f"calls must start with call 0 (the cache is empty before it), got {list(out)}")
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"calls must be strictly increasing, got {list(out)}")
+    return out
+
+
 def check_period(period: object, what: str = "") -> None:
     """A FORA period: an integer >= 1 (1 = every call full). `what` says what the period is for."""
     if not isinstance(period, int) or isinstance(period, bool) or period < 1:
@@ -56,7 +76,8 @@ def check_period(period: object, what: str = "") -> None:
 
 @dataclass(frozen=True)
 class CacheSchedule:
-    """A FORA-style pattern (any run length) or an explicit gather matrix (a fixed run length)."""
+    """A FORA-style pattern (any run length), a list of full calls, or an explicit gather matrix
+    (a fixed run length)."""
 
     period: int | None = None
     gather: np.ndarray | None = None  # bool (T, L)
@@ -64,15 +85,21 @@ class CacheSchedule:
     cooldown: int = 0
     first_blocks: int = 0
     last_blocks: int = 0
+    calls: tuple[int, ...] | None = None  # the full calls, instead of a period
     blocks: tuple[int, ...] | None = field(default=None, compare=False, repr=False)  # block of each layer
 
     def __post_init__(self) -> None:
-        if (self.period is None) == (self.gather is None):
-            raise ValueError("give exactly one of period or gather")
+        if sum(v is not None for v in (self.period, self.gather, self.calls)) != 1:
+            raise ValueError("give exactly one of period, calls (the full calls) or gather")
         if self.period is not None:
             check_period(self.period, " (1 = no caching)")
         for name in _PATTERN_FIELDS:
             _check_count(name, getattr(self, name))
+        if self.calls is not None:
+            object.__setattr__(self, "calls", _check_calls(self.calls))
+            if self.warmup or self.cooldown:
+                raise ValueError("warmup / cooldown go with a period; a calls list names every full call already "
+                                 "(put the warm-up and cool-down calls in it)")
         if self.gather is not None:
             if any(getattr(self, name) for name in _PATTERN_FIELDS):
                 raise ValueError("warmup / cooldown / first_blocks / last_blocks go with a period; an explicit "
@@ -95,6 +122,22 @@ class CacheSchedule:
         """Period p with optional warm-up / cool-down calls and always-full first/last blocks."""
         return cls(period=period, warmup=warmup, cooldown=cooldown, first_blocks=first_blocks,
                    last_blocks=last_blocks)
+
+    @classmethod
+    def spread(cls, full: int, num_calls: int, power: float = 1.0, first_blocks: int = 0,
+               last_blocks: int = 0) -> CacheSchedule:
+        """`full` full calls over a run of `num_calls`, the i-th at round(num_calls (i / full)^power) (kept
+        distinct): power 1 spaces them evenly (FORA's period when full divides num_calls), power > 1 packs
+        them into the early calls, where the trajectory moves most, power < 1 into the late ones."""
+        if isinstance(full, bool) or not isinstance(full, int) or not 1 <= full <= num_calls:
+            raise ValueError(f"full must be an integer from 1 to num_calls = {num_calls}, got {full!r}")
+        if not power > 0:
+            raise ValueError(f"power must be > 0 (1 = evenly spaced), got {power!r}")
+        calls: list[int] = []
+        for i in range(full):
+            c = max(int(round(num_calls * (i / full) ** power)), calls[-1] + 1 if calls else 0)
+            calls.append(min(c, num_calls - full + i))  # room for the ones still to place
+        return cls(calls=tuple(calls), first_blocks=first_blocks, last_blocks=last_blocks)
 
     @classmethod
     def from_matrix(cls, gather) -> CacheSchedule:
@@ -123,16 +166,22 @@ class CacheSchedule:
             if extra:
                 raise ValueError(f"a schedule with a gather matrix takes no other fields, got {extra}")
             return cls.from_matrix(data["gather"])
-        unknown = sorted(set(data) - {"period", *_PATTERN_FIELDS})
+        unknown = sorted(set(data) - {"period", "calls", *_PATTERN_FIELDS})
         if unknown:
-            raise ValueError(f"unknown schedule fields {unknown}; known: period, {', '.join(_PATTERN_FIELDS)}, gather")
+            raise ValueError(f"unknown schedule fields {unknown}; known: period, calls, {', '.join(_PATTERN_FIELDS)}, "
+                             "gather")
+        if "calls" in data:
+            return cls(**data)
         if "period" not in data:
-            raise ValueError("a schedule needs 'period' (e.g. {\"period\": 2}) or 'gather' (a calls x layers matrix)")
+            raise ValueError("a schedule needs 'period' (e.g. {\"period\": 2}), 'calls' (the full calls, e.g. "
+                             "{\"calls\": [0, 2, 5, 9]}) or 'gather' (a calls x layers matrix)")
         return cls.fora(**data)
 
     def to_dict(self) -> dict:
         if self.gather is not None:
             return {"gather": self.gather.astype(int).tolist()}
+        if self.calls is not None:
+            return {"calls": list(self.calls), "first_blocks": self.first_blocks, "last_blocks": self.last_blocks}
         return {"period": self.period, **{name: int(getattr(self, name)) for name in _PATTERN_FIELDS}}
 
     @classmethod
@@ -201,7 +250,10 @@ class CacheSchedule:
         if self.gather is None:
             if self.needs_blocks:
                 self._check_blocks(num_layers)
-            if self.warmup + self.cooldown >= num_calls > 1 and self.period > 1:
+            if self.calls is not None and self.calls[-1] >= num_calls:
+                raise ValueError(f"the schedule's full calls {list(self.calls)} go past this run's {num_calls} calls; "
+                                 "make the calls list for this step count")
+            if self.period is not None and self.warmup + self.cooldown >= num_calls > 1 and self.period > 1:
                 raise ValueError(f"warm-up {self.warmup} + cool-down {self.cooldown} cover all {num_calls} calls of "
                                  "this run, so nothing is cached; use fewer full calls or more steps")
             return
@@ -213,7 +265,9 @@ class CacheSchedule:
                              "calls; make the schedule for this step count")
 
     def full_call(self, call: int, num_calls: int | None = None) -> bool:
-        """Whether every layer is full at `call` under the pattern (warm-up, cool-down, period)."""
+        """Whether every layer is full at `call` under the pattern (calls, or warm-up, cool-down, period)."""
+        if self.calls is not None:
+            return call in self.calls
         if call < self.warmup:
             return True
         if self.cooldown:

@@ -5,13 +5,15 @@ Cost is kept down four ways:
 - one uncached reference per seed set, one factor set (at the highest rank searched; lower ranks
   are exact truncations) and one GOC cosine profile, reused by every candidate;
 - only MACs-feasible candidates are sampled, each schedule shape at the smallest period the
-  budget allows (a cheaper period of the same shape leaves budget unspent);
+  budget allows (a cheaper period of the same shape leaves budget unspent), and as listed full
+  calls (`CacheSchedule.spread`: as many as the budget allows, evenly or packed into the early calls);
 - successive halving on seeds: every coarse candidate on a quarter of the seeds, the best third on
   half, the best third of those on all;
 - coarse-to-fine: a local search from the best coarse candidates over single steps of period,
-  warm-up, cool-down, Fn/Bn, rank and weight (a step that breaks the budget is retried one period
-  longer; steps scored on half the seeds, the best one on all), then TCC factors at the chosen
-  period where the method uses factors.
+  warm-up, cool-down, Fn/Bn, rank, weight and forecast order, or of one listed full call (a step
+  that breaks the budget is retried one period longer; steps scored on half the seeds, the best
+  one on all), then TCC factors at the chosen period (a calls list: its mean spacing) where the
+  method uses factors.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..cache.factors import Factors
 from ..cache.methods.goc import inflection_points
+from ..cache.schedule import CacheSchedule
 from .score import Reference
 from .space import FACTOR_METHODS, Candidate, Costs, Space, cache_config
 
@@ -101,6 +104,17 @@ class Tuner:
                 return t
         return None
 
+    def densest(self, c: Candidate, power: float, limit: float) -> Candidate | None:
+        """The candidate's method and blocks on `CacheSchedule.spread(n, steps, power)` with the most
+        full calls n that fit (None: not even two)."""
+        steps = self.runner.steps
+        for n in range(steps - 1, 1, -1):
+            calls = CacheSchedule.spread(n, steps, power).calls
+            t = replace(c, period=0, warmup=0, cooldown=0, calls=calls)
+            if self.feasible(t, limit):
+                return t
+        return None
+
     # -- scoring ---------------------------------------------------------------------------------
     def evaluate(self, c: Candidate, seeds: int, bar=None) -> Evaluation:
         e = self.results.get(c)
@@ -127,7 +141,11 @@ class Tuner:
         if not 0 < budget <= 1:
             raise ValueError(f"budget is a share of the uncached run's MACs, 0 < budget <= 1; got {budget}")
         limit = budget * self.costs.uncached
-        coarse = {t for c in self.space.coarse("cd") if (t := self.tightest(c, limit)) is not None}
+        shapes = self.space.coarse("cd")
+        coarse = {t for c in shapes if (t := self.tightest(c, limit)) is not None}
+        if self.space.spreads and self.runner.steps > 2:
+            coarse |= {t for c in shapes if c.method != "goc" and not (c.warmup or c.cooldown)
+                       for p in self.space.spreads if (t := self.densest(c, p, limit)) is not None}
         if not coarse:
             raise ValueError(f"no configuration fits in {budget} of the uncached MACs at {self.runner.steps} steps; "
                              "raise the budget or the step count")
@@ -196,9 +214,10 @@ class Tuner:
         c = best.candidate
         if self.make_tcc is None or c.method not in FACTOR_METHODS:
             return best
-        key = f"tcc-p{c.period}"
+        period = c.period or max(2, round(self.runner.steps / len(c.calls)))  # a calls list: its mean spacing
+        key = f"tcc-p{period}"
         if key not in self.factors:
-            self.factors[key] = self.make_tcc(c.period)
+            self.factors[key] = self.make_tcc(period)
         t = replace(c, factors=key)
         if not self.feasible(t, limit):
             return best

@@ -19,8 +19,9 @@ FACTOR_METHODS = ("icc", "forecast")  # the methods that use low-rank factors
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """One configuration: a method on a pattern schedule (period, warm-up, cool-down, Fn/Bn),
-    with its rank and factor source (icc, forecast) and weight (forecast, goc)."""
+    """One configuration: a method on a pattern schedule (period, warm-up, cool-down, Fn/Bn; or
+    period 0 and the full `calls` listed), with its rank and factor source (icc, forecast), weight
+    (forecast, goc) and order (forecast)."""
 
     method: str
     period: int
@@ -31,6 +32,8 @@ class Candidate:
     rank: int | None = None
     weight: float | None = None
     factors: str | None = None  # key of the factor set ("cd", "tcc")
+    calls: tuple[int, ...] = ()  # the full calls (non-uniform periods), with period 0
+    order: int | None = None  # the forecast's order (None: 1)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -39,22 +42,33 @@ class Candidate:
             raise ValueError(f"{self.method}: rank and factors go with icc and forecast only")
         if (self.method in ("forecast", "goc")) != (self.weight is not None):
             raise ValueError(f"{self.method}: a weight goes with forecast and goc only")
+        if self.method == "forecast" and self.order is None:
+            object.__setattr__(self, "order", 1)  # the forecast's default: one key per configuration
+        if (self.method == "forecast") != (self.order is not None):
+            raise ValueError(f"{self.method}: an order goes with forecast only (1 or 2)")
+        if (self.period == 0) != bool(self.calls) or self.calls and (self.warmup or self.cooldown):
+            raise ValueError("a candidate has a period (with warm-up / cool-down) or, with period 0, its full calls")
 
     def schedule(self) -> CacheSchedule:
+        if self.calls:
+            return CacheSchedule(calls=self.calls, first_blocks=self.first_blocks, last_blocks=self.last_blocks)
         return CacheSchedule.fora(self.period, self.warmup, self.cooldown, self.first_blocks, self.last_blocks)
 
     def label(self) -> str:
-        parts = [self.method, f"p{self.period}"]
+        parts = [self.method, f"p{self.period}" if self.period else "calls " + ",".join(map(str, self.calls))]
         parts += [f"{k}{v}" for k, v in (("w", self.warmup), ("c", self.cooldown), ("F", self.first_blocks),
                                         ("B", self.last_blocks)) if v]
         if self.rank is not None:
             parts.append(f"{self.factors} r{self.rank}")
         if self.weight is not None:
             parts.append(f"weight {self.weight:g}")
+        if self.order is not None and self.order != 1:
+            parts.append(f"order {self.order}")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if v is not None and v != ()}
 
 
 def cache_config(c: Candidate, factors: dict[str, Factors], goc_steps: list[int] | None = None,
@@ -68,7 +82,7 @@ def cache_config(c: Candidate, factors: dict[str, Factors], goc_steps: list[int]
     f = factors[c.factors]
     kw = dict(schedule=s, factors=f if factors_file is None else factors_file, rank=c.rank,
               svd=f.meta.get("svd", "plain"))
-    return ICCConfig(**kw) if c.method == "icc" else ForecastConfig(**kw, weight=c.weight)
+    return ICCConfig(**kw) if c.method == "icc" else ForecastConfig(**kw, weight=c.weight, order=c.order)
 
 
 class Costs:
@@ -100,9 +114,9 @@ class Costs:
         if c.method in ("fora", "goc"):
             zero = np.zeros(len(self.branches), dtype=np.int64)
             return zero, zero
-        key = (c.method, c.rank, c.factors)
+        key = (c.method, c.rank, c.factors, c.order)
         if key not in self._layer:
-            probe = replace(c, warmup=0, cooldown=0, first_blocks=0, last_blocks=0, period=2)
+            probe = replace(c, warmup=0, cooldown=0, first_blocks=0, last_blocks=0, period=2, calls=())
             method = _Counter(self.model, cache_config(probe, self.factors), self.adapter).method
             layers = range(len(self.branches))
             self._layer[key] = (np.array([method.cached_macs(i, 1) for i in layers], dtype=np.int64),
@@ -133,6 +147,8 @@ class Space:
     ranks: tuple[int, ...] = (4, 8, 12, 16, 24, 32, 48)
     forecast_ranks: tuple[int, ...] = (0, 4, 8, 12, 16, 24, 32)
     forecast_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    forecast_orders: tuple[int, ...] = (1, 2)
+    spreads: tuple[float, ...] = (1.0, 1.5)  # powers of CacheSchedule.spread: full calls packed early
     goc_weights: tuple[float, ...] = (0.4, 0.8, 1.2)
     goc_periods: tuple[int, ...] = (2,)  # GOC diverges at period 3 on the shipped model (10.8 dB)
     coarse_warmups: tuple[int, ...] = (0, 3)
@@ -141,6 +157,7 @@ class Space:
     coarse_ranks: tuple[int, ...] = (8, 24)
     coarse_forecast: tuple[tuple[int, float], ...] = ((0, 1.0), (8, 0.5), (16, 1.0))
     coarse_goc_weights: tuple[float, ...] = (0.8,)
+    coarse_orders: tuple[int, ...] = (1,)
     width_ranks: bool = True  # add the bench grid's ranks C/18, C/9, C/4 (the paper's 128 of 1152 is C/9)
 
     def restrict(self, max_rank: int, num_blocks: int, steps: int, width: int | None = None) -> Space:
@@ -186,20 +203,23 @@ class Space:
                         if "icc" in self.methods:
                             out += [Candidate("icc", **shape, rank=r, factors=factor_key) for r in self.coarse_ranks]
                         if "forecast" in self.methods:
-                            out += [Candidate("forecast", **shape, rank=r, weight=wt, factors=factor_key)
-                                    for r, wt in self.coarse_forecast]
+                            out += [Candidate("forecast", **shape, rank=r, weight=wt, factors=factor_key, order=o)
+                                    for r, wt in self.coarse_forecast for o in self.coarse_orders]
                         if "goc" in self.methods and p in self.goc_periods:
                             out += [Candidate("goc", **shape, weight=wt) for wt in self.coarse_goc_weights]
         return out
 
     def neighbours(self, c: Candidate) -> list[Candidate]:
-        """Candidates one step away in one dimension (the next larger or smaller value)."""
-        dims = {"period": self.goc_periods if c.method == "goc" else self.periods, "warmup": self.warmups,
-                "cooldown": self.cooldowns, "first_blocks": self.blocks, "last_blocks": self.blocks}
+        """Candidates one step away in one dimension (the next larger or smaller value; a listed full
+        call one call earlier or later)."""
+        dims = {"first_blocks": self.blocks, "last_blocks": self.blocks}
+        if not c.calls:
+            dims.update(period=self.goc_periods if c.method == "goc" else self.periods, warmup=self.warmups,
+                        cooldown=self.cooldowns)
         if c.method == "icc":
             dims["rank"] = self.ranks
         if c.method == "forecast":
-            dims.update(rank=self.forecast_ranks, weight=self.forecast_weights)
+            dims.update(rank=self.forecast_ranks, weight=self.forecast_weights, order=self.forecast_orders)
         if c.method == "goc":
             dims["weight"] = self.goc_weights
         out = []
@@ -209,4 +229,10 @@ class Space:
             for j in (i - 1, i + 1):
                 if 0 <= j < len(values):
                     out.append(replace(c, **{name: values[j]}))
+        for i in range(1, len(c.calls)):
+            for step in (-1, 1):
+                calls = list(c.calls)
+                calls[i] += step
+                if calls[i] > calls[i - 1] and (i + 1 == len(calls) or calls[i] < calls[i + 1]):
+                    out.append(replace(c, calls=tuple(calls)))  # past the run's end: infeasible, dropped there
         return out

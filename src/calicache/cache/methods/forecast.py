@@ -10,6 +10,14 @@ Since y = W x + b is linear, y_hat = W x_hat + b exactly, so at full rank the re
 at rank 0 each branch output is its own first-order forecast (TaylorSeer order 1 at branch level).
 With one full call only it is plain ICC. Distances count calls, or timesteps
 (`ForecastConfig(units="timesteps")`).
+
+`order=2` forecasts from the last three full calls f0, f1, f2 with Newton's divided differences
+(TaylorSeer's second-order term, on uneven spacing too), the increment scaled by w:
+
+    v_hat = v2 + w [(s - f2) D(f2, f1) + (s - f2)(s - f1) D(f2, f1, f0)] = v2 + a (v2 - v1) + b (v1 - v0)
+
+for v = x (in rank space) and y alike, so full rank stays exact; with two full calls so far it is
+the first-order forecast.
 """
 
 from __future__ import annotations
@@ -24,11 +32,30 @@ from .base import Argument, BranchCache, each, tensors
 from .icc import CalibratedLinear, ICCConfig, IncrementCalibration
 
 UNITS = ("calls", "timesteps")
+ORDERS = (1, 2)
 
 
 def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float) -> torch.Tensor:
     """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory, in one pass."""
     return torch.lerp(v1, v0, -k)
+
+
+def second_order(v2: torch.Tensor, v1: torch.Tensor, v0: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                 ) -> torch.Tensor:
+    """v2 + a (v2 - v1) + b (v1 - v0): the second-order forecast in Newton form (a fresh tensor)."""
+    return first_order(v2, v1, a).addcmul_(v1 - v0, b)
+
+
+def newton_weights(positions: list[float], s: float, weight: float) -> tuple[float, float]:
+    """(a, b) of `second_order` at s from the last three full positions f0, f1, f2 (oldest first): w times the
+    increment of the quadratic through them (a first-order forecast, b = 0, from two)."""
+    if len(positions) == 2:
+        f1, f2 = positions
+        return weight * (s - f2) / (f2 - f1), 0.0
+    f0, f1, f2 = positions
+    h1, h0, span = f2 - f1, f1 - f0, f2 - f0
+    curve = (s - f2) * (s - f1) / span
+    return weight * ((s - f2) / h1 + curve / h1), -weight * curve / h0
 
 
 class ForecastLinear(CalibratedLinear):
@@ -37,15 +64,17 @@ class ForecastLinear(CalibratedLinear):
     pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it."""
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.refs = [*self.refs[-1:], self.reference(x, y)]  # the last two full calls
+        self.refs = [*self.refs[-self.method.order:], self.reference(x, y)]  # the last order + 1 full calls
 
     def cached(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.refs) < 2:  # plain ICC; its references are the forecast's y0 later: kept
             return self.increment(x, *self.refs[0], consume=False)
+        if len(self.refs) == 3:
+            return self.cached_second_order(x)
         (z0, y0), (z1, y1) = self.refs
         k = self.method.k[self.layer].to(x.dtype)
         y0, y1 = y0.to(x.dtype), y1.to(x.dtype)
-        if self.consumes():  # y0 is not needed again: forecast into its memory
+        if self.method.order == 1 and self.consumes():  # y0 is not needed again: forecast into its memory
             y_hat = y0.lerp_(y1, 1 + k)  # y0 + (1 + k)(y1 - y0) = y1 + k (y1 - y0)
         else:
             y_hat = first_order(y1, y0, k)  # a fresh tensor
@@ -54,10 +83,20 @@ class ForecastLinear(CalibratedLinear):
         dz = self.project(x).sub_(first_order(z1.to(x.dtype), z0.to(x.dtype), k))  # B x - z_hat
         return self.correct(y_hat, dz, fresh=True)
 
+    def cached_second_order(self, x: torch.Tensor) -> torch.Tensor:
+        (z0, y0), (z1, y1), (z2, y2) = self.refs
+        a, b = (v.to(x.dtype) for v in self.method.ab[self.layer])
+        y_hat = second_order(*(y.to(x.dtype) for y in (y2, y1, y0)), a, b)
+        if not self.blocks:
+            return y_hat
+        dz = self.project(x).sub_(second_order(*(z.to(x.dtype) for z in (z2, z1, z0)), a, b))
+        return self.correct(y_hat, dz, fresh=True)
+
     def macs(self, tokens: int) -> int:
-        """ICC's matmuls plus the two element-wise forecasts (y_hat over C_out, z_hat over R), one MAC per element."""
+        """ICC's matmuls plus the element-wise forecasts (y_hat over C_out, z_hat over R): one MAC per
+        element and order (order 2 counts two also at the calls before its third full call)."""
         elementwise = tokens * (self.rank_total + sum(s.out_features for s in self.specs))
-        return super().macs(tokens) + elementwise
+        return super().macs(tokens) + self.method.order * elementwise
 
 
 class ForecastBranchCache(BranchCache):
@@ -68,12 +107,16 @@ class ForecastBranchCache(BranchCache):
         super().__init__(method, layers)
 
     def on_full(self, layer: int, out: torch.Tensor) -> None:
-        self.history[layer] = [*self.history.get(layer, []), self.outputs[layer]][-2:]  # the stored tensor: no copy
+        keep = self.method.order + 1
+        self.history[layer] = [*self.history.get(layer, []), self.outputs[layer]][-keep:]  # the stored tensor: no copy
 
     def on_cached(self, layer: int) -> torch.Tensor:
         h = self.history[layer]
         if len(h) < 2:
             return self.outputs[layer]
+        if len(h) == 3:
+            a, b = self.method.ab[layer]
+            return each(lambda v2, v1, v0: second_order(v2, v1, v0, a.to(v2.dtype), b.to(v2.dtype)), h[2], h[1], h[0])
         k = self.method.k[layer]
         return each(lambda v1, v0: first_order(v1, v0, k.to(v1.dtype)), h[1], h[0])
 
@@ -85,8 +128,9 @@ class ForecastBranchCache(BranchCache):
         return sum(t.nbytes for h in self.history.values() for v in h for t in tensors(v))
 
     def macs(self, branch) -> int:
-        """One element-wise forecast of the branch output: N * C_out per sample (both streams of joint attention)."""
-        return branch.output_elements()
+        """The element-wise forecast of the branch output: N * C_out per sample and order (both streams of
+        joint attention)."""
+        return self.method.order * branch.output_elements()
 
 
 class CalibratedForecast(IncrementCalibration):
@@ -96,9 +140,11 @@ class CalibratedForecast(IncrementCalibration):
     def __init__(self, engine, config: ForecastConfig):
         self.weight = float(config.weight)
         self.units = config.units
+        self.order = config.order
         super().__init__(engine, config)
-        self.positions: list[list[float]] = [[] for _ in engine.branches]  # per layer: its last two full calls
+        self.positions: list[list[float]] = [[] for _ in engine.branches]  # per layer: its last order + 1 full calls
         self.k = torch.zeros(len(engine.branches))  # per layer: this call's forecast weight
+        self.ab = torch.zeros(len(engine.branches), 2)  # order 2, per layer: this call's (a, b)
 
     def position(self) -> float:
         """Where the current call lies: its index, or its timestep (a host-side number the sampler gave)."""
@@ -112,6 +158,8 @@ class CalibratedForecast(IncrementCalibration):
     def begin_call(self) -> None:
         """Host-side, before the model runs: each layer's k = w (s - f1) / (f1 - f0) for this call s,
         as one small tensor (so a compiled graph sees a tensor, not a new constant per call)."""
+        if self.order == 2:
+            return self._begin_second_order()
         s, ks = self.position(), []
         for layer, full in enumerate(self.engine.full):
             pos = self.positions[layer]
@@ -120,6 +168,16 @@ class CalibratedForecast(IncrementCalibration):
                 self.positions[layer] = [*pos, s][-2:]
         self.k = torch.tensor(ks)
 
+    def _begin_second_order(self) -> None:
+        s, ab = self.position(), []
+        for layer, full in enumerate(self.engine.full):
+            pos = self.positions[layer]
+            ab.append(newton_weights(pos, s, self.weight) if not full and len(pos) >= 2 else (0.0, 0.0))
+            if full:
+                self.positions[layer] = [*pos, s][-3:]
+        self.ab = torch.tensor(ab)
+        self.k = self.ab[:, 0].contiguous()  # the first-order forecast while a layer has two full calls
+
     def reset(self) -> None:
         super().reset()
         self.positions = [[] for _ in self.engine.branches]
@@ -127,18 +185,21 @@ class CalibratedForecast(IncrementCalibration):
 
 @dataclass
 class ForecastConfig(ICCConfig):
-    """The calibrated forecast: ICC's fields plus the extrapolation `weight` w and the `units`
-    distances between calls are counted in ("calls" or "timesteps")."""
+    """The calibrated forecast: ICC's fields plus the extrapolation `weight` w, the `units`
+    distances between calls are counted in ("calls" or "timesteps") and the forecast's `order`
+    (1: from the last two full calls; 2: from the last three, Newton's divided differences)."""
 
     method: ClassVar[str] = "forecast"
     method_class: ClassVar[type] = CalibratedForecast
     arguments: ClassVar[tuple[Argument, ...]] = ICCConfig.arguments + (
         Argument("--forecast-weight", "weight", "calibrated forecast weight w", float),
         Argument("--forecast-units", "units", "count distances between calls in calls or timesteps", choices=UNITS),
+        Argument("--forecast-order", "order", "forecast order: 1 (last two full calls) or 2 (last three)", int),
     )
 
     weight: float = 1.0
     units: str = "calls"
+    order: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,3 +207,5 @@ class ForecastConfig(ICCConfig):
             raise ValueError(f"weight must be a finite number (1 = a plain first-order forecast), got {self.weight!r}")
         if self.units not in UNITS:
             raise ValueError(f"units must be one of {UNITS}, got {self.units!r}")
+        if isinstance(self.order, bool) or self.order not in ORDERS:
+            raise ValueError(f"order must be 1 (first-order forecast) or 2 (second order), got {self.order!r}")
