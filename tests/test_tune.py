@@ -131,10 +131,14 @@ def test_tune_a_pixart_pipeline_from_prompt_embeddings(tmp_path):
     space = Space(periods=(2, 3), warmups=(0, 1), cooldowns=(0,), blocks=(0,), ranks=(2, 4), forecast_ranks=(0, 2),
                   forecast_weights=(1.0,), coarse_warmups=(0, 1), coarse_cooldowns=(0,), coarse_blocks=((0, 0),),
                   coarse_ranks=(4,), coarse_forecast=((2, 1.0),))
-    result = tune(pipe, steps=5, budget=0.7, prompt_embeds=embeds, num=2, heldout=2, rank=4, space=space, local=3,
-                  progress=False, out=tmp_path)
+    tuner = make_tuner(pipe, 5, prompt_embeds=embeds, num=2, rank=4, space=space, progress=False)
+    result = tune(pipe, steps=5, budget=0.7, tuner=tuner, heldout=2, local=3, progress=False, out=tmp_path)
     assert result.chosen.macs <= 0.7 * result.uncached_macs
-    assert result.chosen.candidate.method != "goc"
+    # GOC is searched too, its compensated calls from the pipeline's own cosine profile (none at calls 0, 1)
+    cos = tuner.goc_cosines
+    assert len(cos) == 5 and cos[:2] == [None, None] and all(-1 <= c <= 1 for c in cos[2:])
+    gocs = [e for e in tuner.results.values() if e.candidate.method == "goc" and e.psnr]
+    assert gocs and all(s >= 2 for e in gocs for s in e.goc_steps)
     config = load_config(tmp_path / "config.json")
     assert count_macs(pipe.transformer, config, 5, text_tokens=embeds["prompt_embeds"].shape[1])["total"] \
         == result.chosen.macs

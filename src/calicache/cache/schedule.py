@@ -6,7 +6,7 @@ Calls are numbered from 0, the noisiest; call 0 is always full (the cache starts
 A schedule is an explicit gather matrix (a fixed run length), a list of full calls, or a pattern:
 - `calls` (c_0 = 0, c_1, ...): exactly these calls are full, whatever the spacing between them
   (non-uniform periods: dense where the trajectory moves fast; `CacheSchedule.spread` makes such
-  lists); runs may be shorter than the list's last call + 1 only by error, not silently;
+  lists); a run shorter than the list is an error, not silently cut;
 - `period` p: between warm-up and cool-down, call t is full when (t - a) % p == 0, where the
   anchor a is the last warm-up call (0 without warm-up: plain FORA, t % p == 0);
 - `warmup` k: calls 0 .. k-1 are full (the early, fast-moving calls; TaylorSeer and cache-dit

@@ -7,7 +7,7 @@ the uncached run's. Writes DIR/config.json (+ factors.safetensors), report.json 
 configuration scored, the chosen one's PSNR on --heldout other seeds) and report.md. Several
 budgets (--budget 0.35,0.5,0.65) share the reference, the factors and the scores: DIR/budget-B/.
 
-PixArt pipelines: --pipeline DIR --prompt-embeds FILE (GOC and TCC are not searched there).
+PixArt pipelines: --pipeline DIR --prompt-embeds FILE (TCC is not searched there).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def tune(model, steps: int = 20, budget: float = 0.5, *, data="fashion-mnist", p
 
     - model: calicache's DiT (calibrated on `data`, images as `calibrate` takes them; None: plain
       SVD factors) or a PixArt pipeline with `prompt_embeds` (a dict as `calibrate_text` takes).
-    - methods: searched among "fora", "icc", "forecast", "goc" (GOC at period 2 only, DiT only).
+    - methods: searched among "fora", "icc", "forecast", "goc" (GOC at period 2 only).
     - rank: the highest rank searched (factors are made once at it); trajectory: try TCC factors.
     - budget_seconds: also require measured sampling seconds per sample <= this.
     - heldout / heldout_seed: the seeds the chosen configuration is finally scored on.
@@ -122,6 +122,38 @@ def tune(model, steps: int = 20, budget: float = 0.5, *, data="fashion-mnist", p
     return result
 
 
+def pipeline_cosines(runner: PipelineRunner, num: int, seed: int) -> list[float | None]:
+    """GOC's profile for a pipeline: per call, the mean cosine between successive changes of every branch
+    output (`calibration.goc.CosineAccumulator`) over `num` uncached pipeline runs."""
+    from ..adapters import get_adapter
+    from ..cache.methods.base import tensors
+    from ..calibration.goc import CosineAccumulator
+
+    branches = get_adapter(runner.model, text_tokens=runner.text_tokens).branches(runner.model)
+    acc = CosineAccumulator(runner.steps)
+    calls = [0]
+
+    def count(module, args, kwargs) -> None:
+        calls[0] += 1
+
+    def record(layer: int):
+        return lambda module, args, out: acc.update(layer, (calls[0] - 1) % runner.steps, tensors(out)[0])
+
+    handles = [runner.model.register_forward_pre_hook(count, with_kwargs=True)]
+    try:
+        handles += [b.module.register_forward_hook(record(i)) for i, b in enumerate(branches)]
+        with torch.inference_mode():
+            runner.images(num, seed)
+    finally:
+        for h in handles:
+            h.remove()
+    runs = -(-num // (runner.batch_size or num))
+    if calls[0] != runner.steps * runs:
+        raise RuntimeError(f"the pipeline made {calls[0]} transformer calls for {runs} runs of {runner.steps} steps; "
+                           "GOC's profile needs one call per step (a scheduler with one model call per step)")
+    return acc.cosines()
+
+
 def make_tuner(model, steps: int = 20, *, data="fashion-mnist", prompt_embeds: dict | None = None,
                cfg_scale: float | None = None, methods: tuple[str, ...] = METHODS, num: int = 32, seed: int = 1,
                rank: int = 48, calibration_num: int = 256, trajectory: bool = True, batch_size: int | None = None,
@@ -147,9 +179,8 @@ def make_tuner(model, steps: int = 20, *, data="fashion-mnist", prompt_embeds: d
         text_tokens = runner.text_tokens
         factors = calibrate_text(model, prompt_embeds, svd="cd", rank=rank, steps=steps, cfg_scale=cfg,
                                  progress=progress)
-        methods = tuple(m for m in methods if m != "goc")  # GOC's finder samples calicache's DiT
-        make_tcc = None
-        cosines = None
+        make_tcc = None  # TCC's cached trajectories are sampled with calicache's DDIM on its DiT
+        cosines = pipeline_cosines(runner, min(num, 16), seed) if "goc" in methods else None
     else:
         cfg = getattr(model, "calicache_defaults", {}).get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale
         runner = ModelRunner(model, steps, cfg, batch_size=batch_size)

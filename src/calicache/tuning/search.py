@@ -163,12 +163,15 @@ class Tuner:
             best = self._trajectory(best, limit, num, bar, budget_seconds)
         finally:
             bar.close()
-        if not self._ok(best, budget_seconds):
+        full = [e for e in self.results.values() if num in e.psnr and e.macs <= limit]
+        fitting = [e for e in full if self._ok(e, budget_seconds)]
+        if not fitting:
             fastest = min(e.seconds[e.seeds] / e.seeds for e in self.results.values())
             raise ValueError(f"no configuration tried sampled within {budget_seconds} s per sample (the fastest took "
                              f"{fastest:.3g} s); raise --budget-seconds or lower --budget")
-        full = [e for e in self.results.values() if num in e.psnr and e.macs <= limit]
-        return best, full
+        # The best of everything scored on all seeds within the budget (earlier searches' too): a
+        # search that reuses scores never returns less than one before it.
+        return max([best, *fitting] if self._ok(best, budget_seconds) else fitting, key=lambda e: e.score), full
 
     def _local(self, starts: list[Evaluation], limit: float, num: int, budget_evals: int, bar,
                seconds: float | None) -> Evaluation:
@@ -184,6 +187,8 @@ class Tuner:
                 moves = []
                 for n in self.space.neighbours(current.candidate):
                     if not self.feasible(n, limit):
+                        if n.calls:
+                            continue
                         n = replace(n, period=n.period + 1)  # rebalance: the step, one period longer
                         if n.period not in self.space.periods or not self.feasible(n, limit):
                             continue
