@@ -43,7 +43,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--ranks", default="0,4")
     p.add_argument("--powers", default="1,1.25,1.5,2")
-    p.add_argument("--peer-periods", default="3,4,5")
+    p.add_argument("--peer-periods", default="3,4,5", help="diffusers TaylorSeer intervals ('': none)")
+    p.add_argument("--schedules", default="period,taylorseer,spread", help="which schedule families to try")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/benchmarks/tune_ideas.json")
     args = p.parse_args()
@@ -66,11 +67,14 @@ def main() -> None:
         return c if tuner.feasible(c, limit) else None
 
     # schedule name -> the base candidate at the most full calls that fit (None: none fits)
-    shapes = {"FORA period": lambda c: tuner.tightest(replace(c, period=2), limit)}
-    shapes.update({f"TaylorSeer's calls, interval {q}": lambda c, q=q: thinned(
-        replace(c, period=0, calls=taylorseer_calls(steps, q))) for q in (3, 4, 5)})
-    shapes.update({f"spread, power {w:g}": lambda c, w=w: tuner.densest(c, w, limit)
-                   for w in (float(v) for v in args.powers.split(","))})
+    families = args.schedules.split(",")
+    shapes = {"FORA period": lambda c: tuner.tightest(replace(c, period=2), limit)} if "period" in families else {}
+    if "taylorseer" in families:
+        shapes.update({f"TaylorSeer's calls, interval {q}": lambda c, q=q: thinned(
+            replace(c, period=0, calls=taylorseer_calls(steps, q))) for q in (3, 4, 5)})
+    if "spread" in families:
+        shapes.update({f"spread, power {w:g}": lambda c, w=w: tuner.densest(c, w, limit)
+                       for w in (float(v) for v in args.powers.split(","))})
     rows = []
     for r in (int(v) for v in args.ranks.split(",")):
         for factors in (("cd",) if r == 0 else ("cd", "tcc")):
@@ -90,7 +94,7 @@ def main() -> None:
                                  "factors": factors, "macs_ratio": round(tuner.costs.macs(c) / tuner.costs.uncached, 4),
                                  "psnr": round(value, 3)})
                     print(rows[-1], flush=True)
-    for q in (int(v) for v in args.peer_periods.split(",")):
+    for q in (int(v) for v in args.peer_periods.split(",") if v):
         res = run_peer(model, Peer("taylorseer", q), args.num, steps, cfg, seed=args.seed, progress=False)
         ratio = res.macs["total"] / tuner.costs.uncached
         rows.append({"schedule": f"TaylorSeer interval {q}", "configuration": res.variant.name, "rank": None,
