@@ -88,6 +88,9 @@ def test_listed_calls_move_one_at_a_time_and_fill_the_budget(tuner):
     assert tuner.feasible(dense, limit)
     more = replace(dense, calls=CacheSchedule.spread(len(dense.calls) + 1, STEPS, 1.5).calls)
     assert not tuner.feasible(more, limit)  # one more full call breaks the budget
+    p2 = replace(c, rank=0, period=2, calls=())
+    even = tuner.densest(p2, 1.0, tuner.costs.macs(p2))  # 4 full calls fit: spread(4, 8) is calls 0, 2, 4, 6
+    assert even == p2  # a FORA period is kept as one (one key, scored once)
 
 
 def test_tune_respects_the_budget_and_beats_its_coarse_rung(tuner, tmp_path):

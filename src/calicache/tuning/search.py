@@ -106,11 +106,13 @@ class Tuner:
 
     def densest(self, c: Candidate, power: float, limit: float) -> Candidate | None:
         """The candidate's method and blocks on `CacheSchedule.spread(n, steps, power)` with the most
-        full calls n that fit (None: not even two)."""
+        full calls n that fit (None: not even two); calls a FORA period makes are that period."""
         steps = self.runner.steps
         for n in range(steps - 1, 1, -1):
             calls = CacheSchedule.spread(n, steps, power).calls
             t = replace(c, period=0, warmup=0, cooldown=0, calls=calls)
+            if calls == tuple(range(0, steps, calls[1])):
+                t = replace(t, period=calls[1], calls=())  # one key per schedule: not scored twice
             if self.feasible(t, limit):
                 return t
         return None
@@ -217,8 +219,8 @@ class Tuner:
                     ) -> Evaluation:
         """The chosen factor method again with TCC factors made at its period, kept if better."""
         c = best.candidate
-        if self.make_tcc is None or c.method not in FACTOR_METHODS:
-            return best
+        if self.make_tcc is None or c.method not in FACTOR_METHODS or c.rank == 0:
+            return best  # rank 0 uses no factors
         period = c.period or max(2, round(self.runner.steps / len(c.calls)))  # a calls list: its mean spacing
         key = f"tcc-p{period}"
         if key not in self.factors:
