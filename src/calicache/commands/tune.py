@@ -1,7 +1,7 @@
 """Find the best cache configuration for a compute budget: `calicache tune --budget 0.5 --out DIR`.
 
 Searches method (FORA, ICC, the calibrated forecast, GOC at period 2), schedule (period, warm-up,
-cool-down, always-full first/last blocks), rank and weight for the best PSNR against uncached
+cool-down, always-full first/last blocks, or listed full calls), rank and weight for the best PSNR against uncached
 sampling on --num tuning seeds, among configurations whose MACs per sample are at most --budget x
 the uncached run's. Writes DIR/config.json (+ factors.safetensors), report.json (frontier, every
 configuration scored, the chosen one's PSNR on --heldout other seeds) and report.md. Several
