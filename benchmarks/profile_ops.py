@@ -3,6 +3,7 @@ make the copies (calicache's code or the model's).
 
     python benchmarks/profile_ops.py --num 10 --steps 20 --threads 1
     python benchmarks/profile_ops.py --methods icc --stacks      # copies by source line (slower)
+    python benchmarks/profile_ops.py --methods icc --stacks --all-ops  # every op by source line
 
 One profiled sampling run per method on the shipped model (guidance doubles the batch), after one
 unprofiled warm-up run; every model call is labelled full or cached from the engine's gather flags,
@@ -39,12 +40,16 @@ def label_calls(model) -> list:
     return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
 
 
-def own_line(stack: list[str], root: str) -> str:
-    """The innermost frame in calicache's sources (or the model's file), as path:line."""
-    for frame in stack:
-        if root in frame:
-            return frame.split(root, 1)[1].split("(")[0]
-    return stack[0] if stack else "?"
+def origin(event) -> str:
+    """The ops a copy ran under and the innermost calicache source line (python events of with_stack)."""
+    ops, parent = [], event.cpu_parent
+    while parent is not None:
+        if "calicache/" in parent.name:
+            return " <- ".join(ops[:2] + [parent.name.split("calicache/", 1)[1]])
+        if parent.name.startswith("aten::"):
+            ops.append(parent.name)
+        parent = parent.cpu_parent
+    return " <- ".join(ops[:2] + ["?"])
 
 
 def profile_method(model, kw: dict, args, lib) -> dict:
@@ -77,8 +82,8 @@ def profile_method(model, kw: dict, args, lib) -> dict:
         if kind is None or e.name.startswith("call:"):
             continue
         by_op[kind][e.name] += e.self_cpu_time_total
-        if args.stacks and e.name in COPY_OPS and e.self_cpu_time_total:
-            copies[kind][f"{e.name} {own_line(e.stack, 'src/')}"] += e.self_cpu_time_total
+        if args.stacks and (args.all_ops or e.name in COPY_OPS) and e.self_cpu_time_total:
+            copies[kind][f"{e.name} <- {origin(e)}"] += e.self_cpu_time_total
     out = {"calls": {k: kinds.count(k) for k in ("full", "cached")}}
     for kind in ("full", "cached"):
         total = sum(by_op[kind].values())
@@ -102,7 +107,7 @@ def report(name: str, row: dict, top: int) -> str:
         lines.append(f"{kind}: {r['ms_per_call']:.1f} ms self CPU per call (profiled), copies {r['copy_share']:.1%}")
         lines += [f"  {share:6.1%}  {op}" for op, share in list(r["ops"].items())[:top]]
         for src, share in list(r.get("copies_by_line", {}).items())[:top]:
-            lines.append(f"  copy {share:6.1%}  {src}")
+            lines.append(f"  by line {share:6.1%}  {src}")
     return "\n".join(lines)
 
 
@@ -114,6 +119,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", default="none,fora,icc,forecast,goc")
     p.add_argument("--stacks", action="store_true", help="attribute copies to source lines (with_stack)")
+    p.add_argument("--all-ops", action="store_true", help="with --stacks: every op by source line, not only copies")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None, help="JSON file for the shares")
     args = p.parse_args()
