@@ -53,37 +53,41 @@ def origin(event) -> str:
 
 
 def profile_method(model, kw: dict, args, lib) -> dict:
-    """Self CPU time per op (and per source line of copies) in full and cached calls."""
+    """Self CPU time per op (and per source line of copies) in full and cached calls, summed over
+    `args.repeats` profiled runs (one profiler each)."""
     lib.apply_cache(model, lib.config_from_dict(kw))
     engine = lib.cache.get_engine(model)
+    by_op: dict[str, dict[str, float]] = {"full": defaultdict(float), "cached": defaultdict(float)}
+    copies: dict[str, dict[str, float]] = {"full": defaultdict(float), "cached": defaultdict(float)}
+    kinds: list[str] = []
     try:
         with torch.inference_mode():
             lib.sample(model, 2, args.steps, cfg_scale=args.cfg_scale, seed=0)  # warm-up
-        handles = label_calls(model)
-        try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                        with_stack=args.stacks) as prof:
-                lib.sample(model, args.num, args.steps, cfg_scale=args.cfg_scale, seed=0)
-        finally:
-            for h in handles:
-                h.remove()
-        kinds = ["full" if all(row) else "cached" for row in engine.full_flags]
+        for _ in range(args.repeats):
+            handles = label_calls(model)
+            try:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                            with_stack=args.stacks) as prof:
+                    lib.sample(model, args.num, args.steps, cfg_scale=args.cfg_scale, seed=0)
+            finally:
+                for h in handles:
+                    h.remove()
+            run_kinds = ["full" if all(row) else "cached" for row in engine.full_flags]
+            kinds += run_kinds
+            for e in prof.events():
+                kind, parent = None, e.cpu_parent
+                while parent is not None:
+                    if parent.name.startswith("call:"):
+                        kind = run_kinds[int(parent.name[5:])]
+                        break
+                    parent = parent.cpu_parent
+                if kind is None or e.name.startswith("call:"):
+                    continue
+                by_op[kind][e.name] += e.self_cpu_time_total
+                if args.stacks and (args.all_ops or e.name in COPY_OPS) and e.self_cpu_time_total:
+                    copies[kind][f"{e.name} <- {origin(e)}"] += e.self_cpu_time_total
     finally:
         lib.remove_cache(model)
-    by_op: dict[str, dict[str, float]] = {"full": defaultdict(float), "cached": defaultdict(float)}
-    copies: dict[str, dict[str, float]] = {"full": defaultdict(float), "cached": defaultdict(float)}
-    for e in prof.events():
-        kind, parent = None, e.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("call:"):
-                kind = kinds[int(parent.name[5:])]
-                break
-            parent = parent.cpu_parent
-        if kind is None or e.name.startswith("call:"):
-            continue
-        by_op[kind][e.name] += e.self_cpu_time_total
-        if args.stacks and (args.all_ops or e.name in COPY_OPS) and e.self_cpu_time_total:
-            copies[kind][f"{e.name} <- {origin(e)}"] += e.self_cpu_time_total
     out = {"calls": {k: kinds.count(k) for k in ("full", "cached")}}
     for kind in ("full", "cached"):
         total = sum(by_op[kind].values())
@@ -117,6 +121,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="profiled runs per method, summed")
     p.add_argument("--methods", default="none,fora,icc,forecast,goc")
     p.add_argument("--stacks", action="store_true", help="attribute copies to source lines (with_stack)")
     p.add_argument("--all-ops", action="store_true", help="with --stacks: every op by source line, not only copies")
@@ -137,8 +142,8 @@ def main() -> None:
         print(report(name, rows[name], args.top), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"num": args.num, "steps": args.steps, "threads": args.threads,
-                                              "rows": rows}, indent=2))
+        settings = {k: getattr(args, k) for k in ("num", "steps", "cfg_scale", "threads", "repeats")}
+        Path(args.out).write_text(json.dumps({**settings, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -171,8 +171,8 @@ class GradientOptimizedCache(Method):
         self.compensate_now = False  # set before each call (host-side), read by eager hooks
         self.weight_now = torch.tensor(0.0)  # w at a compensated call, else 0: what a compiled hook reads
         self.cache = GocBranchCache(self, list(range(len(engine.branches))))
-        # The update is one subtract and one multiply-add per element of the branch output (N x C_out,
-        # C_out = the branch's last linear's outputs): counted as N * C_out MACs per sample.
+        # The update is one lerp (a subtract and a multiply-add) per element of the branch output
+        # (N x C_out, C_out = the branch's last linear's outputs): counted as N * C_out MACs per sample.
         self._update_macs = [b.output_elements() for b in engine.branches]
 
     def steps_for(self, num_calls: int) -> list[int]:
