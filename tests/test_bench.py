@@ -39,6 +39,10 @@ def test_bench_quick_end_to_end(tmp_path):
     assert ref["name"] == "no cache, 4 steps" and ref["psnr"] == "inf"
     assert rows["no cache, 2 steps"]["macs_per_sample"] * 2 == ref["macs_per_sample"]
     assert rows["FORA p=2"]["cached_ratio"] == 0.5 and rows["FORA p=2"]["macs_per_sample"] < ref["macs_per_sample"]
+    # Cache memory is a column of the table: nothing for the uncached run, FORA's two branch outputs per block.
+    assert "| cache bytes |" in md and ref["cache_bytes"] == 0
+    # 2 blocks x 2 branches, 4 samples x 36 tokens x width 32, float32
+    assert rows["FORA p=2"]["cache_bytes"] == 2 * 2 * 4 * 36 * 32 * 4
     for family in ("fewer steps", "FORA", "ICC plain", "GOC", "forecast plain"):
         assert any(r["family"] == family for r in report["rows"]), family
     # CD factors cannot be made for a non-Fashion-MNIST model and the classifier does not fit it: said, not faked.
@@ -201,3 +205,49 @@ def test_replot_redraws_from_the_report(tmp_path, capsys):
         assert img.format == "PNG"
     assert main(["bench", "--replot", "--out", str(tmp_path / "none")]) == 2
     assert "run `calicache bench --out" in capsys.readouterr().err
+
+
+REPORT_FILES = ["bench.json", "bench.md", "quality.png", "side_by_side.png"]
+
+
+def _write_report(out, seed: int = 0):
+    """The report of three made-up results (images drawn with `seed`)."""
+    from calicache.bench.report import write_report
+
+    rng = np.random.default_rng(seed)
+    rows = [("no cache, 4 steps", "uncached", 4, 400, 0.0, float("inf")),
+            ("no cache, 2 steps", "fewer steps", 2, 200, 0.0, 21.0), ("FORA p=2", "FORA", 4, 220, 0.5, 25.0)]
+    results = [Result(Variant(name, None, steps, family), rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), 1.0,
+                      {"total": total, "cached_ratio": ratio}, 0, {"psnr": psnr, "ssim": 0.9})
+               for name, family, steps, total, ratio, psnr in rows]
+    return write_report(out, f"calicache bench --seed {seed}", "settings", [], results, 4, 4, {"total": 1.0})
+
+
+def test_report_files_are_written_as_one_set(tmp_path, monkeypatch):
+    """A failure while writing the last file leaves none of the new ones: the folder holds the previous
+    set, or nothing (issue 18 item 4)."""
+    import calicache.bench.report as report
+
+    def broken(value):
+        raise RuntimeError("disk full (injected)")
+
+    with monkeypatch.context() as m:  # bench.json, the last one written, fails
+        m.setattr(report, "jsonable", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            _write_report(tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []  # not even a temporary file
+    _write_report(tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == REPORT_FILES
+    before = {name: (tmp_path / "old" / name).read_bytes() for name in REPORT_FILES}
+    with monkeypatch.context() as m:
+        m.setattr(report, "jsonable", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            _write_report(tmp_path / "old", seed=1)
+    assert {name: (tmp_path / "old" / name).read_bytes() for name in REPORT_FILES} == before
+    (tmp_path / "old" / "bench.md").unlink()
+    (tmp_path / "old" / "bench.md").mkdir()  # a rename that fails: the ones already renamed are put back
+    with pytest.raises(IsADirectoryError):
+        _write_report(tmp_path / "old", seed=1)
+    for name in ("bench.json", "quality.png", "side_by_side.png"):
+        assert (tmp_path / "old" / name).read_bytes() == before[name], name
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == REPORT_FILES

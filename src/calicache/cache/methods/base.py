@@ -16,7 +16,7 @@ import torch
 
 from ...metrics.inception import file_sha256
 from ...models.io import shipped_file
-from ...utils import atomic_path
+from ...utils import atomic_path, warn_once
 from ..schedule import CacheSchedule, check_period
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -203,7 +203,7 @@ class MethodConfig:
                 if v is not None and not (k in cls.files and _shipped_name(v)):
                     v = _resolve(v, base)
                 if v is not None:
-                    _verify(k, shipped_file(v), data.get(f"{k}_sha256"), where)
+                    _verify(k, shipped_file(v), data.get(f"{k}_sha256"), where, from_file=base is not None)
             elif k == "cache_dtype":
                 _check_type(k, v, (str,), f"one of {sorted(DTYPES)} or null")
             kwargs[k] = v
@@ -228,10 +228,20 @@ def _resolve(path: str, base: str | os.PathLike | None) -> str:
     return path if base is None or os.path.isabs(path) else os.path.join(os.fspath(base), path)
 
 
-def _verify(key: str, path: str, digest: Any, where: str) -> None:
+def _verify(key: str, path: str, digest: Any, where: str, from_file: bool) -> None:
+    """The file a config names must be the one it was saved with. A hand-written config file without
+    the file's sha256 loads: its hash is computed now and shown, once, with how to record it (a dict
+    built in code is taken as given, like a config constructed with a path)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{where}: {key} file {path} does not exist")
-    if digest is not None and file_sha256(path) != digest:
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise ValueError(f"{where}: {key}_sha256 must be the file's sha256 (64 hex digits) or absent, got {digest!r}")
+    if digest is None:
+        if from_file:
+            warn_once(f"{where}: no {key}_sha256, so {key} file {path} cannot be checked against the file the "
+                      f"config was written for; add \"{key}_sha256\": \"{file_sha256(path)}\" to the config, or "
+                      "write it with config.save(path), which records it", stacklevel=5)
+    elif file_sha256(path) != digest:
         raise ValueError(f"{where}: {key} file {path} changed since the config was saved (sha256 differs); "
                          f"re-save the config for this file or restore the original")
 
@@ -247,6 +257,20 @@ def each(fn: Callable, *values):
 def tensors(value) -> tuple:
     """The tensors of a branch output (one, or a tuple of them)."""
     return value if isinstance(value, tuple) else (value,)
+
+
+def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
+    """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory, in one pass.
+    With k = 0 it is v1 exactly, whatever v0 holds (an empty slot is zeros)."""
+    return torch.lerp(v1, v0, -k)
+
+
+def traced() -> bool:
+    """Whether a torch.compile trace is running. A traced hook reads per-call values only as tensors
+    (a forecast weight, a compensation weight of 0 or w) and never the host flags that vary between
+    calls of one kind, so a run compiles one graph per kind of call (full, cached). Eager hooks
+    branch on those flags to skip work that a zero weight would waste."""
+    return torch.compiler.is_compiling()
 
 
 class Method:
@@ -271,6 +295,9 @@ class Method:
 
     def begin_call(self) -> None:
         """Host-side work before each model call (engine.call and engine.full are set): no device reads."""
+
+    def end_call(self) -> None:
+        """Host-side work after each model call that finished: no device reads."""
 
     def cached_macs(self, layer: int, call: int) -> int:
         """MACs per sample of cacheable layer `layer` at a cached call (the papers' convention)."""

@@ -8,7 +8,7 @@ For each calibrated linear at a cached call s, with f0 < f1 its last two full ca
 
 Since y = W x + b is linear, y_hat = W x_hat + b exactly, so at full rank the result is exact;
 at rank 0 each branch output is its own first-order forecast (TaylorSeer order 1 at branch level).
-With one full call only it is plain ICC. Distances count calls, or timesteps
+With one full call only it is plain ICC (k = 0). Distances count calls, or timesteps
 (`ForecastConfig(units="timesteps")`).
 
 `order=2` forecasts from the last three full calls f0, f1, f2 with Newton's divided differences
@@ -17,7 +17,7 @@ With one full call only it is plain ICC. Distances count calls, or timesteps
     v_hat = v2 + w [(s - f2) D(f2, f1) + (s - f2)(s - f1) D(f2, f1, f0)] = v2 + a (v2 - v1) + b (v1 - v0)
 
 for v = x (in rank space) and y alike, so full rank stays exact; with two full calls so far it is
-the first-order forecast.
+the first-order forecast (b = 0 on an empty third slot).
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ from typing import ClassVar
 
 import torch
 
-from .base import Argument, BranchCache, each, tensors
+from .base import Argument, BranchCache, each, first_order, tensors
 from .icc import CalibratedLinear, ICCConfig, IncrementCalibration
 
 UNITS = ("calls", "timesteps")
 ORDERS = (1, 2)
 
 
-def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float) -> torch.Tensor:
-    """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory, in one pass."""
-    return torch.lerp(v1, v0, -k)
+def empty_slot(value):
+    """Zeros shaped like a reference: the older slot while a layer has one full call. With k = 0
+    the forecast then equals the one reference exactly, and a compiled cached call keeps its graph."""
+    return each(torch.zeros_like, value)
 
 
 def second_order(v2: torch.Tensor, v1: torch.Tensor, v0: torch.Tensor, a: torch.Tensor, b: torch.Tensor
@@ -47,8 +48,8 @@ def second_order(v2: torch.Tensor, v1: torch.Tensor, v0: torch.Tensor, a: torch.
 
 
 def newton_weights(positions: list[float], s: float, weight: float) -> tuple[float, float]:
-    """(a, b) of `second_order` at s from the last three full positions f0, f1, f2 (oldest first): w times the
-    increment of the quadratic through them (a first-order forecast, b = 0, from two)."""
+    """(a, b) of `second_order` at s from the last three full positions f0, f1, f2 (oldest first): w times
+    the increment of the quadratic through them (a first-order forecast, b = 0, from two)."""
     if len(positions) == 2:
         f1, f2 = positions
         return weight * (s - f2) / (f2 - f1), 0.0
@@ -61,20 +62,36 @@ def newton_weights(positions: list[float], s: float, weight: float) -> tuple[flo
 class ForecastLinear(CalibratedLinear):
     """Both forecasts without leaving rank space on the input side: with z = B x stored at full calls,
     `B x_hat = z1 + k (z1 - z0)`, so a cached call is `y_hat + A (B x_s - z_hat)`: the B pass, one
-    pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it."""
+    pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it.
 
-    def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.refs = [*self.refs[-self.method.order:], self.reference(x, y)]  # the last order + 1 full calls
+    References sit in two fixed slots, `prev` (f0) and `last` (f1); the host moves last to prev
+    before a full call (`begin_call`), so a full call only writes `last` and a cached call always
+    reads both: one graph each under torch.compile."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (z, y) of the full call before `last`
+        self.prev2: tuple[torch.Tensor, torch.Tensor] | None = None  # order 2: the one before `prev`
+
+    def begin_call(self, full: bool) -> None:
+        """Host-side: shift the slots before a full call; fill an empty older slot before a cached one."""
+        if full:
+            if self.method.order == 2:
+                self.prev2 = self.prev
+            self.prev = self.last
+            return
+        if self.prev is None and self.last is not None:
+            self.prev = empty_slot(self.last)  # k = 0 at this call: plain ICC on `last`
+        if self.method.order == 2 and self.prev2 is None and self.prev is not None:
+            self.prev2 = empty_slot(self.prev)  # b = 0 at this call: the first-order forecast
 
     def cached(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.refs) < 2:  # plain ICC; its references are the forecast's y0 later: kept
-            return self.increment(x, *self.refs[0], consume=False)
-        if len(self.refs) == 3:
+        if self.method.order == 2:
             return self.cached_second_order(x)
-        (z0, y0), (z1, y1) = self.refs
+        (z0, y0), (z1, y1) = self.prev, self.last
         k = self.method.k[self.layer].to(x.dtype)
         y0, y1 = y0.to(x.dtype), y1.to(x.dtype)
-        if self.method.order == 1 and self.consumes():  # y0 is not needed again: forecast into its memory
+        if self.consumes():  # y0 is not needed again: forecast into its memory
             y_hat = y0.lerp_(y1, 1 + k)  # y0 + (1 + k)(y1 - y0) = y1 + k (y1 - y0)
         else:
             y_hat = first_order(y1, y0, k)  # a fresh tensor
@@ -84,13 +101,20 @@ class ForecastLinear(CalibratedLinear):
         return self.correct(y_hat, dz, fresh=True)
 
     def cached_second_order(self, x: torch.Tensor) -> torch.Tensor:
-        (z0, y0), (z1, y1), (z2, y2) = self.refs
+        (z0, y0), (z1, y1), (z2, y2) = self.prev2, self.prev, self.last
         a, b = (v.to(x.dtype) for v in self.method.ab[self.layer])
         y_hat = second_order(*(y.to(x.dtype) for y in (y2, y1, y0)), a, b)
         if not self.blocks:
             return y_hat
         dz = self.project(x).sub_(second_order(*(z.to(x.dtype) for z in (z2, z1, z0)), a, b))
         return self.correct(y_hat, dz, fresh=True)
+
+    def reset(self) -> None:
+        super().reset()
+        self.prev = self.prev2 = None
+
+    def cache_bytes(self) -> int:
+        return super().cache_bytes() + sum(t.nbytes for t in (*(self.prev or ()), *(self.prev2 or ())))
 
     def macs(self, tokens: int) -> int:
         """ICC's matmuls plus the element-wise forecasts (y_hat over C_out, z_hat over R): one MAC per
@@ -100,32 +124,44 @@ class ForecastLinear(CalibratedLinear):
 
 
 class ForecastBranchCache(BranchCache):
-    """Rank-0 branches: the branch output's own first-order forecast from its last two full outputs."""
+    """Rank-0 branches: the branch output's own first-order forecast from its last two full outputs
+    (`prev` and BranchCache's `outputs`, slots shifted on the host as ForecastLinear's)."""
 
     def __init__(self, method: CalibratedForecast, layers: list[int]):
-        self.history: dict[int, list[torch.Tensor]] = {}  # layer -> its last two full outputs
+        self.prev: dict[int, torch.Tensor | None] = dict.fromkeys(layers)  # layer -> the full output before the last
+        self.prev2: dict[int, torch.Tensor | None] = dict.fromkeys(layers)  # order 2: the one before that
         super().__init__(method, layers)
 
-    def on_full(self, layer: int, out: torch.Tensor) -> None:
-        keep = self.method.order + 1
-        self.history[layer] = [*self.history.get(layer, []), self.outputs[layer]][-keep:]  # the stored tensor: no copy
+    def begin_call(self) -> None:
+        full, two = self.method.engine.full, self.method.order == 2
+        for layer in self.layers:
+            if full[layer]:
+                if two:
+                    self.prev2[layer] = self.prev[layer]
+                self.prev[layer] = self.outputs[layer]
+                continue
+            if self.prev[layer] is None and self.outputs[layer] is not None:
+                self.prev[layer] = empty_slot(self.outputs[layer])
+            if two and self.prev2[layer] is None and self.prev[layer] is not None:
+                self.prev2[layer] = empty_slot(self.prev[layer])
 
     def on_cached(self, layer: int) -> torch.Tensor:
-        h = self.history[layer]
-        if len(h) < 2:
-            return self.outputs[layer]
-        if len(h) == 3:
+        if self.method.order == 2:
             a, b = self.method.ab[layer]
-            return each(lambda v2, v1, v0: second_order(v2, v1, v0, a.to(v2.dtype), b.to(v2.dtype)), h[2], h[1], h[0])
+            return each(lambda v2, v1, v0: second_order(v2, v1, v0, a.to(v2.dtype), b.to(v2.dtype)),
+                        self.outputs[layer], self.prev[layer], self.prev2[layer])
         k = self.method.k[layer]
-        return each(lambda v1, v0: first_order(v1, v0, k.to(v1.dtype)), h[1], h[0])
+        return each(lambda v1, v0: first_order(v1, v0, k.to(v1.dtype)), self.outputs[layer], self.prev[layer])
 
     def reset(self) -> None:
         super().reset()
-        self.history.clear()
+        self.prev = dict.fromkeys(self.layers)
+        self.prev2 = dict.fromkeys(self.layers)
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for h in self.history.values() for v in h for t in tensors(v))
+        held = {id(t): t for v in (*self.outputs.values(), *self.prev.values(), *self.prev2.values())
+                if v is not None for t in tensors(v)}
+        return sum(t.nbytes for t in held.values())
 
     def macs(self, branch) -> int:
         """The element-wise forecast of the branch output: N * C_out per sample and order (both streams of
@@ -159,16 +195,21 @@ class CalibratedForecast(IncrementCalibration):
         """Host-side, before the model runs: each layer's k = w (s - f1) / (f1 - f0) for this call s,
         as one small tensor (so a compiled graph sees a tensor, not a new constant per call)."""
         if self.order == 2:
-            return self._begin_second_order()
-        s, ks = self.position(), []
-        for layer, full in enumerate(self.engine.full):
-            pos = self.positions[layer]
-            ks.append(self.weight * (s - pos[1]) / (pos[1] - pos[0]) if not full and len(pos) == 2 else 0.0)
-            if full:
-                self.positions[layer] = [*pos, s][-2:]
-        self.k = torch.tensor(ks)
+            self._second_order_weights()
+        else:
+            s, ks = self.position(), []
+            for layer, full in enumerate(self.engine.full):
+                pos = self.positions[layer]
+                ks.append(self.weight * (s - pos[1]) / (pos[1] - pos[0]) if not full and len(pos) == 2 else 0.0)
+                if full:
+                    self.positions[layer] = [*pos, s][-2:]
+            self.k = torch.tensor(ks)
+        full = self.engine.full
+        for c in self.linears:
+            c.begin_call(full[c.layer])
+        self.branch_cache.begin_call()
 
-    def _begin_second_order(self) -> None:
+    def _second_order_weights(self) -> None:
         s, ab = self.position(), []
         for layer, full in enumerate(self.engine.full):
             pos = self.positions[layer]
@@ -176,7 +217,7 @@ class CalibratedForecast(IncrementCalibration):
             if full:
                 self.positions[layer] = [*pos, s][-3:]
         self.ab = torch.tensor(ab)
-        self.k = self.ab[:, 0].contiguous()  # the first-order forecast while a layer has two full calls
+        self.k = self.ab[:, 0].contiguous()
 
     def reset(self) -> None:
         super().reset()
