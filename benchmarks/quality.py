@@ -554,7 +554,7 @@ def estimate(configs: list[Config], store: ChunkStore, ctx: dict, args, boot_cos
     if boot_costs:
         per = args.bootstrap * (boot_costs["fid"] + boot_costs["sfid"] + boot_costs["fd"] + boot_costs["pr"])
         left["bootstrap"] = len(configs) * (per + boot_costs["pr_setup"])
-    return {"cpu_seconds_left": {k: round(v) for k, v in left.items()} | {"total": round(sum(left.values()))},
+    return {"cpu_seconds_left": {k: round(v, 1) for k, v in left.items()} | {"total": round(sum(left.values()), 1)},
             "cpu_hours_left": round(sum(left.values()) / 3600, 2),
             "sampling_cpu_seconds_per_sample": {k: None if v is None else round(v, 4) for k, v in per_sample.items()},
             "classifier_cpu_seconds_per_image": None if "classifier" not in rate else round(rate["classifier"], 5),
@@ -567,7 +567,7 @@ def estimate(configs: list[Config], store: ChunkStore, ctx: dict, args, boot_cos
 # -- the command -----------------------------------------------------------------------------------
 
 def extra_config(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
+    name, sep, path = text.rpartition("=")  # names may hold "=" ("FORA p=3"), paths rarely do
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: give NAME=path/to/config.json")
     return name, path
@@ -670,7 +670,8 @@ def context(model: torch.nn.Module, store: ChunkStore, args) -> dict:
         return cached["ref"]
 
     ctx["ref"], ctx["reference_cached"] = ref, reference_cached
-    dkey = {"v": KEY_VERSION, "classifier": ctx["classifier_id"], "images": hashlib.sha256(domain.tobytes()).hexdigest()}
+    dkey = {"v": KEY_VERSION, "classifier": ctx["classifier_id"],
+            "images": hashlib.sha256(domain.tobytes()).hexdigest()}
     feats = store.load("reference", "classifier", 0, len(domain), dkey)
     if feats is None:
         _, f = classifier_outputs(classifier, domain, desc="classifier (test set)")

@@ -20,7 +20,8 @@ from conftest import tiny_model
 from test_metrics_eval import FakeExtractor  # the Inception stand-in (tests/ is on sys.path)
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
-UNITS = 6 * 3  # configurations (uncached 4 steps, FORA, ICC plain, the extra config, 2 and 3 steps) x chunks
+UNITS = 6 * 3  # configurations (uncached 4 steps, FORA, ICC plain, the extra config, 1 and 2 steps) x chunks
+REF_UNITS = 10  # the 40 Inception reference images in chunks of 4
 
 
 def _load():
@@ -42,8 +43,8 @@ def bench(tmp_path_factory):
     mod.InceptionExtractor = FakeExtractor
     tmp = tmp_path_factory.mktemp("quality-model")
     model_path = tmp / "tiny.safetensors"
-    save_model(tiny_model(input_size=28, patch_size=7, num_classes=10), model_path)
-    extra = FORAConfig(period=3).save(tmp / "fora3.json")
+    save_model(tiny_model(input_size=28, patch_size=7, num_classes=10, hidden_size=64), model_path)
+    extra = FORAConfig(period=4).save(tmp / "fora4.json")
     calls = []
     sample_chunk = mod.sample_chunk
 
@@ -55,7 +56,7 @@ def bench(tmp_path_factory):
 
     def argv(out, *more):
         return ["--model", str(model_path), "--steps", "4", "--configs", "fora,icc-plain",
-                "--extra-config", f"FORA p=3={extra}", "--num", "6", "--num-fd", "10", "--chunk", "4",
+                "--extra-config", f"FORA p=4={extra}", "--num", "6", "--num-fd", "10", "--chunk", "4",
                 "--ref-num", "40", "--domain-ref-num", "200", "--bootstrap", "10", "--out", str(out), *more]
 
     return mod, argv, calls
@@ -73,9 +74,9 @@ def full(bench, tmp_path_factory):
 def test_configurations_and_matched_step_counts(full):
     _, res, calls = full
     rows = {r["name"]: r for r in res["rows"]}
-    assert list(rows) == ["no cache, 4 steps", "FORA p=2", "ICC plain SVD r=21 p=2", "FORA p=3",
-                          "no cache, 2 steps", "no cache, 3 steps"]
-    assert rows["FORA p=3"]["family"] == "tuned" and "FORA p=2" in rows["no cache, 2 steps"]["matches"]
+    assert list(rows) == ["no cache, 4 steps", "FORA p=2", "ICC plain SVD r=21 p=2", "FORA p=4",
+                          "no cache, 1 steps", "no cache, 2 steps"]  # ICC at rank 21 of width 64 costs ~4 steps
+    assert rows["FORA p=4"]["family"] == "tuned" and rows["no cache, 1 steps"]["matches"] == "FORA p=4"
     per_step = rows["no cache, 4 steps"]["macs_per_sample"] / 4
     for r in (r for r in res["rows"] if r["family"] == "fewer steps"):
         for name in r["matches"].split(", "):
@@ -134,7 +135,7 @@ def test_a_changed_setting_computes_afresh(bench, full, tmp_path):
     calls.clear()
     other = mod.main(argv(out, "--seed", "1", "--configs", "fora", "--chunks", "3", "--no-report"))
     assert len(calls) == 3 and other["progress"]["units_run"] == 3  # nothing of seed 0 is reused
-    assert {ident for ident, _, _ in calls} == {"uncached", "fora", "tuned-fora-p-3"}
+    assert {ident for ident, _, _ in calls} == {"uncached", "fora", "tuned-fora-p-4"}
 
 
 def test_chunks_stop_cleanly_and_report_only_marks_unfinished_rows(bench, tmp_path):
@@ -142,7 +143,7 @@ def test_chunks_stop_cleanly_and_report_only_marks_unfinished_rows(bench, tmp_pa
     calls.clear()
     part = mod.main(argv(tmp_path, "--chunks", "2", "--no-report"))
     assert calls == [("uncached", 0, 4), ("fora", 0, 4)]  # chunk 0 of each configuration first
-    assert part["progress"] == {**part["progress"], "units_run": 2, "units_left": UNITS - 2, "stopped_by": "--chunks 2"}
+    assert part["progress"] == {**part["progress"], "units_run": 2, "units_left": UNITS + REF_UNITS - 2, "stopped_by": "--chunks 2"}
     est = mod.main(argv(tmp_path, "--estimate"))
     assert est["cpu_seconds_left"]["sampling"] > 0 and est["sampling_cpu_seconds_per_sample"]["FORA p=2"] > 0
     calls.clear()
@@ -207,6 +208,5 @@ def test_peers_sample_in_chunks(bench, tmp_path):
     res = mod.main(argv(tmp_path, "--configs", "taylorseer", "--num-fd", "6", "--bootstrap", "0"))
     rows = {r["name"]: r for r in res["rows"]}
     assert "diffusers TaylorSeer p=2" in rows and rows["diffusers TaylorSeer p=2"]["complete"]
-    assert rows["no cache, 2 steps"]["matches"] == "diffusers TaylorSeer p=2, FORA p=3" or \
-        "diffusers TaylorSeer p=2" in {n for r in rows.values() for n in (r["matches"] or "").split(", ")}
+    assert "diffusers TaylorSeer p=2" in rows["no cache, 2 steps"]["matches"]
     assert ("taylorseer", 0, 4) in calls and ("taylorseer", 4, 6) in calls
