@@ -143,7 +143,8 @@ def test_chunks_stop_cleanly_and_report_only_marks_unfinished_rows(bench, tmp_pa
     calls.clear()
     part = mod.main(argv(tmp_path, "--chunks", "2", "--no-report"))
     assert calls == [("uncached", 0, 4), ("fora", 0, 4)]  # chunk 0 of each configuration first
-    assert part["progress"] == {**part["progress"], "units_run": 2, "units_left": UNITS + REF_UNITS - 2, "stopped_by": "--chunks 2"}
+    progress = {**part["progress"], "units_run": 2, "units_left": UNITS + REF_UNITS - 2, "stopped_by": "--chunks 2"}
+    assert part["progress"] == progress
     est = mod.main(argv(tmp_path, "--estimate"))
     assert est["cpu_seconds_left"]["sampling"] > 0 and est["sampling_cpu_seconds_per_sample"]["FORA p=2"] > 0
     calls.clear()

@@ -116,7 +116,10 @@ class FrechetBootstrap:
         else:
             y = (z - mean @ self.root) * np.sqrt(w)[:, None]  # (m, D): rows of diag(sqrt(w)) (F - m) R
             gram = y @ y.T if len(y) < y.shape[1] else y.T @ y
-        tr_sqrt = np.sqrt(np.clip(linalg.eigvalsh(gram), 0, None)).sum() / np.sqrt(n - 1)
+        # torch's symmetric eigensolver: ~0.5 s for a (1264, 1264) Gram (2,000 samples) where scipy's
+        # (OpenBLAS) took 8.5 s of CPU on this machine; float64 both, the same values to ~1e-14 relative.
+        eig = torch.linalg.eigvalsh(torch.from_numpy(gram))
+        tr_sqrt = float(eig.clamp(min=0).sqrt().sum()) / np.sqrt(n - 1)
         tr_s = float((w[:, None] * centred * centred).sum() / (n - 1))
         diff = mean - self.mu
         return float(diff @ diff + tr_s + self.trace_ref - 2 * tr_sqrt)
