@@ -20,14 +20,16 @@ import importlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 
-def configs(model_name: str) -> dict[str, dict]:
-    """name -> config JSON object (`config_from_dict`); the shipped model: its CD factors and GOC steps."""
+def configs(model_name: str, factors: str | None = None) -> dict[str, dict]:
+    """name -> config JSON object (`config_from_dict`); the shipped model: its CD factors and GOC steps;
+    a registry model: plain-SVD factors at rank 128 from `factors` (see `plain_factors`)."""
     if model_name == "fmnist-dit":
         from calicache.models.io import shipped_asset
 
@@ -35,8 +37,30 @@ def configs(model_name: str) -> dict[str, dict]:
         return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
                 "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc),
                 "goc": dict(method="goc", period=2, steps_file=str(shipped_asset("fmnist-dit-goc20.json")))}
+    icc = dict(period=2, rank=128, factors=factors)
     return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
-            "icc": dict(method="icc", period=2, rank=128), "forecast": dict(method="forecast", period=2, rank=128)}
+            "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc)}
+
+
+def plain_factors(model: torch.nn.Module, rank: int, folder: Path) -> str:
+    """The plain truncated SVD of every cached linear, computed once and saved as a factor file, so
+    each timed run loads it instead of redoing ~100 SVDs (minutes on DiT-XL/2)."""
+    from calicache import apply_cache, config_from_dict, remove_cache
+    from calicache.cache import get_engine
+    from calicache.cache.factors import Factors
+    from calicache.cache.svd import scaled_svd
+
+    apply_cache(model, config_from_dict(dict(method="fora", period=2)))
+    try:
+        engine = get_engine(model)
+        specs = [s for b in engine.branches for s in b.linears]
+        factors = Factors({s.name: scaled_svd(s.weight(), min(rank, s.in_features, s.out_features)) for s in specs},
+                          {"svd": "plain", "model_hash": engine.model_hash()})
+    finally:
+        remove_cache(model)
+    path = folder / "plain-factors.safetensors"
+    factors.save(path)
+    return str(path)
 
 
 def load(model_name: str) -> torch.nn.Module:
@@ -126,7 +150,10 @@ def main() -> None:
         libs = {"before": importlib.import_module("calicache_before"), **libs}
         importlib.import_module("calicache_before.models.dit")
     model = load(args.model)
-    names = list(configs(args.model))
+    tmp = tempfile.TemporaryDirectory()
+    factors = None if args.model == "fmnist-dit" else plain_factors(model, 128, Path(tmp.name))
+    kinds = configs(args.model, factors)
+    names = list(kinds)
     if args.methods:
         names = [n for n in names if n in args.methods.split(",") or n == "none"]
     out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale, "rows": []}
@@ -134,12 +161,12 @@ def main() -> None:
         torch.set_num_threads(threads)
         for lib in libs.values() if args.warmup else ():  # warm-up: allocator, kernels, factor files
             for name in names:
-                timed_run(lib, model, configs(args.model)[name], argparse.Namespace(**{**vars(args), "num": 1}))
+                timed_run(lib, model, kinds[name], argparse.Namespace(**{**vars(args), "num": 1}))
         runs: dict[tuple[str, str], list[dict]] = {}
         for _ in range(args.repeats):  # interleaved: every configuration once per round
             for name in names:
                 for tag, lib in libs.items():
-                    runs.setdefault((tag, name), []).append(timed_run(lib, model, configs(args.model)[name], args))
+                    runs.setdefault((tag, name), []).append(timed_run(lib, model, kinds[name], args))
         # One baseline for both trees (the uncached model runs the same code under either engine):
         # the pooled median of every uncached run, so the noise of one tree's few runs moves nothing.
         key = "cpu" if threads == 1 else "wall"

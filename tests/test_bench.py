@@ -201,3 +201,49 @@ def test_replot_redraws_from_the_report(tmp_path, capsys):
         assert img.format == "PNG"
     assert main(["bench", "--replot", "--out", str(tmp_path / "none")]) == 2
     assert "run `calicache bench --out" in capsys.readouterr().err
+
+
+REPORT_FILES = ["bench.json", "bench.md", "quality.png", "side_by_side.png"]
+
+
+def _write_report(out, seed: int = 0):
+    """The report of three made-up results (images drawn with `seed`)."""
+    from calicache.bench.report import write_report
+
+    rng = np.random.default_rng(seed)
+    rows = [("no cache, 4 steps", "uncached", 4, 400, 0.0, float("inf")),
+            ("no cache, 2 steps", "fewer steps", 2, 200, 0.0, 21.0), ("FORA p=2", "FORA", 4, 220, 0.5, 25.0)]
+    results = [Result(Variant(name, None, steps, family), rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), 1.0,
+                      {"total": total, "cached_ratio": ratio}, 0, {"psnr": psnr, "ssim": 0.9})
+               for name, family, steps, total, ratio, psnr in rows]
+    return write_report(out, f"calicache bench --seed {seed}", "settings", [], results, 4, 4, {"total": 1.0})
+
+
+def test_report_files_are_written_as_one_set(tmp_path, monkeypatch):
+    """A failure while writing the last file leaves none of the new ones: the folder holds the previous
+    set, or nothing (issue 18 item 4)."""
+    import calicache.bench.report as report
+
+    def broken(value):
+        raise RuntimeError("disk full (injected)")
+
+    with monkeypatch.context() as m:  # bench.json, the last one written, fails
+        m.setattr(report, "jsonable", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            _write_report(tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []  # not even a temporary file
+    _write_report(tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == REPORT_FILES
+    before = {name: (tmp_path / "old" / name).read_bytes() for name in REPORT_FILES}
+    with monkeypatch.context() as m:
+        m.setattr(report, "jsonable", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            _write_report(tmp_path / "old", seed=1)
+    assert {name: (tmp_path / "old" / name).read_bytes() for name in REPORT_FILES} == before
+    (tmp_path / "old" / "bench.md").unlink()
+    (tmp_path / "old" / "bench.md").mkdir()  # a rename that fails: the ones already renamed are put back
+    with pytest.raises(IsADirectoryError):
+        _write_report(tmp_path / "old", seed=1)
+    for name in ("bench.json", "quality.png", "side_by_side.png"):
+        assert (tmp_path / "old" / name).read_bytes() == before[name], name
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == REPORT_FILES

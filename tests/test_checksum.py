@@ -78,3 +78,45 @@ def test_shipped_assets_carry_a_valid_checksum(name):
     with safe_open(str(path), framework="pt") as f:
         stored = f.metadata()[CHECKSUM_KEY]
     assert stored == tensor_checksum(load_file(str(path)))
+
+
+def test_goc_steps_file_carries_a_checksum(tmp_path):
+    """GOC steps files (JSON) are checked like factor files; a hand-written one without a checksum loads, with a
+    warning, once."""
+    import json
+    import warnings
+
+    from calicache.cache.methods.goc import GocSteps
+
+    path = tmp_path / "goc.json"
+    GocSteps([None, None, 0.5, 0.9], 0.0, [3], {"calls": 4, "period": 2}).save(path)
+    data = json.loads(path.read_text())
+    assert len(data["sha256"]) == 64
+    path.write_text(json.dumps(data))  # re-indented: the same content
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GocSteps.load(path).steps == [3]
+    data["steps"] = [2, 3]  # edited after it was written
+    path.write_text(json.dumps(data, indent=1))
+    with pytest.raises(ValueError, match=r"goc\.json: the GOC steps do not match the file's checksum.*"
+                                         r"calibrate --method goc"):
+        GocSteps.load(path)
+    del data["sha256"]  # hand-written
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="carries no checksum") as seen:
+        assert GocSteps.load(path).steps == [2, 3]
+        GocSteps.load(path)
+    assert len([w for w in seen if "carries no checksum" in str(w.message)]) == 1
+
+
+def test_shipped_goc_steps_carry_a_valid_checksum():
+    import json
+    import warnings
+
+    from calicache.cache.methods.goc import GocSteps, steps_checksum
+
+    data = json.loads(shipped_asset("fmnist-dit-goc20.json").read_text())
+    assert data["sha256"] == steps_checksum(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GocSteps.load("fmnist-dit-goc20").steps == data["steps"]

@@ -69,6 +69,39 @@ def test_factor_file_by_relative_path_and_hash(tmp_path, factors):
         load_config(moved / "icc.json")
 
 
+@pytest.mark.parametrize("null", [False, True], ids=["absent", "null"])
+def test_hand_written_config_without_a_file_hash_loads_and_warns_once(tmp_path, factors, null):
+    from calicache.utils import file_sha256
+
+    data = {"method": "icc", "rank": 3, "factors": "f.safetensors"} | ({"factors_sha256": None} if null else {})
+    (tmp_path / "hand.json").write_text(json.dumps(data))
+    digest = file_sha256(factors)
+    with pytest.warns(UserWarning, match=rf"hand\.json: no factors_sha256, so factors file .* cannot be checked.*"
+                                         rf"add \"factors_sha256\": \"{digest}\".*config\.save\(path\)") as seen:
+        loaded = load_config(tmp_path / "hand.json")
+        load_config(tmp_path / "hand.json")
+    assert len([w for w in seen if "no factors_sha256" in str(w.message)]) == 1
+    assert loaded == ICCConfig(rank=3, factors=str(factors))
+    loaded.save(tmp_path / "saved.json")  # records the hash: that config is checked
+    assert json.loads((tmp_path / "saved.json").read_text())["factors_sha256"] == digest
+    (tmp_path / "hand.json").write_text(json.dumps(data | {"factors_sha256": 5}))
+    with pytest.raises(ValueError, match=r"factors_sha256 must be the file's sha256 \(64 hex digits\) or absent"):
+        load_config(tmp_path / "hand.json")
+
+
+def test_goc_steps_file_by_relative_path_and_hash(tmp_path):
+    from calicache.cache.methods.goc import GocSteps
+
+    GocSteps([None] * STEPS, 0.0, [3], {"calls": STEPS}).save(tmp_path / "goc.json")
+    GOCConfig(steps_file=str(tmp_path / "goc.json")).save(tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["steps_file"] == "goc.json" and len(data["steps_file_sha256"]) == 64
+    assert load_config(tmp_path / "c.json").steps_file == str(tmp_path / "goc.json")
+    GocSteps([None] * STEPS, 0.0, [5], {"calls": STEPS}).save(tmp_path / "goc.json")
+    with pytest.raises(ValueError, match="steps_file file .* changed since the config was saved"):
+        load_config(tmp_path / "c.json")
+
+
 def test_in_memory_factors_cannot_be_saved(tmp_path):
     config = ICCConfig(rank=2, factors=calicache.calibrate(tiny_model(), svd="plain", rank=4))
     with pytest.raises(ValueError, match=r"save it to a file first"):

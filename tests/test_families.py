@@ -441,6 +441,22 @@ def test_summary_counts_every_guidance_pass(kind):
     assert ("2 guidance passes" in str(s)) == (PASSES[kind] == 2)
 
 
+def test_sd3_skip_layer_guidance_is_refused_before_any_model_call():
+    """Its extra transformer call comes at some steps only, with blocks skipped: no pass of one call per timestep
+    fits it, so a twin would number its calls off the timesteps."""
+    pipe = cached("sd3", FORAConfig(period=2))
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match=r"skip_guidance_layers=\.\.\.\): skip-layer guidance is not supported.*"
+                                         r"remove_cache\(pipe\)"):
+        pipe(**call_kwargs("sd3"), num_inference_steps=STEPS, output_type="latent", skip_guidance_layers=[1],
+             skip_layer_guidance_stop=0.9)
+    handle.remove()
+    assert calls == [] and not vars(pipe)[PIPE_ATTR][2].twins
+    assert torch.equal(run(pipe, "sd3"), run(cached("sd3", FORAConfig(period=2)), "sd3"))  # the cache is as it was
+    remove_cache(pipe)
+
+
 def test_a_diffusers_cache_added_after_ours_is_refused_at_the_next_run():
     """Never double caching, in either order: a diffusers cache put on after calicache stops the next run."""
     from diffusers import FirstBlockCacheConfig

@@ -192,3 +192,19 @@ def test_a_model_with_a_diffusers_cache_is_refused(apply):
     _remove_diffusers_hooks(t)
     apply_cache(t, FORAConfig())  # once it is gone, calicache attaches
     remove_cache(t)
+
+
+def test_a_diffusers_cache_added_to_a_bare_transformer_after_ours_is_refused_at_its_next_run():
+    """A bare cached transformer driven by the pipeline's own loop (implicit runs) is checked at each run start,
+    as an explicit run is: never two caches serving each other's outputs."""
+    pipe = dit_pipe()
+    ref = run(pipe)
+    apply_cache(pipe.transformer, FORAConfig(period=1))
+    assert torch.equal(run(pipe), ref)
+    hooks.apply_first_block_cache(pipe.transformer, diffusers.FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="already has a diffusers cache"):
+        run(pipe)
+    _remove_diffusers_hooks(pipe.transformer)
+    assert torch.equal(run(pipe), ref)
+    remove_cache(pipe.transformer)
+    assert torch.equal(run(pipe), ref)

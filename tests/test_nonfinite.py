@@ -77,3 +77,24 @@ def test_non_finite_factors_are_named_and_nothing_is_written(model_file, tmp_pat
     err = capsys.readouterr().err
     assert "sampling produced NaN or infinite values" in err and "factors" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("part, source", [("transformer", r"model's weights contain NaN or inf \(proj_out_2\.weight"),
+                                          ("vae", r"the pipeline's vae weights contain NaN or inf")])
+def test_pipeline_samples_that_are_not_finite_exit_2_naming_the_source(tmp_path, capsys, part, source):
+    """`sample --pipeline` as `sample`: non-finite samples are an error naming the likely source, nothing written."""
+    import re
+
+    pytest.importorskip("diffusers")
+    from conftest import dit_pipe
+
+    pipe = dit_pipe()
+    weight = pipe.transformer.proj_out_2.weight if part == "transformer" else pipe.vae.decoder.conv_out.weight
+    with torch.no_grad():
+        weight[0] = math.nan
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert main(["sample", "--pipeline", str(tmp_path / "pipe"), "--classes", "1", "--num", "2", "--steps", "2",
+                 "--method", "fora", "--threads", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "sampling produced NaN or infinite values (batch starting at sample 0)" in err and re.search(source, err)
+    assert not (tmp_path / "out").exists()

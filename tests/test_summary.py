@@ -47,3 +47,16 @@ def test_per_layer_schedule_and_icc():
 def test_without_a_cache_is_an_error():
     with pytest.raises(ValueError, match="apply_cache"):
         calicache.summary(tiny_model())
+
+
+def test_summary_reads_the_engines_own_numbers(monkeypatch):
+    """One implementation: calls, the cached share and the cache memory are engine.stats()'s."""
+    from calicache.cache.engine import CacheEngine
+
+    model = apply_cache(tiny_model(), FORAConfig(period=2))
+    sample(model, 2, STEPS)
+    stats = CacheEngine.stats
+    monkeypatch.setattr(CacheEngine, "stats", lambda self: {**stats(self), "cached_ratio": 0.25, "cache_bytes": 7})
+    s = calicache.summary(model)
+    assert (s["calls"], s["cached_share"], s["cache_bytes"]) == (STEPS, 0.25, 7)
+    remove_cache(model)

@@ -2,7 +2,7 @@
 file with an unpredictable name in its own folder, and all of a command's outputs are committed
 together (renamed into place; on a failure the ones already renamed are rolled back, so a folder
 holds the old set or the new set, never a mix). Nothing follows a symbolic link at an output path:
-renaming replaces the link itself. Also: file hashes.
+renaming replaces the link itself. Also: file hashes, warnings shown once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,6 +177,16 @@ def stale_temps(folder: Path, name_pattern: str) -> list[Path]:
     """Temporary files for outputs named like `name_pattern` (a glob) left in `folder` by killed processes."""
     suffix = Path(name_pattern).suffix
     return [p for p in folder.glob(f".{name_pattern}.*{TEMP_MARK}{suffix}") if stat.S_ISREG(p.lstat().st_mode)]
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """A UserWarning shown once per process for each message, whatever the warnings filters say."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..images import save_png
-from ..utils import atomic_path
+from ..images import png_bytes
+from ..utils import Outputs, atomic_path
 from .plot import quality_figure
 from .runs import Result
 
@@ -136,28 +136,28 @@ def markdown(report: dict, side_level: str) -> str:
 
 def write_report(out: Path, command: str, settings: str, notes: list[str], results: list[Result],
                  steps: int, num: int, seconds: dict[str, float], fd_range: dict | None = None) -> dict:
-    """Write bench.md, bench.json, quality.png and side_by_side.png under `out`; returns the report
-    (bench.json's content). The first result is the uncached reference at `steps` steps."""
+    """Write bench.md, bench.json, quality.png and side_by_side.png under `out` as one set (renamed into
+    place together; a failure leaves the previous set); returns the report (bench.json's content). The
+    first result is the uncached reference at `steps` steps."""
     rows = [r.row() for r in results]
     ref_macs = rows[0]["macs_per_sample"]
     levels = [(f"{r['steps']} steps", r["macs_per_sample"]) for r in rows if r["family"] == "fewer steps"]
     wins = winners(rows, levels + [(f"{steps} steps (all)", ref_macs)])
     side_macs = levels[len(levels) // 2][1] if levels else ref_macs // 2
     picked = pick_level(results, side_macs)
-    save_png(side_by_side(picked), out / "side_by_side.png")
     plot = importlib.util.find_spec("matplotlib") is not None
-    if plot:
-        quality_figure(rows, num, out / "quality.png", fd_range)
-    else:
+    if not plot:
         notes.append("quality.png not drawn: matplotlib is not installed (pip install 'calicache[plot]')")
     report = {"command": command, "settings": settings, "notes": notes, "rows": rows, "winners": wins,
               "fd_range": fd_range, "plot": plot, "seconds": {k: round(v, 1) for k, v in seconds.items()},
               "side_by_side": [r.variant.name for r in picked]}
     side_level = f"about {side_macs / 1e6:,.1f} MMACs per sample (the reference first, then each family's closest)"
-    with atomic_path(out / "bench.md") as tmp:
-        tmp.write_text(markdown(report, side_level))
-    with atomic_path(out / "bench.json") as tmp:
-        tmp.write_text(json.dumps(jsonable(report), indent=2))
+    with Outputs() as outputs:
+        outputs.write(out / "side_by_side.png", png_bytes(side_by_side(picked)))
+        if plot:
+            quality_figure(rows, num, outputs.temp(out / "quality.png"), fd_range)
+        outputs.write(out / "bench.md", markdown(report, side_level))
+        outputs.write(out / "bench.json", json.dumps(jsonable(report), indent=2))
     return report
 
 
@@ -171,5 +171,6 @@ def replot(out: Path) -> Path:
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise ValueError(f"{source}: not a readable `calicache bench` report ({e}); run `calicache bench --out "
                          f"{out}` first") from e
-    quality_figure(rows, num, out / "quality.png", report.get("fd_range"))
+    with atomic_path(out / "quality.png") as tmp:
+        quality_figure(rows, num, tmp, report.get("fd_range"))
     return out / "quality.png"

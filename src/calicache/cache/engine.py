@@ -101,9 +101,14 @@ def check_no_foreign_cache(model: nn.Module) -> None:
 class CacheEngine:
     """Per-model run state: which call of the run this is and which layers are full at it."""
 
-    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter | None = None):
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter | None = None,
+                 shares: CacheEngine | None = None):
         self.model = model
         self.config = config
+        # The engine of the same weights this one was made beside (a guidance twin's original): its weight
+        # hash, and its factors when the config is the same, are reused rather than hashed or resolved again.
+        self.shares = shares
+        self._model_hash: str | None = None
         self.adapter = adapter or get_adapter(model)
         self.branches = self.adapter.branches(model)
         self.schedule = config.schedule.for_branches([b.name for b in self.branches])
@@ -159,8 +164,12 @@ class CacheEngine:
         self._reset()
 
     def model_hash(self) -> str:
-        """The weights' hash that factor and steps files are checked against."""
-        return weight_hash(self.model)
+        """The weights' hash that factor and steps files are checked against (computed once)."""
+        if self.shares is not None:
+            return self.shares.model_hash()
+        if self._model_hash is None:
+            self._model_hash = weight_hash(self.model)
+        return self._model_hash
 
     def check_attached(self) -> None:
         """Fail if another library dropped one of our hooks (e.g. by writing back an older forward)."""
@@ -210,6 +219,7 @@ class CacheEngine:
         else:
             t = self._read_bare_call(args, kwargs)
             if not self.active or (self.prev_t is not None and t > self.prev_t):
+                check_no_foreign_cache(self.model)  # as begin_run checks: also one put on after ours
                 self._start_run()
         self.call += 1
         self.t = t

@@ -17,6 +17,27 @@ FORMAT = "calicache-factors"
 FIX = "re-create it with `calicache calibrate`"
 
 
+def shared_factors(engine, config) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The factors of the cache `engine.shares` (a guidance twin's original, or the attached cache a MACs
+    count reads) when it was built from this very config: views of what its calibrated linears hold, so
+    nothing is loaded, hashed or decomposed again. None: there is no such cache; resolve them."""
+    source = getattr(engine, "shares", None)
+    method = getattr(source, "method", None)
+    if source is None or source.config is not config or not hasattr(method, "linears"):
+        return None
+    out = {}
+    for linear in method.linears:  # each holds B of its blocks stacked (R, C_i) and A^T per block
+        start = 0
+        for spec, rank, a_t in zip(linear.specs, linear.ranks, linear.a_t):
+            out[spec.name] = (a_t.t(), linear.b[start:start + rank])
+            start += rank
+    for layer in method.whole_branch:  # rank 0 everywhere: the branch is served whole, its linears hold nothing
+        for spec in source.branches[layer].linears:
+            w = spec.module.weight
+            out[spec.name] = (w.new_zeros(spec.out_features, 0), w.new_zeros(0, spec.in_features))
+    return out
+
+
 @dataclass
 class Factors:
     """`tensors[name] = (A (C_o, r), B (r, C_i))` per calibrated linear; columns ordered by

@@ -28,9 +28,10 @@ class _Counter:
     """What a method's constructor reads from its engine, without the hooks: counting MACs never
     patches a module, so it works on a live model, one with a cache attached, or a meta model."""
 
-    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter):
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter: Adapter, shares=None):
         self.model = model
         self.config = config
+        self.shares = shares  # the attached cache: its factors are reused (never decomposed or loaded again)
         self.adapter = adapter
         self.branches = adapter.branches(model)
         self.schedule = config.schedule.for_branches([b.name for b in self.branches])  # Fn/Bn need the blocks
@@ -55,8 +56,8 @@ def _counter_for(model_or_name, config: MethodConfig | None, shape: dict) -> _Co
     else:
         model = model_or_name.transformer if is_pipeline(model_or_name) else model_or_name
         engine = get_engine(model)
-        if config is None and engine is not None:  # the attached cache's config (and shape, unless given)
-            return _Counter(model, engine.config, get_adapter(model, **shape) if shape else engine.adapter)
+        if engine is not None and (config is None or config is engine.config):  # the attached cache, reused
+            return _Counter(model, engine.config, get_adapter(model, **shape) if shape else engine.adapter, engine)
     return _Counter(model, config or NoCacheConfig(), get_adapter(model, **shape))
 
 

@@ -12,9 +12,11 @@ transformer twice per timestep, conditional then unconditional. Each pass must m
 unconditional pass would be served the conditional pass's branches: during a pipeline call, the k-th
 transformer call since the scheduler's last `step` (k >= 2) goes to twin k - 1 of the transformer (the
 same parameter tensors, no copy of the weights; its own hooks and cache state), built at the first such
-call and kept. Counting `scheduler.step` calls keeps the routing on the host (no timestep is read).
-Each pass is then one run of one call per timestep, so schedules, GOC steps and forecasts count
-timesteps in both.
+call and kept; its cache reuses the transformer's resolved factors and weight hash (nothing is decomposed,
+loaded or hashed mid-run). Counting `scheduler.step` calls keeps the routing on the host (no timestep is
+read). Each pass is then one run of one call per timestep, so schedules, GOC steps and forecasts count
+timesteps in both. SD3's skip-layer guidance (`skip_guidance_layers`) is refused: its extra call comes at
+some steps only and skips blocks, so no pass of one call per timestep fits it.
 
 `pipe(...)` looks `__call__` up on the class, not on the instance, so the pipeline's class is
 swapped for a subclass of the same name whose `__call__` wraps the original one;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,7 +75,7 @@ def _twin(transformer: nn.Module, engine) -> nn.Module:
         for attr in ("forward",) + FOREIGN_HOOK_ATTRS:
             vars(module).pop(attr, None)
     vars(twin).pop(ENGINE_ATTR, None)
-    setattr(twin, ENGINE_ATTR, type(engine)(twin, engine.config))
+    setattr(twin, ENGINE_ATTR, type(engine)(twin, engine.config, shares=engine))  # factors and hash reused
     return twin
 
 
@@ -183,7 +186,23 @@ def _after(obj: Any, name: str, then: Callable[[], None]) -> Iterator[None]:
             delattr(obj, name)
 
 
+def _refuse_skip_layer_guidance(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> None:
+    """SD3's skip-layer guidance calls the transformer a second time (blocks skipped) at the steps between
+    skip_layer_guidance_start and _stop only: a twin would number those calls as a run of its own, off the
+    timesteps that schedules, GOC steps and forecasts count."""
+    try:
+        given = inspect.signature(call).bind(pipe, *args, **kwargs).arguments
+    except TypeError:
+        return  # the pipeline reports its own argument errors
+    if given.get("skip_guidance_layers") is not None:
+        raise ValueError(f"{type(pipe).__name__}(skip_guidance_layers=...): skip-layer guidance is not supported "
+                         "with a calicache cache (its extra transformer calls come at some steps only, with "
+                         "blocks skipped); call without skip_guidance_layers, or remove_cache(pipe) to use it "
+                         "uncached")
+
+
 def _call(pipe: Any, call: Callable, args: tuple, kwargs: dict):
+    _refuse_skip_layer_guidance(pipe, call, args, kwargs)
     _, transformer, passes = vars(pipe)[PIPE_ATTR]
     engine = get_engine(transformer)
     if pipe.transformer is not transformer or engine is not passes.engine:

@@ -45,17 +45,17 @@ def summary(model: nn.Module) -> Summary:
     if engine is None:
         raise ValueError("this model has no cache attached; call apply_cache(model, config) first")
     engines = pass_engines(model)
-    flags = np.array(engine.full_flags, dtype=bool).reshape(-1, len(engine.branches))  # (calls, layers)
-    calls = int(flags.shape[0])
-    cached = ~flags
+    stats = engine.stats()  # calls, cached share and cache memory: the engine's own numbers
+    calls = stats["calls"]
+    cached = ~np.array(engine.full_flags, dtype=bool).reshape(calls, len(engine.branches))  # (calls, layers)
     return Summary(
         method=engine.config.method,
         calls=calls,
-        cached_share=float(cached.mean()) if calls else 0.0,
+        cached_share=stats["cached_ratio"],
         per_call=[float(row.mean()) for row in cached],
         per_layer=[{"name": b.name, "cached_share": float(cached[:, i].mean()) if calls else 0.0}
                    for i, b in enumerate(engine.branches)],
         passes=len(engines),
-        cache_bytes=sum(int(e.peak_cache_bytes) for e in engines),
+        cache_bytes=sum(e.stats()["cache_bytes"] for e in engines),
         macs=count_macs(model, None, calls) if calls else None,
     )

@@ -28,7 +28,7 @@ from ..cache.macs import count_macs
 from ..cache.pipeline import pass_engines
 from ..calibration.flow_text import flow_embeddings
 from ..data.prompts import load_prompt_embeds, prompt_rows, text_width
-from ..sampling import _class_labels, sample_generator
+from ..sampling import NonFiniteSamplesError, _class_labels, _nonfinite_error, sample_generator
 from .common import cache_config_from_args, parse_classes, setup, write_sample_outputs
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
@@ -142,6 +142,20 @@ def load_pipeline(folder: str | Path, text_encoder: bool):
     return pipe
 
 
+def check_finite(pipe, images: np.ndarray, cfg_scale: float, first: int) -> None:
+    """Non-finite samples are an error naming the likely source, as in `calicache sample` (the command then
+    writes nothing): damaged weights of another component (the VAE), else what `sample` names."""
+    if np.isfinite(images).all():
+        return
+    damaged = [name for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)
+               and part is not pipe.transformer and not all(torch.isfinite(p).all() for p in part.parameters())]
+    if damaged:
+        raise NonFiniteSamplesError(f"sampling produced NaN or infinite values (batch starting at sample {first}); "
+                                    f"likely source: the pipeline's {', '.join(damaged)} weights contain NaN or inf: "
+                                    "the folder is damaged; re-create or re-download it")
+    raise _nonfinite_error(pipe.transformer, cfg_scale, None, first)
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusers import DiTPipeline
 
@@ -224,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
                     out = pipe(negative_prompt=None, eta=args.eta, use_resolution_binning=use_binning,
                                **given, **common)
                 images.append(np.asarray(out.frames if hasattr(out, "frames") else out.images))
+                check_finite(pipe, images[-1], cfg_scale, start)
                 bar.update(len(idx))
     finally:
         handle.remove()

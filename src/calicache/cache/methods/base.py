@@ -16,7 +16,7 @@ import torch
 
 from ...metrics.inception import file_sha256
 from ...models.io import shipped_file
-from ...utils import atomic_path
+from ...utils import atomic_path, warn_once
 from ..schedule import CacheSchedule, check_period
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -203,7 +203,7 @@ class MethodConfig:
                 if v is not None and not (k in cls.files and _shipped_name(v)):
                     v = _resolve(v, base)
                 if v is not None:
-                    _verify(k, shipped_file(v), data.get(f"{k}_sha256"), where)
+                    _verify(k, shipped_file(v), data.get(f"{k}_sha256"), where, from_file=base is not None)
             elif k == "cache_dtype":
                 _check_type(k, v, (str,), f"one of {sorted(DTYPES)} or null")
             kwargs[k] = v
@@ -228,10 +228,20 @@ def _resolve(path: str, base: str | os.PathLike | None) -> str:
     return path if base is None or os.path.isabs(path) else os.path.join(os.fspath(base), path)
 
 
-def _verify(key: str, path: str, digest: Any, where: str) -> None:
+def _verify(key: str, path: str, digest: Any, where: str, from_file: bool) -> None:
+    """The file a config names must be the one it was saved with. A hand-written config file without
+    the file's sha256 loads: its hash is computed now and shown, once, with how to record it (a dict
+    built in code is taken as given, like a config constructed with a path)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{where}: {key} file {path} does not exist")
-    if digest is not None and file_sha256(path) != digest:
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise ValueError(f"{where}: {key}_sha256 must be the file's sha256 (64 hex digits) or absent, got {digest!r}")
+    if digest is None:
+        if from_file:
+            warn_once(f"{where}: no {key}_sha256, so {key} file {path} cannot be checked against the file the "
+                      f"config was written for; add \"{key}_sha256\": \"{file_sha256(path)}\" to the config, or "
+                      "write it with config.save(path), which records it", stacklevel=5)
+    elif file_sha256(path) != digest:
         raise ValueError(f"{where}: {key} file {path} changed since the config was saved (sha256 differs); "
                          f"re-save the config for this file or restore the original")
 

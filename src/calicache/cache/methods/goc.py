@@ -10,17 +10,19 @@ goc` (`GOCConfig.steps_file`), or the authors' list for 20-call runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ...models.io import shipped_file
-from ...utils import atomic_path
+from ...utils import atomic_path, warn_once
 from .base import Argument, BranchCache, Method, MethodConfig, each, tensors
 
 # The authors' hard-coded list for 20-step DDIM at period 2 (cached calls 1, 3, ..., 19): call 1 has
@@ -29,6 +31,29 @@ PUBLISHED_STEPS: dict[int, tuple[int, ...]] = {20: (3, 5, 7, 9, 11, 13, 15, 19)}
 
 
 GOC_STEPS_FORMAT = "calicache-goc-steps"
+STEPS_CHECKSUM_KEY = "sha256"
+
+
+def steps_checksum(data: dict) -> str:
+    """SHA-256 of a steps file's JSON object without its `sha256`, in canonical form (sorted keys, no
+    spaces): the same content gives the same checksum however the file is indented."""
+    content = {k: v for k, v in data.items() if k != STEPS_CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _verify_steps(path: Path, data: dict) -> None:
+    """A steps file calicache wrote carries its checksum: a changed or damaged one is an error. A hand-written
+    file (no `sha256`) loads, with a note, once, that it is not verified."""
+    stored = data.get(STEPS_CHECKSUM_KEY)
+    if stored is None:
+        warn_once(f"{path}: this GOC steps file carries no checksum ({STEPS_CHECKSUM_KEY!r}), so its steps are not "
+                  "verified; files written by `calicache calibrate --method goc` (or GocSteps.save) carry one",
+                  stacklevel=3)
+    elif stored != steps_checksum(data):
+        raise ValueError(f"{path}: the GOC steps do not match the file's checksum ({STEPS_CHECKSUM_KEY!r}): the file "
+                         "was changed or damaged after it was written; re-create it with `calicache calibrate "
+                         f"--method goc`, or, for steps edited by hand on purpose, delete its {STEPS_CHECKSUM_KEY!r} "
+                         "entry")
 
 
 def inflection_points(cosines: Sequence[float | None], threshold: float = 0.0) -> list[int]:
@@ -77,8 +102,10 @@ class GocSteps:
                              f"step count with `calicache calibrate --method goc --steps {num_calls}`")
 
     def to_dict(self) -> dict:
-        return {"format": GOC_STEPS_FORMAT, "version": 1, "steps": list(self.steps), "threshold": self.threshold,
+        """The file's JSON object, with `sha256`: a checksum of everything else in it (see `steps_checksum`)."""
+        data = {"format": GOC_STEPS_FORMAT, "version": 1, "steps": list(self.steps), "threshold": self.threshold,
                 "cosines": list(self.cosines), "meta": dict(self.meta)}
+        return data | {STEPS_CHECKSUM_KEY: steps_checksum(data)}
 
     def save(self, path: str | os.PathLike) -> None:
         with atomic_path(path) as tmp:
@@ -99,6 +126,7 @@ class GocSteps:
         if not isinstance(data, dict) or data.get("format") != GOC_STEPS_FORMAT:
             raise ValueError(f"{path}: not a calicache GOC steps file (expected format {GOC_STEPS_FORMAT!r}); "
                              "make one with `calicache calibrate --method goc`")
+        _verify_steps(path, data)
         steps = data.get("steps")
         if not isinstance(steps, list) or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
             raise ValueError(f"{path}: 'steps' must be a list of call indices >= 1, got {steps!r}")

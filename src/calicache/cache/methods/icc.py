@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import LinearSpec
-from ..factors import Factors
+from ..factors import Factors, shared_factors
 from ..svd import SVD_KINDS, check_rank, parse_rank, scaled_svd
 from .base import Argument, BranchCache, Method, MethodConfig
 
@@ -122,7 +122,11 @@ class CalibratedLinear:
 
 
 def resolve_factors(engine, config: ICCConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Factors at the configured rank: from a file (checked against the model) or plain SVD."""
+    """Factors at the configured rank: from a file (checked against the model) or plain SVD; those of
+    the cache this engine shares its weights with when that one has this config."""
+    shared = shared_factors(engine, config)
+    if shared is not None:
+        return shared
     specs = [s for b in engine.branches for s in b.linears]
     if config.factors is not None:
         factors = config.factors if isinstance(config.factors, Factors) else Factors.load(config.factors)
