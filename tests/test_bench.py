@@ -39,6 +39,10 @@ def test_bench_quick_end_to_end(tmp_path):
     assert ref["name"] == "no cache, 4 steps" and ref["psnr"] == "inf"
     assert rows["no cache, 2 steps"]["macs_per_sample"] * 2 == ref["macs_per_sample"]
     assert rows["FORA p=2"]["cached_ratio"] == 0.5 and rows["FORA p=2"]["macs_per_sample"] < ref["macs_per_sample"]
+    # Cache memory is a column of the table: nothing for the uncached run, FORA's two branch outputs per block.
+    assert "| cache bytes |" in md and ref["cache_bytes"] == 0
+    # 2 blocks x 2 branches, 4 samples x 36 tokens x width 32, float32
+    assert rows["FORA p=2"]["cache_bytes"] == 2 * 2 * 4 * 36 * 32 * 4
     for family in ("fewer steps", "FORA", "ICC plain", "GOC", "forecast plain"):
         assert any(r["family"] == family for r in report["rows"]), family
     # CD factors cannot be made for a non-Fashion-MNIST model and the classifier does not fit it: said, not faked.

@@ -155,3 +155,22 @@ def test_null_class_and_label_dropout_only_in_training():
     out = emb(labels, drop)
     assert torch.equal(out[0], emb.embedding_table.weight[4]) and torch.equal(out[1], emb.embedding_table.weight[1])
     assert torch.equal(emb(labels), emb.embedding_table(labels))  # eval mode: no random dropout
+
+
+def test_residual_stream_is_contiguous_and_that_changes_no_value():
+    """The conv's tokens are a transposed view; a stream in that layout makes every LayerNorm copy.
+    Made contiguous once, the output is bit for bit the one the transposed stream gives."""
+    model = tiny_model()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
+    layouts = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        out = model(x, t, y)
+        hook.remove()
+        h = model.x_embedder(x) + model.pos_embed  # the original's order: a transposed (N, T, D) view
+        assert not h.is_contiguous()
+        c = model.t_embedder(t) + model.y_embedder(y)
+        for block in model.blocks:
+            h = block(h, c)
+        expected = model.unpatchify(model.final_layer(h, c))
+    assert layouts == [True] and torch.equal(out, expected)

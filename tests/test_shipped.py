@@ -62,3 +62,7 @@ def test_demo_reduced_mode(tmp_path, capsys):
     assert names[0].startswith("no cache") and any(n.startswith("ICC") for n in names)
     assert rows[0]["psnr"] >= 99 and all(0 <= r["class_agreement"] <= 1 for r in rows)
     assert (out / "demo.png").stat().st_size > 0 and "| configuration |" in (out / "demo.md").read_text()
+    # Cache memory is a column: none uncached; ICC keeps outputs and rank-space inputs, more than FORA's branch outputs.
+    assert "| cache bytes |" in (out / "demo.md").read_text() and rows[0]["cache_bytes"] == 0
+    fora, icc = (next(r["cache_bytes"] for r in rows if r["name"].startswith(p)) for p in ("FORA", "ICC"))
+    assert 0 < fora < icc

@@ -18,7 +18,8 @@ from .runs import Result
 COLUMNS = [("name", "configuration", ""), ("steps", "steps", "d"), ("mmacs", "MMACs/sample", ",.1f"),
            ("macs_speedup", "MACs speed-up", ".2f"), ("cached_ratio", "cached", ".0%"),
            ("wall_seconds", "wall s", ".2f"), ("wall_speedup", "wall speed-up", ".2f"),
-           ("peak_rss_mb", "peak RSS +MB", ".1f"), ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
+           ("peak_rss_mb", "peak RSS +MB", ".1f"), ("cache_bytes", "cache bytes", ",d"),
+           ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
            ("class_agreement", "class agr.", ".1%"), ("fd", "FD (classifier)", ".2f"), ("fid", "FID", ".2f")]
 WINNER_COLUMNS = [("level", "MACs level", ""), ("mmacs", "MMACs/sample", ",.1f"), ("candidates", "configs", "d"),
                   ("by_psnr", "best PSNR", ""), ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),

@@ -258,6 +258,7 @@ class CacheEngine:
 
     @torch._dynamo.disable
     def _end_call(self) -> None:
+        self.method.end_call()
         self.prev_t = self.t
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 

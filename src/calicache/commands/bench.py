@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jsonable(report), indent=2))
     else:
-        table = markdown_table(mmacs(report["rows"]), COLUMNS[:10])
+        table = markdown_table(mmacs(report["rows"]), COLUMNS[:11])
         print(f"\n{report['command']}\n\n{table}\n\n" + "\n".join(f"note: {n}" for n in grid.notes)
               + f"\nwrote {opts.out}/bench.md, bench.json, quality.png, side_by_side.png "
               f"({grid.seconds['total']:.0f} s)")

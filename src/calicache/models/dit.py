@@ -232,7 +232,9 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C_out, H, W)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        # The conv's tokens are a transposed view, and a sum keeps its first operand's layout: made
+        # contiguous once here, or every LayerNorm of every block would copy the residual stream.
+        x = (self.x_embedder(x) + self.pos_embed).contiguous()  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
             x = block(x, c)

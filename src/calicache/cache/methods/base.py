@@ -259,6 +259,20 @@ def tensors(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
+def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
+    """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory, in one pass.
+    With k = 0 it is v1 exactly, whatever v0 holds (an empty slot is zeros)."""
+    return torch.lerp(v1, v0, -k)
+
+
+def traced() -> bool:
+    """Whether a torch.compile trace is running. A traced hook reads per-call values only as tensors
+    (a forecast weight, a compensation weight of 0 or w) and never the host flags that vary between
+    calls of one kind, so a run compiles one graph per kind of call (full, cached). Eager hooks
+    branch on those flags to skip work that a zero weight would waste."""
+    return torch.compiler.is_compiling()
+
+
 class Method:
     """A cache method. Subclasses install hooks in `__init__` through `engine.patch`."""
 
@@ -281,6 +295,9 @@ class Method:
 
     def begin_call(self) -> None:
         """Host-side work before each model call (engine.call and engine.full are set): no device reads."""
+
+    def end_call(self) -> None:
+        """Host-side work after each model call that finished: no device reads."""
 
     def cached_macs(self, layer: int, call: int) -> int:
         """MACs per sample of cacheable layer `layer` at a cached call (the papers' convention)."""

@@ -8,7 +8,7 @@ For each calibrated linear at a cached call s, with f0 < f1 its last two full ca
 
 Since y = W x + b is linear, y_hat = W x_hat + b exactly, so at full rank the result is exact;
 at rank 0 each branch output is its own first-order forecast (TaylorSeer order 1 at branch level).
-With one full call only it is plain ICC. Distances count calls, or timesteps
+With one full call only it is plain ICC (k = 0). Distances count calls, or timesteps
 (`ForecastConfig(units="timesteps")`).
 """
 
@@ -20,29 +20,40 @@ from typing import ClassVar
 
 import torch
 
-from .base import Argument, BranchCache, each, tensors
+from .base import Argument, BranchCache, each, first_order, tensors
 from .icc import CalibratedLinear, ICCConfig, IncrementCalibration
 
 UNITS = ("calls", "timesteps")
 
 
-def first_order(v1: torch.Tensor, v0: torch.Tensor, k: float) -> torch.Tensor:
-    """v1 + k (v1 - v0): the first-order forecast from two samples of a trajectory, in one pass."""
-    return torch.lerp(v1, v0, -k)
+def empty_slot(value):
+    """Zeros shaped like a reference: the older slot while a layer has one full call. With k = 0
+    the forecast then equals the one reference exactly, and a compiled cached call keeps its graph."""
+    return each(torch.zeros_like, value)
 
 
 class ForecastLinear(CalibratedLinear):
     """Both forecasts without leaving rank space on the input side: with z = B x stored at full calls,
     `B x_hat = z1 + k (z1 - z0)`, so a cached call is `y_hat + A (B x_s - z_hat)`: the B pass, one
-    pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it."""
+    pass over R columns, one over the output (y_hat, a lerp) and the A matmul accumulated into it.
 
-    def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.refs = [*self.refs[-1:], self.reference(x, y)]  # the last two full calls
+    References sit in two fixed slots, `prev` (f0) and `last` (f1); the host moves last to prev
+    before a full call (`begin_call`), so a full call only writes `last` and a cached call always
+    reads both: one graph each under torch.compile."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (z, y) of the full call before `last`
+
+    def begin_call(self, full: bool) -> None:
+        """Host-side: shift the slots before a full call; fill an empty older slot before a cached one."""
+        if full:
+            self.prev = self.last
+        elif self.prev is None and self.last is not None:
+            self.prev = empty_slot(self.last)  # k = 0 at this call: plain ICC on `last`
 
     def cached(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.refs) < 2:  # plain ICC; its references are the forecast's y0 later: kept
-            return self.increment(x, *self.refs[0], consume=False)
-        (z0, y0), (z1, y1) = self.refs
+        (z0, y0), (z1, y1) = self.prev, self.last
         k = self.method.k[self.layer].to(x.dtype)
         y0, y1 = y0.to(x.dtype), y1.to(x.dtype)
         if self.consumes():  # y0 is not needed again: forecast into its memory
@@ -54,6 +65,13 @@ class ForecastLinear(CalibratedLinear):
         dz = self.project(x).sub_(first_order(z1.to(x.dtype), z0.to(x.dtype), k))  # B x - z_hat
         return self.correct(y_hat, dz, fresh=True)
 
+    def reset(self) -> None:
+        super().reset()
+        self.prev = None
+
+    def cache_bytes(self) -> int:
+        return super().cache_bytes() + sum(t.nbytes for t in self.prev or ())
+
     def macs(self, tokens: int) -> int:
         """ICC's matmuls plus the two element-wise forecasts (y_hat over C_out, z_hat over R), one MAC per element."""
         elementwise = tokens * (self.rank_total + sum(s.out_features for s in self.specs))
@@ -61,28 +79,32 @@ class ForecastLinear(CalibratedLinear):
 
 
 class ForecastBranchCache(BranchCache):
-    """Rank-0 branches: the branch output's own first-order forecast from its last two full outputs."""
+    """Rank-0 branches: the branch output's own first-order forecast from its last two full outputs
+    (`prev` and BranchCache's `outputs`, slots shifted on the host as ForecastLinear's)."""
 
     def __init__(self, method: CalibratedForecast, layers: list[int]):
-        self.history: dict[int, list[torch.Tensor]] = {}  # layer -> its last two full outputs
+        self.prev: dict[int, torch.Tensor | None] = dict.fromkeys(layers)  # layer -> the full output before the last
         super().__init__(method, layers)
 
-    def on_full(self, layer: int, out: torch.Tensor) -> None:
-        self.history[layer] = [*self.history.get(layer, []), self.outputs[layer]][-2:]  # the stored tensor: no copy
+    def begin_call(self) -> None:
+        full = self.method.engine.full
+        for layer in self.layers:
+            if full[layer]:
+                self.prev[layer] = self.outputs[layer]
+            elif self.prev[layer] is None and self.outputs[layer] is not None:
+                self.prev[layer] = empty_slot(self.outputs[layer])
 
     def on_cached(self, layer: int) -> torch.Tensor:
-        h = self.history[layer]
-        if len(h) < 2:
-            return self.outputs[layer]
         k = self.method.k[layer]
-        return each(lambda v1, v0: first_order(v1, v0, k.to(v1.dtype)), h[1], h[0])
+        return each(lambda v1, v0: first_order(v1, v0, k.to(v1.dtype)), self.outputs[layer], self.prev[layer])
 
     def reset(self) -> None:
         super().reset()
-        self.history.clear()
+        self.prev = dict.fromkeys(self.layers)
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for h in self.history.values() for v in h for t in tensors(v))
+        held = {id(t): t for v in (*self.outputs.values(), *self.prev.values()) if v is not None for t in tensors(v)}
+        return sum(t.nbytes for t in held.values())
 
     def macs(self, branch) -> int:
         """One element-wise forecast of the branch output: N * C_out per sample (both streams of joint attention)."""
@@ -119,6 +141,10 @@ class CalibratedForecast(IncrementCalibration):
             if full:
                 self.positions[layer] = [*pos, s][-2:]
         self.k = torch.tensor(ks)
+        full = self.engine.full
+        for c in self.linears:
+            c.begin_call(full[c.layer])
+        self.branch_cache.begin_call()
 
     def reset(self) -> None:
         super().reset()

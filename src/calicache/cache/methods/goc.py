@@ -23,7 +23,7 @@ import torch
 
 from ...models.io import shipped_file
 from ...utils import atomic_path, warn_once
-from .base import Argument, BranchCache, Method, MethodConfig, each, tensors
+from .base import Argument, BranchCache, Method, MethodConfig, each, first_order, tensors, traced
 
 # The authors' hard-coded list for 20-step DDIM at period 2 (cached calls 1, 3, ..., 19): call 1 has
 # no F_prev2 and call 17 sits at the trajectory's late inflection point.
@@ -135,35 +135,49 @@ class GocSteps:
 
 
 class GocBranchCache(BranchCache):
-    """BranchCache plus the per-branch queue; full calls still store through BranchCache."""
+    """BranchCache plus the per-branch queue; full calls still store through BranchCache.
+
+    The queue is three fixed slots: a call reads F_prev2 and F_prev and writes only `served` (its
+    value), and the host shifts the queue after the call (`end_call`). F_prev2 is zeros until it
+    exists, with a compensation weight of 0, so under torch.compile every cached call is one graph."""
 
     def __init__(self, method: GradientOptimizedCache, layers: list[int]):
-        self.queue: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # layer -> (F_prev2, F_prev)
+        self.prev2: dict[int, torch.Tensor | None] = dict.fromkeys(layers)  # F_prev2
+        self.prev: dict[int, torch.Tensor | None] = dict.fromkeys(layers)  # F_prev
+        self.served: dict[int, torch.Tensor | None] = dict.fromkeys(layers)  # this call's value
         super().__init__(method, layers)
 
-    def _shift(self, layer: int, value: torch.Tensor) -> None:
-        prev = self.queue[layer][1] if layer in self.queue else None
-        self.queue[layer] = (prev, value)
-
     def on_full(self, layer: int, out: torch.Tensor) -> None:
-        self._shift(layer, self.outputs[layer])  # the stored tensor itself: no second copy
+        self.served[layer] = self.outputs[layer]  # the stored tensor itself: no second copy
 
     def on_cached(self, layer: int) -> torch.Tensor:
-        prev2, prev = self.queue[layer]
-        out = prev
-        if prev2 is not None and self.method.compensate_now:
-            w = self.method.weight  # w = 0 gives prev exactly
-            out = each(lambda p, q: torch.add(p, p - q, alpha=w), prev, prev2)
-        self._shift(layer, out)
+        prev2, prev = self.prev2[layer], self.prev[layer]
+        m = self.method
+        if traced() or m.compensate_now:  # w = 0 gives prev exactly
+            out = each(lambda p, q: first_order(p, q, m.weight_now.to(p.dtype)), prev, prev2)
+        else:
+            out = prev
+        self.served[layer] = out
         return out
+
+    def begin_call(self) -> None:
+        for layer in self.layers:
+            if self.prev2[layer] is None and self.prev[layer] is not None:
+                self.prev2[layer] = each(torch.zeros_like, self.prev[layer])  # read with weight 0 only
+
+    def end_call(self) -> None:
+        for layer in self.layers:
+            if self.served[layer] is not None:  # a branch the model did not call keeps its queue
+                self.prev2[layer], self.prev[layer], self.served[layer] = self.prev[layer], self.served[layer], None
 
     def reset(self) -> None:
         super().reset()
-        self.queue.clear()
+        for slots in (self.prev2, self.prev, self.served):
+            slots.update(dict.fromkeys(self.layers))
 
     def cache_bytes(self) -> int:
-        held = {id(t): t for out in self.outputs.values() if out is not None for t in tensors(out)}
-        held.update({id(t): t for pair in self.queue.values() for v in pair if v is not None for t in tensors(v)})
+        slots = (self.outputs, self.prev2, self.prev, self.served)
+        held = {id(t): t for d in slots for v in d.values() if v is not None for t in tensors(v)}
         return sum(t.nbytes for t in held.values())
 
 
@@ -182,10 +196,11 @@ class GradientOptimizedCache(Method):
         self.given: list[int] | None = (sorted(set(config.steps)) if config.steps is not None
                                         else (sorted(set(self.file.steps)) if self.file is not None else None))
         self.run_steps: frozenset[int] | None = None  # set by check_run for the coming run
-        self.compensate_now = False  # set before each call (host-side), read by the hooks
+        self.compensate_now = False  # set before each call (host-side), read by eager hooks
+        self.weight_now = torch.tensor(0.0)  # w at a compensated call, else 0: what a compiled hook reads
         self.cache = GocBranchCache(self, list(range(len(engine.branches))))
-        # The update is one subtract and one multiply-add per element of the branch output (N x C_out,
-        # C_out = the branch's last linear's outputs): counted as N * C_out MACs per sample.
+        # The update is one lerp (a subtract and a multiply-add) per element of the branch output
+        # (N x C_out, C_out = the branch's last linear's outputs): counted as N * C_out MACs per sample.
         self._update_macs = [b.output_elements() for b in engine.branches]
 
     def steps_for(self, num_calls: int) -> list[int]:
@@ -213,7 +228,14 @@ class GradientOptimizedCache(Method):
         self.run_steps = frozenset(self.steps_for(num_calls))
 
     def begin_call(self) -> None:
-        self.compensate_now = self.compensates(self.engine.call)
+        """Host-side: whether this call compensates (F_prev2 exists from call 2 on) and its weight as a tensor."""
+        call = self.engine.call
+        self.compensate_now = call >= 2 and self.compensates(call)
+        self.weight_now = torch.tensor(self.weight if self.compensate_now else 0.0)
+        self.cache.begin_call()
+
+    def end_call(self) -> None:
+        self.cache.end_call()
 
     def compensates(self, call: int) -> bool:
         if self.engine.explicit:  # inside calicache.sample: check_run chose this run's steps

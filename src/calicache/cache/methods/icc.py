@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ...adapters import LinearSpec
 from ..factors import Factors, shared_factors
 from ..svd import SVD_KINDS, check_rank, parse_rank, scaled_svd
-from .base import Argument, BranchCache, Method, MethodConfig
+from .base import Argument, BranchCache, Method, MethodConfig, traced
 
 
 class CalibratedLinear:
@@ -50,15 +50,16 @@ class CalibratedLinear:
         # (output columns, rank columns, A^T) per block with a non-zero rank.
         self.blocks = [(slice(cols[i], cols[i + 1]), slice(ranks[i], ranks[i + 1]), self.a_t[i])
                        for i in range(len(specs)) if self.ranks[i] > 0]
-        # (z = B x (M, R), y (M, C_o)) of the last full calls, oldest first.
-        self.refs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (z = B x (M, R), y (M, C_o)) of the last full call. A full call only writes it (never reads
+        # what was there), so a compiled full call is one graph from call 0 on.
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """B x as an (M, R) matrix: every block's rank-space coordinates in one matmul."""
         return F.linear(x, self.b).reshape(-1, self.rank_total)
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.refs = [self.reference(x, y)]  # not read first: a compiled full call is one graph from call 0 on
+        self.last = self.reference(x, y)
 
     def reference(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What a full call keeps: z = B x (M, R) and y (M, C_o), in the cache dtype."""
@@ -77,19 +78,17 @@ class CalibratedLinear:
 
     def consumes(self) -> bool:
         """Whether this call is the references' last use (the layer's next call is full, or the run
-        ends), so the output may be written into y_ref: two passes over it instead of four."""
-        return self.method.engine.last_use[self.layer] and not torch.is_grad_enabled()
+        ends), so the output may be written into y_ref: two passes over it instead of four. Never in
+        a compiled graph: the compiler fuses the passes itself, and the flag would be one more guard."""
+        return not traced() and self.method.engine.last_use[self.layer] and not torch.is_grad_enabled()
 
     def cached(self, x: torch.Tensor) -> torch.Tensor:
-        z_ref, y_ref = self.refs[-1]
-        return self.increment(x, z_ref, y_ref, self.consumes())
-
-    def increment(self, x: torch.Tensor, z_ref: torch.Tensor, y_ref: torch.Tensor, consume: bool) -> torch.Tensor:
-        """y_ref + A (B x - z_ref), (M, C_o); `consume`: written into y_ref."""
+        """y_ref + A (B x - z_ref), (M, C_o)."""
+        z_ref, y_ref = self.last
         y_ref = y_ref.to(x.dtype)
         if not self.blocks:
             return y_ref
-        return self.correct(y_ref, self.project(x).sub_(z_ref.to(x.dtype)), fresh=consume)
+        return self.correct(y_ref, self.project(x).sub_(z_ref.to(x.dtype)), fresh=self.consumes())
 
     def hook(self, forward: Callable) -> Callable:
         engine = self.method.engine
@@ -99,7 +98,7 @@ class CalibratedLinear:
                 y = forward(x)
                 self.on_full(x, y)
                 return y
-            if not self.refs:
+            if self.last is None:
                 raise RuntimeError(f"{self.specs[0].name} has no cached values at call {engine.call}; "
                                    "every layer must be full at call 0")
             return self.cached(x).view(*x.shape[:-1], -1)
@@ -107,10 +106,10 @@ class CalibratedLinear:
         return run
 
     def reset(self) -> None:
-        self.refs = []
+        self.last = None
 
     def cache_bytes(self) -> int:
-        return sum(t.nbytes for ref in self.refs for t in ref)
+        return sum(t.nbytes for t in self.last or ())
 
     def macs(self, tokens: int) -> int:
         """B pass over the input plus each block's A, per sample, at a cached call."""
