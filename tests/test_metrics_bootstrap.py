@@ -23,7 +23,8 @@ def _gauss(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
     return rng.normal(size=(n, d)) @ mix + shift
 
 
-@pytest.mark.parametrize("n", [12, 80])  # fewer and more samples than dimensions (two Gram matrices)
+# fewer and more samples than dimensions (two Gram matrices); 30: more samples, fewer distinct in a resample
+@pytest.mark.parametrize("n", [12, 30, 80])
 def test_frechet_bootstrap_equals_frechet_distance_on_the_repeated_set(n):
     d = 24
     ref = _gauss(300, d, 0)

@@ -69,6 +69,13 @@ def _cache_path(ref: str, key: str, fingerprint: str, cache_dir: Path) -> Path:
     return beside if os.access(path.parent, os.W_OK) else cache_dir / beside.name
 
 
+def reference_cache_file(ref: str, extractor, cache_dir: str | os.PathLike | None = None,
+                         data_dir: str | None = None) -> Path:
+    """Where `reference_stats(ref, extractor, cache_dir=...)` keeps its statistics (a file there need not exist)."""
+    _, _, _, key = load_reference_images(ref, data_dir)
+    return _cache_path(ref, key, extractor.fingerprint, Path(cache_dir) if cache_dir else default_cache_dir())
+
+
 def _from_cache(path: Path, ref: str, key: str, fingerprint: str) -> ReferenceStats | None:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -82,8 +89,11 @@ def _from_cache(path: Path, ref: str, key: str, fingerprint: str) -> ReferenceSt
 
 
 def reference_stats(ref: str, extractor, batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
-                    use_cache: bool = True, data_dir: str | None = None) -> ReferenceStats:
-    """Statistics of `ref` (an npz path or "fashion-mnist-test") under `extractor`, cached."""
+                    use_cache: bool = True, data_dir: str | None = None, activations=None) -> ReferenceStats:
+    """Statistics of `ref` (an npz path or "fashion-mnist-test") under `extractor`, cached.
+
+    `activations`: the extractor's outputs for all of the reference's images, computed elsewhere (in
+    resumable pieces, say), used instead of running the extractor when the cache has no statistics."""
     images, _, file_stats, key = load_reference_images(ref, data_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     path = _cache_path(ref, key, extractor.fingerprint, cache_dir)
@@ -93,7 +103,11 @@ def reference_stats(ref: str, extractor, batch_size: int = 64, cache_dir: str | 
             return cached
     pool = radii = mu_s = sigma_s = None
     if images is not None:
-        acts = extractor(images, batch_size=batch_size, desc="inception (reference)")
+        acts = activations if activations is not None else extractor(images, batch_size=batch_size,
+                                                                      desc="inception (reference)")
+        if len(acts.pool) != len(images):
+            raise ValueError(f"{len(acts.pool)} activations for the {len(images)} images of {ref}; pass the "
+                             "extractor's outputs for every reference image, in order")
         pool, radii = acts.pool, manifold_radii(acts.pool, NEIGHBOURS)
         (mu, sigma), (mu_s, sigma_s) = gaussian_stats(acts.pool), gaussian_stats(acts.spatial)
     # An ADM reference batch's own statistics win, as in the ADM evaluator (they come from the TF graph).
