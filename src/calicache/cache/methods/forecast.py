@@ -194,30 +194,18 @@ class CalibratedForecast(IncrementCalibration):
     def begin_call(self) -> None:
         """Host-side, before the model runs: each layer's k = w (s - f1) / (f1 - f0) for this call s,
         as one small tensor (so a compiled graph sees a tensor, not a new constant per call)."""
-        if self.order == 2:
-            self._second_order_weights()
-        else:
-            s, ks = self.position(), []
-            for layer, full in enumerate(self.engine.full):
-                pos = self.positions[layer]
-                ks.append(self.weight * (s - pos[1]) / (pos[1] - pos[0]) if not full and len(pos) == 2 else 0.0)
-                if full:
-                    self.positions[layer] = [*pos, s][-2:]
-            self.k = torch.tensor(ks)
-        full = self.engine.full
-        for c in self.linears:
-            c.begin_call(full[c.layer])
-        self.branch_cache.begin_call()
-
-    def _second_order_weights(self) -> None:
         s, ab = self.position(), []
         for layer, full in enumerate(self.engine.full):
             pos = self.positions[layer]
             ab.append(newton_weights(pos, s, self.weight) if not full and len(pos) >= 2 else (0.0, 0.0))
             if full:
-                self.positions[layer] = [*pos, s][-3:]
+                self.positions[layer] = [*pos, s][-(self.order + 1):]
         self.ab = torch.tensor(ab)
-        self.k = self.ab[:, 0].contiguous()
+        self.k = self.ab[:, 0].contiguous()  # order 1: newton_weights of two positions is w (s - f1) / (f1 - f0)
+        full = self.engine.full
+        for c in self.linears:
+            c.begin_call(full[c.layer])
+        self.branch_cache.begin_call()
 
     def reset(self) -> None:
         super().reset()
