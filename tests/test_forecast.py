@@ -102,7 +102,7 @@ def test_rank_zero_order_two_is_branch_lagrange_forecast(period, weight):
     err = rel(out, expected)
     assert err < 1e-6
     first = run(m, ForecastConfig(period=period, rank=0, weight=weight))
-    assert rel(out, first) > max(10 * err, 1e-6)  # not order 1: far outside the rounding difference
+    assert rel(out, first) > max(10 * err, 5e-7)  # not order 1 (1.3e-6 at p3 here, rounding ~1e-8)
 
 
 def test_order_two_with_two_full_calls_is_first_order():

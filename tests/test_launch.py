@@ -53,7 +53,7 @@ def test_calibrate_nproc_per_node_launches_workers_and_matches_one_process(tmp_p
     assert main(["calibrate", *common, "--out", str(tmp_path / "one.json")]) == 0
     two, one = GocSteps.load(tmp_path / "two.json"), GocSteps.load(tmp_path / "one.json")
     assert two.steps == one.steps and two.meta == one.meta
-    np.testing.assert_allclose(two.cosines[2:], one.cosines[2:], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(two.cosines[2:], one.cosines[2:], rtol=1e-6, atol=1e-9)  # split sums may round apart
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "tiny.safetensors", "two.json"]
 
 
