@@ -106,9 +106,9 @@ def test_failed_run_then_good_run():
     bad = torch.full((4, 1, 8, 8), float("nan"))
     with pytest.raises(ValueError, match="NaN"):
         sample(m, 4, STEPS, cfg_scale=2.0, noise=bad)
-    # a failure in the middle of a run (the 4th call raises)
+    # a failure in the middle of a run (the 4th call raises), in a module calicache does not hook
     calls = {"n": 0}
-    orig = m.blocks[0].norm1.forward
+    orig = m.blocks[0].adaLN_modulation.forward
 
     def flaky(x):
         calls["n"] += 1
@@ -116,10 +116,10 @@ def test_failed_run_then_good_run():
             raise RuntimeError("boom")
         return orig(x)
 
-    m.blocks[0].norm1.forward = flaky
+    m.blocks[0].adaLN_modulation.forward = flaky
     with pytest.raises(RuntimeError, match="boom"):
         sample(m, 4, STEPS, cfg_scale=2.0)
-    del m.blocks[0].norm1.forward
+    del m.blocks[0].adaLN_modulation.forward
     assert torch.equal(sample(m, 4, STEPS, cfg_scale=2.0), expected)
 
 

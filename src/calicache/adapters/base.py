@@ -54,6 +54,11 @@ class BranchSpec:
     # Elements per sample of the branch output (what FORA stores, GOC and the forecast update); None: N x the
     # last linear's outputs. Joint attention returns two streams (image and text): the adapter gives their sum.
     output_size: int | None = None
+    # The token-wise module (a LayerNorm) whose output reaches this branch as its only input through
+    # element-wise code alone (adaLN's modulate) and goes nowhere else. At a call that serves the branch
+    # without reading its input, the cache runs it on one token per sample instead of all (see
+    # `BranchCache`). None: no such module (the input is the residual stream itself, or also used elsewhere).
+    input_producer: nn.Module | None = None
 
     def __post_init__(self) -> None:
         for s in self.linears:

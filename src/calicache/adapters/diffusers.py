@@ -6,8 +6,10 @@ is PixArt-alpha's third branch per block).
 
 The cross-attention keys and values and PixArt's caption projection depend on the prompt only; the
 adapter names them as run constants, which the engine computes once per run and reuses exactly
-(`calicache.cache.constants`). Everything here is read from the modules themselves, so the MACs are
-those of the model as diffusers runs it (a DiT block carries its own timestep/label embedder).
+(`calicache.cache.constants`). Each branch names the LayerNorm that produces its input (`input_producers`),
+which a cache need not run over every token at calls that serve the branch whole. Everything here is
+read from the modules themselves, so the MACs are those of the model as diffusers runs it (a DiT block
+carries its own timestep/label embedder).
 """
 
 from __future__ import annotations
@@ -61,17 +63,20 @@ class DiffusersAdapter(TransformerAdapter):
         out = []
         for i, blk in enumerate(model.transformer_blocks):
             p = f"transformer_blocks.{i}"
-            a1 = blk.attn1
+            a1, producers = blk.attn1, input_producers(blk)
             out.append(BranchSpec(name=f"{p}.attn1", module=a1, tokens=n, attention_dim=a1.to_q.out_features,
-                                  linears=attention_linears(f"{p}.attn1", a1, IMAGE_PROJECTIONS + ("to_out.0",), n)))
+                                  linears=attention_linears(f"{p}.attn1", a1, IMAGE_PROJECTIONS + ("to_out.0",), n),
+                                  input_producer=producers.get("attn1")))
             if blk.attn2 is not None:
                 a2 = blk.attn2
                 # Only the query side is calibrated: keys and values of the prompt are run constants.
                 out.append(BranchSpec(name=f"{p}.attn2", module=a2, tokens=n, attention_dim=a2.to_q.out_features,
-                                      kv_tokens=self.text_tokens,
+                                      kv_tokens=self.text_tokens, input_producer=producers.get("attn2"),
                                       linears=attention_linears(f"{p}.attn2", a2, ("to_q", "to_out.0"), n)))
             # fc2's input is act(fc1's output): GELU with the block's own `approximate` ("tanh" in DiT/PixArt).
-            out.append(feed_forward_branch(f"{p}.ff", blk.ff, n))
+            ff = feed_forward_branch(f"{p}.ff", blk.ff, n)
+            ff.input_producer = producers.get("ff")
+            out.append(ff)
         return out
 
     def constant_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -111,6 +116,27 @@ class DiffusersAdapter(TransformerAdapter):
         if cap is not None:
             macs += t * (_lin(cap.linear_1) + _lin(cap.linear_2))
         return macs
+
+
+def input_producers(blk: nn.Module) -> dict[str, nn.LayerNorm]:
+    """Branch -> the LayerNorm whose output `BasicTransformerBlock.forward` (diffusers 0.42) feeds to that
+    branch alone, through element-wise modulation only (positional embeddings inside a block are refused):
+
+    - "ada_norm_zero" (DiT): `norm1` is AdaLayerNormZero, which also computes the gates, so its inner
+      `norm1.norm` (the LayerNorm it modulates) feeds attn1; `norm2` feeds attn2; `norm3` feeds ff.
+    - "ada_norm_single" (PixArt): `norm1` feeds attn1 and `norm2` feeds ff; attn2 reads the residual
+      stream itself (no norm), so it has no producer.
+    Other norm types (AdaLayerNorm, AdaLayerNormContinuous with their own embeddings) get none.
+    """
+    kind = getattr(blk, "norm_type", None)
+    if kind == "ada_norm_zero":
+        found = {"attn1": getattr(blk.norm1, "norm", None), "attn2": blk.norm2 if blk.attn2 is not None else None,
+                 "ff": blk.norm3}
+    elif kind == "ada_norm_single":
+        found = {"attn1": blk.norm1, "ff": blk.norm2}
+    else:
+        return {}
+    return {name: m for name, m in found.items() if isinstance(m, nn.LayerNorm)}
 
 
 def _check_supported(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""calicache's DiT (the original layout): branches `blocks[i].attn` and `blocks[i].mlp`."""
+"""calicache's DiT (the original layout): branches `blocks[i].attn` and `blocks[i].mlp`, whose inputs
+are `modulate(norm1(x))` and `modulate(norm2(x))`: the norms are their input producers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class DiTAdapter(Adapter):
             p = f"blocks.{i}"
             qkv = blk.attn.qkv
             out.append(BranchSpec(
-                name=f"{p}.attn", module=blk.attn, tokens=n, attention_dim=c,
+                name=f"{p}.attn", module=blk.attn, tokens=n, attention_dim=c, input_producer=blk.norm1,
                 linears=[
                     LinearSpec(f"{p}.attn.q", qkv, slice(0, c)),
                     LinearSpec(f"{p}.attn.k", qkv, slice(c, 2 * c)),
@@ -24,7 +25,7 @@ class DiTAdapter(Adapter):
                 ],
             ))
             out.append(BranchSpec(
-                name=f"{p}.mlp", module=blk.mlp, tokens=n,
+                name=f"{p}.mlp", module=blk.mlp, tokens=n, input_producer=blk.norm2,
                 linears=[
                     LinearSpec(f"{p}.mlp.fc1", blk.mlp.fc1),
                     LinearSpec(f"{p}.mlp.fc2", blk.mlp.fc2, input_from=f"{p}.mlp.fc1", input_fn=blk.mlp.act),

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from ...metrics.inception import file_sha256
 from ...models.io import shipped_file
@@ -311,8 +312,15 @@ class Method:
 class BranchCache:
     """Serves whole branch outputs (pre-gate) at cached calls; `on_cached` decides what is served.
 
-    Used by FORA (serve the last full output), GOC (extrapolate it) and ICC's rank-0 branches.
+    Used by FORA (serve the last full output), GOC (extrapolate it) and the rank-0 branches of ICC and
+    the forecast. A served branch never reads its input, so the LayerNorm that produces it (the
+    adapter's `input_producer`) runs on one token per sample at such calls: the model's own
+    modulation then broadcasts (N, 1, C) instead of computing (N, T, C), and the branch takes the
+    result for its dtype only. Outputs are bit for bit those of the full producer (the model uses
+    the produced value nowhere else); `skip_inputs = False` turns it off.
     """
+
+    skip_inputs: ClassVar[bool] = True  # read when the cache is attached
 
     def __init__(self, method: Method, layers: list[int]):
         self.method = method
@@ -322,6 +330,29 @@ class BranchCache:
         engine = method.engine
         for layer in layers:
             engine.patch(engine.branches[layer].module, lambda fwd, layer=layer: self._hook(layer, fwd))
+        if self.skip_inputs:
+            for producer, fed in self.producers().items():
+                engine.patch(producer, lambda fwd, fed=fed: self._producer_hook(fed, fwd))
+
+    def producers(self) -> dict[nn.Module, tuple[int, ...]]:
+        """Input producer -> the layers it feeds, for producers that feed only layers served here (a
+        producer shared with a branch that reads its input, e.g. a calibrated one, must run in full)."""
+        fed: dict[nn.Module, list[int]] = {}
+        for layer, branch in enumerate(self.method.engine.branches):
+            if branch.input_producer is not None:
+                fed.setdefault(branch.input_producer, []).append(layer)
+        mine = set(self.layers)
+        return {m: tuple(layers) for m, layers in fed.items() if mine.issuperset(layers)}
+
+    def _producer_hook(self, fed: tuple[int, ...], forward: Callable) -> Callable:
+        engine = self.method.engine
+
+        def run(x: torch.Tensor, *args, **kwargs):
+            if any(engine.full[layer] or self.outputs[layer] is None for layer in fed):
+                return forward(x, *args, **kwargs)
+            return forward(x.narrow(-2, 0, 1), *args, **kwargs)  # (N, 1, C): every token's value is unused
+
+        return run
 
     def _hook(self, layer: int, forward: Callable) -> Callable:
         engine = self.method.engine
