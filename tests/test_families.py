@@ -28,9 +28,11 @@ from tiny_families import (  # noqa: E402
     BATCH,
     PASSES,
     PIPES,
+    POOLED,
     STEPS,
     TEXT,
     TOKENS,
+    WIDTH,
     call_kwargs,
     flux,
     run,
@@ -455,6 +457,26 @@ def test_sd3_skip_layer_guidance_is_refused_before_any_model_call():
     assert calls == [] and not vars(pipe)[PIPE_ATTR][2].twins
     assert torch.equal(run(pipe, "sd3"), run(cached("sd3", FORAConfig(period=2)), "sd3"))  # the cache is as it was
     remove_cache(pipe)
+
+
+def test_bare_sd3_transformer_refuses_skip_layers_and_keeps_its_run():
+    """Skip-layer guidance's pass on a bare transformer (someone else's loop): refused before the call, with a
+    clear fix; the run goes on as if that call had not been made."""
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+              encoder_hidden_states=torch.randn(1, TEXT, WIDTH, generator=g),
+              pooled_projections=torch.randn(1, POOLED, generator=g))
+    first, second = torch.tensor([900.0]), torch.tensor([600.0])
+    plain, refused = (apply_cache(sd3().transformer, FORAConfig(period=2)) for _ in range(2))
+    with torch.inference_mode():
+        plain(**kw, timestep=first)
+        expected = plain(**kw, timestep=second).sample
+        refused(**kw, timestep=first)
+        with pytest.raises(ValueError, match=r"skip_layers=\.\.\.\): skipping blocks is not supported.*"
+                                             r"call without skip_layers, or remove_cache\(transformer\)"):
+            refused(**kw, timestep=second, skip_layers=[1])
+        assert get_engine(refused).call == 0
+        assert torch.equal(refused(**kw, timestep=second, skip_layers=[]).sample, expected)  # skips nothing
 
 
 def test_a_diffusers_cache_added_after_ours_is_refused_at_the_next_run():

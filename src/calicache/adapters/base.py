@@ -95,6 +95,9 @@ class Adapter:
         """The noisy input tensor of a top-level call (checked for NaN)."""
         raise NotImplementedError
 
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        """Refuse a top-level call whose arguments change which branches run (host-side, before the call)."""
+
     def base_macs(self, model: nn.Module) -> int:
         """MACs per sample outside the branches, paid by every call (embeddings, adaLN, final layer)."""
         raise NotImplementedError

@@ -72,6 +72,16 @@ class SD3Adapter(TransformerAdapter):
                 out.append(feed_forward_branch(f"{p}.ff_context", blk.ff_context, t))
         return out
 
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        """`skip_layers` (skip-layer guidance's extra pass) runs some blocks not at all: their branches would
+        miss the calls their cache counts on and serve outputs of another pass at the next."""
+        skip = self.arg("skip_layers", args, kwargs)
+        if skip is not None and len(skip):
+            raise ValueError("SD3Transformer2DModel(skip_layers=...): skipping blocks is not supported with a "
+                             "calicache cache (the skipped blocks' branches miss the calls their cache counts); "
+                             "call without skip_layers, or remove_cache(transformer) to use skip-layer guidance "
+                             "uncached")
+
     def constant_modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.context_embedder]
 

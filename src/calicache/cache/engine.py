@@ -210,6 +210,7 @@ class CacheEngine:
         number the sampler handed over: no device read. A bare module driven by another library's
         loop reads the timestep (and the input's finiteness, in the same transfer) once per call:
         that is how it sees a run start (the timestep went up)."""
+        self.adapter.check_call(args, kwargs)  # before anything changes: a refused call leaves the run as it was
         if self.explicit:
             if self.run_calls is not None and self.call + 1 >= self.run_calls:
                 # Its last call may have consumed references in place: a further call must not meet them.
