@@ -1,5 +1,5 @@
 """A cache resolves its factors once (issue 18 leftovers): `summary()`, `count_macs()` and a pipeline's guidance
-twin reuse the attached cache's factors and weight hash instead of decomposing, loading or hashing again."""
+twin reuse the attached cache's factors, weight hash and GOC steps instead of decomposing, loading or hashing again."""
 
 import json
 
@@ -20,11 +20,13 @@ STEPS = 4
 
 
 def counting(monkeypatch) -> dict[str, int]:
-    """Counts from now on: SVDs, factor-file checksums (every load verifies one) and weight hashes."""
+    """Counts from now on: SVDs, factor-file checksums (every load verifies one), weight hashes and GOC steps
+    files read."""
     import calicache.cache.engine as engine_module
     import calicache.tensorfile as tensorfile
+    from calicache.cache.methods.goc import GocSteps
 
-    counts = {"svd": 0, "checksum": 0, "weight_hash": 0}
+    counts = {"svd": 0, "checksum": 0, "weight_hash": 0, "steps_file": 0}
 
     def counted(name, fn):
         def run(*args, **kwargs):
@@ -35,6 +37,7 @@ def counting(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(torch.linalg, "svd", counted("svd", torch.linalg.svd))
     monkeypatch.setattr(tensorfile, "tensor_checksum", counted("checksum", tensorfile.tensor_checksum))
     monkeypatch.setattr(engine_module, "weight_hash", counted("weight_hash", engine_module.weight_hash))
+    monkeypatch.setattr(GocSteps, "load", staticmethod(counted("steps_file", GocSteps.load)))
     return counts
 
 
@@ -66,11 +69,26 @@ def test_summary_and_count_macs_reuse_the_attached_factors(monkeypatch, factor_f
     s = calicache.summary(model)
     assert count_macs(model, None, STEPS) == count_macs(model, get_engine(model).config, STEPS) == s["macs"]
     assert count_macs(model, None, STEPS, tokens=16) == s["macs"]  # the shape given: a new adapter, the same factors
-    assert counts == {"svd": 0, "checksum": 0, "weight_hash": 0}
+    assert counts == {"svd": 0, "checksum": 0, "weight_hash": 0, "steps_file": 0}
     assert s["macs"] == expected
     # Another config is another cache: resolved anew, the attached one untouched.
     count_macs(model, ICCConfig(rank=2), STEPS)
     assert counts["svd"] > 0 and get_engine(model).config is config
+    remove_cache(model)
+
+
+def test_summary_and_count_macs_reuse_the_attached_goc_steps(monkeypatch, tmp_path):
+    from calicache.cache.methods.goc import GocSteps
+
+    path = tmp_path / "goc.json"
+    GocSteps([None] * STEPS, 0.0, [3], {"model_hash": weight_hash(tiny_model()), "calls": STEPS, "period": 2}).save(path)
+    config = GOCConfig(steps_file=str(path))
+    expected = count_macs(tiny_model(), config, STEPS)
+    model = apply_cache(tiny_model(), config)
+    sample(model, 1, STEPS)
+    counts = counting(monkeypatch)
+    assert count_macs(model, None, STEPS) == calicache.summary(model)["macs"] == expected
+    assert counts == {"svd": 0, "checksum": 0, "weight_hash": 0, "steps_file": 0}
     remove_cache(model)
 
 
@@ -107,6 +125,6 @@ def test_guidance_twin_reuses_factors_and_hash_mid_run(monkeypatch, wan_goc_file
     counts = counting(monkeypatch)
     run(pipe, "wan")
     (twin,) = vars(pipe)[PIPE_ATTR][2].twins
-    assert counts == {"svd": 0, "checksum": 0, "weight_hash": 0}
+    assert counts == {"svd": 0, "checksum": 0, "weight_hash": 0, "steps_file": 0}
     assert get_engine(twin).shares is get_engine(pipe)
     remove_cache(pipe)

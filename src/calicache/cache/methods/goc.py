@@ -186,7 +186,11 @@ class GradientOptimizedCache(Method):
         super().__init__(engine, config)
         self.weight = float(config.weight)
         self.file: GocSteps | None = None
-        if config.steps_file is not None:
+        source = getattr(engine.shares, "method", None)
+        if isinstance(source, GradientOptimizedCache) and engine.shares.config is config:
+            # A guidance twin (or a MACs count) of the attached cache: its steps, read and checked once.
+            self.file = source.file
+        elif config.steps_file is not None:
             self.file = GocSteps.load(config.steps_file)
             self.file.check(model_hash=engine.model_hash())
             made_for, period = self.file.meta.get("period"), engine.schedule.period
