@@ -81,7 +81,8 @@ def test_summary_and_count_macs_reuse_the_attached_goc_steps(monkeypatch, tmp_pa
     from calicache.cache.methods.goc import GocSteps
 
     path = tmp_path / "goc.json"
-    GocSteps([None] * STEPS, 0.0, [3], {"model_hash": weight_hash(tiny_model()), "calls": STEPS, "period": 2}).save(path)
+    meta = {"model_hash": weight_hash(tiny_model()), "calls": STEPS, "period": 2}
+    GocSteps([None] * STEPS, 0.0, [3], meta).save(path)
     config = GOCConfig(steps_file=str(path))
     expected = count_macs(tiny_model(), config, STEPS)
     model = apply_cache(tiny_model(), config)
