@@ -18,6 +18,8 @@ from conftest import dit_pipe, tiny_dit  # noqa: E402
 from conftest import pipe_latents as run  # noqa: E402
 
 CONFIG = ICCConfig(period=2, rank=4)  # patches the model, its branches and its linears
+# FORA patches the model, its branches and their input producers (the norms it runs on one token when serving).
+CONFIGS = {"icc": CONFIG, "fora": FORAConfig(period=2)}
 
 
 def test_an_instance_forward_is_wrapped_and_put_back_exactly():
@@ -86,7 +88,8 @@ class Registry:
 
     def __init__(self, pipe):
         t = pipe.transformer
-        self.modules = [t, t.transformer_blocks[0].attn1, t.transformer_blocks[1].ff.net[2]]
+        self.modules = [t, t.transformer_blocks[0].attn1, t.transformer_blocks[1].ff.net[2],
+                        t.transformer_blocks[0].norm1.norm, t.transformer_blocks[1].norm3]
         self.hooks = [Count() for _ in self.modules]
 
     def apply(self):
@@ -136,22 +139,27 @@ class ModelOffload:
         return hasattr(self.pipe.transformer, "_hf_hook")
 
 
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def config(request):
+    return CONFIGS[request.param]
+
+
 @pytest.fixture(scope="module")
-def expected():
+def expected(config):
     pipe = dit_pipe()
     plain = run(pipe)
-    cached = run(apply_cache(pipe, CONFIG))
+    cached = run(apply_cache(pipe, config))
     remove_cache(pipe)
     return plain, cached
 
 
 @pytest.mark.parametrize("other", [Registry, GroupOffload, ModelOffload])
 @pytest.mark.parametrize("ours_first, ours_removed_first", list(itertools.product([True, False], repeat=2)))
-def test_both_orders_of_applying_and_removing(expected, other, ours_first, ours_removed_first):
+def test_both_orders_of_applying_and_removing(config, expected, other, ours_first, ours_removed_first):
     plain, cached = expected
     pipe = dit_pipe()
     theirs = other(pipe)
-    steps = [lambda: apply_cache(pipe, CONFIG), theirs.apply]
+    steps = [lambda: apply_cache(pipe, config), theirs.apply]
     for step in steps if ours_first else steps[::-1]:
         step()
     assert torch.equal(run(pipe), cached) and theirs.ran()
