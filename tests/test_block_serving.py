@@ -128,3 +128,21 @@ def test_diffusers_blocks_serve_bit_for_bit(kind, config, monkeypatch):
     apply_cache(pipe, config_from_dict(config))
     assert torch.equal(out, pipe_latents(pipe))
     remove_cache(pipe)
+
+
+
+def test_a_norm_called_outside_a_model_call_runs_in_full():
+    """A bare module driven by another library's loop keeps its cache and its last call's flags between
+    calls: a producer called by hand there is a plain LayerNorm, not the one-token cut of a served call."""
+    m = tiny_model()
+    apply_cache(m, config_from_dict(SERVED["fora"]))
+    try:
+        c = m.config
+        x, y = torch.randn(2, c.in_channels, c.input_size, c.input_size), torch.tensor([1, 2])
+        for t in (900.0, 800.0):  # call 0 full, call 1 cached
+            m(x, torch.full((2,), t), y)
+        assert get_engine(m).full == (False,) * 4
+        h = torch.randn(3, TOKENS, m.config.hidden_size)
+        assert torch.equal(m.blocks[0].norm1(h), torch.nn.functional.layer_norm(h, h.shape[-1:], eps=1e-6))
+    finally:
+        remove_cache(m)

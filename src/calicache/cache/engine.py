@@ -118,6 +118,7 @@ class CacheEngine:
         self.explicit = False  # inside sample()'s begin_run/end_run
         self.run_calls: int | None = None  # the explicit run's length (a schedule's cool-down needs it)
         self.active = False  # a run is in progress
+        self.in_call = False  # inside a model call (outside one, e.g. a norm called by hand, hooks pass through)
         self.call = -1
         self.prev_t: float | None = None
         self.t: float | None = None  # timestep of the current call (None: an explicit run without timesteps)
@@ -240,6 +241,7 @@ class CacheEngine:
             self.method.begin_call()
             if self.constants is not None:
                 self.constants.begin_call(self.adapter.text_input(args, kwargs))
+            self.in_call = True
         except BaseException:
             self._failed_call()
             raise
@@ -254,11 +256,13 @@ class CacheEngine:
 
     @torch._dynamo.disable
     def _failed_call(self) -> None:
+        self.in_call = False
         if not self.explicit:
             self.active = False  # the next call starts a fresh run
 
     @torch._dynamo.disable
     def _end_call(self) -> None:
+        self.in_call = False
         self.method.end_call()
         self.prev_t = self.t
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())

@@ -348,7 +348,7 @@ class BranchCache:
         engine = self.method.engine
 
         def run(x: torch.Tensor, *args, **kwargs):
-            if any(engine.full[layer] or self.outputs[layer] is None for layer in fed):
+            if not engine.in_call or any(engine.full[layer] or self.outputs[layer] is None for layer in fed):
                 return forward(x, *args, **kwargs)
             return forward(x.narrow(-2, 0, 1), *args, **kwargs)  # (N, 1, C): every token's value is unused
 
