@@ -118,7 +118,7 @@ class CacheEngine:
         self.explicit = False  # inside sample()'s begin_run/end_run
         self.run_calls: int | None = None  # the explicit run's length (a schedule's cool-down needs it)
         self.active = False  # a run is in progress
-        self.in_call = False  # inside a model call (outside one, e.g. a norm called by hand, producer hooks run in full)
+        self.in_call = False  # inside a model call (outside one, e.g. a norm called by hand, producers run in full)
         self.call = -1
         self.prev_t: float | None = None
         self.t: float | None = None  # timestep of the current call (None: an explicit run without timesteps)
