@@ -6,6 +6,10 @@
     python benchmarks/quality.py --num 2000 --num-fd 5000 --report-only --out runs/quality-full
     # the remaining CPU time, from the finished chunks' timings
     python benchmarks/quality.py --num 2000 --num-fd 5000 --estimate --out runs/quality-full
+    # two cores: two processes share the units (same folder), then the report from a whole run
+    python benchmarks/quality.py --num 2000 --num-fd 5000 --shard 0/2 --out runs/quality-full &
+    python benchmarks/quality.py --num 2000 --num-fd 5000 --shard 1/2 --out runs/quality-full; wait
+    python benchmarks/quality.py --num 2000 --num-fd 5000 --report-only --out runs/quality-full
 
 Configurations (`--configs`, default all; shipped model, guidance = its recommended scale, DDIM adm
 spacing, classes index % classes, the same noise per sample index in every configuration): uncached
@@ -330,6 +334,9 @@ def work(model: torch.nn.Module, configs: list[Config], store: ChunkStore, ctx: 
     when the longest one so far would end past the budget)."""
     t0, spent, done, stopped = time.perf_counter(), [], 0, None
     every = units(configs, ctx, args)
+    if args.shard is not None:  # every n-th unit from the k-th: shards cover the run once, each at the same pace
+        k, n = args.shard
+        every = every[k::n]
     todo = [(c, s, e) for c, s, e in every if not unit_done(c, s, e, store, ctx, args)]
     for c, s, e in todo:
         if args.chunks is not None and done >= args.chunks:
@@ -533,6 +540,9 @@ def estimate(configs: list[Config], store: ChunkStore, ctx: dict, args, boot_cos
     plus the Inception reference statistics when they are not cached, and the bootstrap."""
     rates: dict[str, dict] = {}
     every = units(configs, ctx, args)
+    if args.shard is not None:  # every n-th unit from the k-th: shards cover the run once, each at the same pace
+        k, n = args.shard
+        every = every[k::n]
     for c, s, e in every:
         for group, kind, key in unit_pieces(c, s, e, args, ctx):
             piece = store.load(group, kind, s, e, key, members=("cpu_seconds",))
@@ -572,6 +582,16 @@ def extra_config(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: give NAME=path/to/config.json")
     return name, path
+
+
+def shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: K must be in 0..N-1")
+    return k, n
 
 
 def config_list(text: str) -> list[str]:
@@ -615,8 +635,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "reference statistics, computed once)")
     p.add_argument("--estimate", action="store_true",
                    help="only print the CPU time the unfinished part needs, from the finished chunks' timings")
+    p.add_argument("--shard", type=shard, default=None, metavar="K/N",
+                   help="run only units K, K+N, K+2N, ... (N processes split the work over one --out folder; "
+                   "implies --no-report: report afterwards with a run without --shard, e.g. --report-only)")
     p.add_argument("--out", default="runs/quality-bench")
     args = p.parse_args(argv)
+    if args.shard is not None:
+        if args.report_only or args.estimate:
+            raise SystemExit("--shard only runs units; use --report-only or --estimate without it")
+        args.no_report = True
     if args.num_fd < args.num:
         raise SystemExit(f"--num-fd ({args.num_fd}) must be >= --num ({args.num}): the Inception samples are "
                          "the first --num of the in-domain ones")
@@ -686,7 +713,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     store = ChunkStore(args.out)
-    with store.lock():
+    with store.lock(shard=None if args.shard is None else "{}-of-{}".format(*args.shard)):
         model = calicache.load_model(args.model)
         try:
             meta = read_metadata(shipped_path(args.model) if args.model in SHIPPED else args.model)

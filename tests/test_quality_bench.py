@@ -202,6 +202,35 @@ def test_store_keys_locks_and_bad_arguments(bench, tmp_path):
         mod.main(["--configs", "fora,nope"])
 
 
+def test_shards_split_the_units_and_report_like_one_run(bench, full, tmp_path):
+    mod, argv, calls = bench
+    _, res, whole_calls = full
+    seen = []
+    for k in range(2):
+        calls.clear()
+        part = mod.main(argv(tmp_path, "--shard", f"{k}/2"))
+        assert "rows" not in part and part["progress"]["units_left"] == 0  # a shard only runs units
+        seen.append(list(calls))
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(whole_calls)
+    assert abs(len(seen[0]) - len(seen[1])) <= 1
+    calls.clear()
+    joined = mod.main(argv(tmp_path, "--report-only"))
+    assert calls == [] and joined["complete"] and joined["rows"] == res["rows"]
+    store = ChunkStore(tmp_path)
+    with store.lock(shard="0-of-2"):
+        with store.lock(shard="1-of-2"):  # two shards run side by side ...
+            pass
+        with pytest.raises(RuntimeError, match="another run is using"):
+            mod.main(argv(tmp_path))  # ... but no whole run beside them
+        with pytest.raises(RuntimeError, match="another run is using"):
+            mod.main(argv(tmp_path, "--shard", "0/2"))  # nor the same shard twice
+    for bad in ("2/2", "a/b", "1"):
+        with pytest.raises(SystemExit):
+            mod.main(argv(tmp_path, "--shard", bad))
+    with pytest.raises(SystemExit, match="only runs units"):
+        mod.main(argv(tmp_path, "--shard", "0/2", "--report-only"))
+
+
 def test_peers_sample_in_chunks(bench, tmp_path):
     mod, argv, calls = bench
     pytest.importorskip("diffusers")

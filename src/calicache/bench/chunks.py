@@ -6,7 +6,8 @@ determines the piece (model weights, cache config with its files' hashes, steps,
 the feature extractor...). The object itself is stored in the file and compared on loading, so a
 changed setting never reuses a stale piece: it gets another name and is computed afresh. Pieces are
 written atomically (temporary file + rename, `utils.Outputs`): a killed run leaves no partial piece,
-only a temporary that the next run removes. One run at a time holds ROOT's lock.
+only a temporary that the next whole run removes. One run at a time holds ROOT's lock, or several
+shards of one run (`lock(shard=...)`).
 """
 
 from __future__ import annotations
@@ -76,18 +77,26 @@ class ChunkStore:
         return [p for p in self.root.rglob(f".*{TEMP_MARK}.npz") if p.is_file() and not p.is_symlink()]
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold ROOT/.lock for this process (one writer per folder); remove stale temporaries once held."""
+    def lock(self, shard: str | None = None) -> Iterator[None]:
+        """Hold ROOT/.lock for this process (one writer per folder); remove stale temporaries once held.
+
+        `shard`: one of several processes that split a run's work over this folder (each writes other
+        pieces, under random temporary names). A shard holds ROOT/.lock shared, so that no whole run can
+        start beside it, and ROOT/.lock-SHARD alone; it leaves temporaries to a whole run (a sibling may
+        be writing one)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as f:
+        with open(self.root / ".lock", "a") as whole, open(self.root / f".lock-{shard or 'all'}", "a") as own:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(whole, fcntl.LOCK_SH | fcntl.LOCK_NB if shard else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"another run is using {self.root} (it holds {self.root / '.lock'}); wait for it "
+                raise RuntimeError(f"another run is using {self.root} (it holds a lock file there); wait for it "
                                    "to finish or choose another --out") from None
             try:
-                for p in self.stale_temps():
-                    p.unlink()
+                if shard is None:
+                    for p in self.stale_temps():
+                        p.unlink()
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(own, fcntl.LOCK_UN)
+                fcntl.flock(whole, fcntl.LOCK_UN)
