@@ -5,7 +5,10 @@
 Samples (DDIM, adm spacing, classes index % 10) are classified by the shipped classifier (overall
 and per class agreement with the class each sample was drawn for); the
 Frechet distance in its feature space is measured against the Fashion-MNIST test set, next to the
-distance between the training and test sets (the floor a perfect generator would reach).
+distance between the training and test sets (the floor a perfect generator would reach). A second,
+independent judge: 5-nearest-neighbour voting among the 60k training images in pixel space
+(`knn_agreement`, per class in `knn_per_class`), next to its accuracy on the real test images (the same
+judge on real data: what a perfect generator would score, per class too).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import calicache
 from calicache.data import FASHION_MNIST_CLASSES
 from calicache.data.fashion_mnist import load_fashion_mnist
 from calicache.images import to_uint8
-from calicache.metrics.domain import domain_metrics
+from calicache.metrics.domain import domain_metrics, knn_predict
 from calicache.training.classifier import load_classifier, predict_uint8
 
 
@@ -38,9 +41,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = calicache.load_model(args.model)
     clf = load_classifier()
-    test, _ = load_fashion_mnist("test")
-    train, _ = load_fashion_mnist("train")
+    test, test_labels = load_fashion_mnist("test")
+    train, train_labels = load_fashion_mnist("train")
     floor = domain_metrics(clf, train[:10000], reference=test)["fd"]
+    knn_test = knn_predict(train, train_labels, test)
+
+    def per_class(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return {name: round(float((pred[labels == k] == k).mean()), 4) for k, name in enumerate(FASHION_MNIST_CLASSES)}
+
     clip = {"auto": None, "yes": True, "no": False}[args.clip_denoised]
     rows = []
     for g in (float(s) for s in args.cfg_scales.split(",")):
@@ -50,14 +58,16 @@ def main() -> None:
         images = to_uint8(x)[..., 0]
         labels = np.arange(args.num) % 10
         m = domain_metrics(clf, images, labels=labels, reference=test)
-        pred = predict_uint8(clf, images)
-        per_class = {name: round(float((pred[labels == k] == k).mean()), 4)
-                     for k, name in enumerate(FASHION_MNIST_CLASSES)}
+        classes = per_class(predict_uint8(clf, images), labels)
+        knn = knn_predict(train, train_labels, images)
         rows.append({"cfg_scale": g, "class_agreement": m["class_agreement"], "fd": m["fd"], "is": m["is"],
-                     "worst_class": min(per_class, key=per_class.get), "per_class_agreement": per_class,
+                     "worst_class": min(classes, key=classes.get), "per_class_agreement": classes,
+                     "knn_agreement": round(float((knn == labels).mean()), 4), "knn_per_class": per_class(knn, labels),
                      "wall_seconds": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
-    out = {"model": args.model, "num": args.num, "steps": args.steps, "fd_train_vs_test": floor, "rows": rows}
+    out = {"model": args.model, "num": args.num, "steps": args.steps, "fd_train_vs_test": floor,
+           "knn_test_accuracy": round(float((knn_test == test_labels).mean()), 4),
+           "knn_test_per_class": per_class(knn_test, test_labels), "rows": rows}
     print(json.dumps(out, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from calicache.metrics.adm import inception_score
-from calicache.metrics.domain import class_agreement, classifier_input, classifier_outputs, domain_metrics
+from calicache.metrics.domain import (
+    class_agreement,
+    classifier_input,
+    classifier_outputs,
+    domain_metrics,
+    knn_predict,
+)
 from calicache.metrics.frechet import frechet_distance, gaussian_stats
 from conftest import TinyClassifier
 
@@ -63,3 +69,18 @@ def test_rgb_goes_through_bt601_luma_in_training_and_evaluation():
     x = classifier_input(rgb)
     assert torch.equal(x, torch.full((1, 1, 28, 28), 117.0) / 127.5 - 1.0)
     assert training_classifier.classifier_input is classifier_input
+
+
+def test_knn_votes_like_a_plain_loop():
+    train = _images(60, 4, c=1)[..., 0]
+    labels = np.random.default_rng(5).integers(0, 4, 60)
+    queries = np.concatenate([_images(20, 6, c=1)[..., 0], train[:5]])
+    got = knn_predict(train, labels, queries, k=3, batch_size=7)
+    x = train.reshape(60, -1).astype(np.float64) / 127.5 - 1
+    for q, pred in zip(queries, got):
+        d = ((x - (q.reshape(-1).astype(np.float64) / 127.5 - 1)) ** 2).sum(1)
+        votes = np.bincount(labels[np.argsort(d, kind="stable")[:3]], minlength=4)
+        assert pred == votes.argmax()
+    assert np.array_equal(knn_predict(train, labels, train[:5], k=1), labels[:5])  # its own nearest neighbour
+    with pytest.raises(ValueError, match="k = 0"):
+        knn_predict(train, labels, queries, k=0)

