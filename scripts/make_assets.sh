@@ -11,16 +11,7 @@ python scripts/ship_model.py "$run/model.safetensors" $a/fmnist-dit.safetensors 
     --train-json "$run/train.json"
 # CD-SVD factors at rank ~C/9 (192/9), the paper's ratio for DiT-XL/2 (128/1152), 256 training images.
 calicache calibrate --model fmnist-dit --svd cd --rank 21 --steps 20 --num 256 --threads 2 \
-    --out $a/fmnist-dit-cd.safetensors
-# Per-layer ranks at the same calibrated-call cost as uniform rank 21 (budget search).
-share=$(python -c "
-import calicache
-from calicache.models.io import shipped_asset
-m = calicache.load_model('fmnist-dit')
-d = calicache.count_macs(m, calicache.ICCConfig(svd='cd', factors=str(shipped_asset('fmnist-dit-cd.safetensors'))), 2)
-print(round(d['per_call'][1] / d['full_call'], 4))")
-calicache calibrate --model fmnist-dit --svd cd --rank-budget "$share" --steps 20 --num 256 --threads 2 \
-    --out $a/fmnist-dit-cd-budget.safetensors
+    --overwrite --out $a/fmnist-dit-cd.safetensors
 # GOC compensation steps for 20 adm-spaced DDIM steps at period 2, found from uncached runs.
 calicache calibrate --method goc --model fmnist-dit --steps 20 --num 40 --period 2 --threads 2 \
-    --out $a/fmnist-dit-goc20.json
+    --overwrite --out $a/fmnist-dit-goc20.json

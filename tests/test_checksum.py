@@ -72,7 +72,7 @@ def test_checksum_sees_names_dtypes_and_shapes():
 
 
 @pytest.mark.parametrize("name", ["fmnist-dit.safetensors", "fmnist-dit-cd.safetensors",
-                                  "fmnist-dit-cd-budget.safetensors", "fmnist-classifier.safetensors"])
+                                  "fmnist-classifier.safetensors"])
 def test_shipped_assets_carry_a_valid_checksum(name):
     path = shipped_asset(name)
     with safe_open(str(path), framework="pt") as f:
