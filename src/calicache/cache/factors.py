@@ -12,6 +12,7 @@ from ..adapters import LinearSpec
 from ..models.io import shipped_file
 from ..tensorfile import load_tensors, save_tensors
 from ..utils import Outputs
+from .state import shared_method
 
 FORMAT = "calicache-factors"
 FIX = "re-create it with `calicache calibrate`"
@@ -21,9 +22,8 @@ def shared_factors(engine, config) -> dict[str, tuple[torch.Tensor, torch.Tensor
     """The factors of the cache `engine.shares` (a guidance twin's original, or the attached cache a MACs
     count reads) when it was built from this very config: views of what its calibrated linears hold, so
     nothing is loaded, hashed or decomposed again. None: there is no such cache; resolve them."""
-    source = getattr(engine, "shares", None)
-    method = getattr(source, "method", None)
-    if source is None or source.config is not config or not hasattr(method, "linears"):
+    method = shared_method(engine, config)
+    if not hasattr(method, "linears"):
         return None
     out = {}
     for linear in method.linears:  # each holds B of its blocks stacked (R, C_i) and A^T per block
@@ -32,7 +32,7 @@ def shared_factors(engine, config) -> dict[str, tuple[torch.Tensor, torch.Tensor
             out[spec.name] = (a_t.t(), linear.b[start:start + rank])
             start += rank
     for layer in method.whole_branch:  # rank 0 everywhere: the branch is served whole, its linears hold nothing
-        for spec in source.branches[layer].linears:
+        for spec in engine.shares.branches[layer].linears:
             w = spec.module.weight
             out[spec.name] = (w.new_zeros(spec.out_features, 0), w.new_zeros(0, spec.in_features))
     return out

@@ -16,6 +16,13 @@ def get_engine(model: nn.Module) -> Any | None:
     return getattr(model, ENGINE_ATTR, None)
 
 
+def shared_method(engine: Any, config: Any) -> Any | None:
+    """The method of the cache `engine.shares` (a guidance twin's original, or the attached cache a MACs
+    count reads) when it was built from this very config, so its loaded files can be reused; else None."""
+    source = getattr(engine, "shares", None)
+    return source.method if source is not None and source.config is config else None
+
+
 @contextmanager
 def cache_run(model: nn.Module, num_calls: int, timesteps: Sequence[float] | None = None) -> Iterator[None]:
     """One sampling run of `num_calls` model calls; a no-op on a model without a cache.

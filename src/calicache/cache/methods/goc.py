@@ -23,6 +23,7 @@ import torch
 
 from ...models.io import shipped_file
 from ...utils import atomic_path, warn_once
+from ..state import shared_method
 from .base import Argument, BranchCache, Method, MethodConfig, each, first_order, tensors, traced
 
 # The authors' hard-coded list for 20-step DDIM at period 2 (cached calls 1, 3, ..., 19): call 1 has
@@ -186,8 +187,8 @@ class GradientOptimizedCache(Method):
         super().__init__(engine, config)
         self.weight = float(config.weight)
         self.file: GocSteps | None = None
-        source = getattr(engine.shares, "method", None)
-        if isinstance(source, GradientOptimizedCache) and engine.shares.config is config:
+        source = shared_method(engine, config)
+        if isinstance(source, GradientOptimizedCache):
             # A guidance twin (or a MACs count) of the attached cache: its steps, read and checked once.
             self.file = source.file
         elif config.steps_file is not None:
