@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ...adapters import LinearSpec
 from ..factors import Factors, shared_factors
@@ -55,8 +54,11 @@ class CalibratedLinear:
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """B x as an (M, R) matrix: every block's rank-space coordinates in one matmul."""
-        return F.linear(x, self.b).reshape(-1, self.rank_total)
+        """B x as an (M, R) matrix: every block's rank-space coordinates in one matmul, computed as
+        (B x^T)^T. A GEMM whose wide side is the M rows runs faster on CPU BLAS than one with R (often
+        < 64) output columns (docs/speed.md); the result is a transposed view, which the subtraction and
+        the A matmul read without a copy."""
+        return torch.mm(self.b, x.reshape(-1, x.shape[-1]).t()).t()
 
     def on_full(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.last = self.reference(x, y)
