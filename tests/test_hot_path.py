@@ -46,6 +46,17 @@ def test_cached_linear_is_y_ref_plus_low_rank_increment():
     assert lin.cache_bytes() == 7 * (15 + lin.module.out_features) * 4  # z (M, 3r) and y (M, 3C): no input
 
 
+def test_b_pass_is_one_matmul_into_a_transposed_view():
+    """B x is computed as (B x^T)^T: the (M, R) result is the transpose of a contiguous (R, M) matmul
+    output (no copy made to lay it out row-major), equal to x B^T."""
+    m = apply_cache(tiny_model(), config_from_dict(dict(method="icc", period=2, rank=5)))
+    for lin in get_engine(m).method.linears:
+        x = torch.randn(2, 7, lin.module.in_features)
+        z = lin.project(x)
+        assert z.shape == (14, lin.rank_total) and z.stride() == (1, 14) and z.t().is_contiguous()
+        assert torch.allclose(z, x.reshape(14, -1) @ lin.b.t(), atol=1e-6)
+
+
 def test_identities_on_the_rank_space_path():
     m = tiny_model()
     ref = run(m, METHODS["none"])
