@@ -143,6 +143,10 @@ def main() -> None:
 
     import calicache
     import calicache.models.dit  # noqa: F401  (lib.models.dit below)
+    from calicache.utils import keep_freed_memory
+
+    # As the command line does (docs/speed.md); CALICACHE_KEEP_FREED_MEMORY=0 measures glibc's defaults.
+    kept = keep_freed_memory()
 
     libs = {"after": calicache}
     if args.before:
@@ -156,7 +160,8 @@ def main() -> None:
     names = list(kinds)
     if args.methods:
         names = [n for n in names if n in args.methods.split(",") or n == "none"]
-    out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale, "rows": []}
+    out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale,
+           "keep_freed_memory": kept, "rows": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for lib in libs.values() if args.warmup else ():  # warm-up: allocator, kernels, factor files

@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from .utils import keep_freed_memory
+
 # Subcommand name -> module in calicache.commands with `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
     "demo": "demo",
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"calicache {args.command}: error: {', '.join(bad)}: must be a finite number", file=sys.stderr)
         return 2
+    keep_freed_memory()  # docs/speed.md: a DiT forward otherwise maps and faults its activations in every call
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -17,9 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, MethodConfig, NoCacheConfig
-from ..sampling import sample
 from .peers import Peer, fbc_threshold, missing, run_peer
-from .runs import PeakRSS, Result, Variant, run_variant
+from .runs import PeakRSS, Result, Variant, run_variant, warm_up
 
 FAMILIES = ("fewer-steps", "fora", "icc", "goc", "forecast", "peers")
 CALIBRATED = ("ca", "cd")
@@ -210,8 +209,7 @@ def run_grid(model: nn.Module, grid: Grid, opts: GridOptions) -> list[Result]:
     kw = dict(num=opts.num, cfg_scale=opts.cfg_scale, seed=opts.seed, batch_size=opts.batch_size)
     results = []
     thresholds: dict[float, int] = {}  # FirstBlockCache thresholds already run -> the period they were found for
-    # Warm-up at the real batch shape: first-call costs (kernel choice, allocations) must not land in the reference.
-    sample(model, min(opts.num, opts.batch_size or opts.num), 1, cfg_scale=opts.cfg_scale)
+    warm_up(model, opts.num, opts.cfg_scale, opts.batch_size)
     bar = tqdm(total=len(grid.variants) + len(grid.peers), desc="bench", unit="config")
     for v in grid.variants:
         bar.set_postfix_str(v.name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..bench.report import markdown_table, side_by_side
-from ..bench.runs import Variant, run_variant, score
+from ..bench.runs import Variant, run_variant, score, warm_up
 from ..cache import FORAConfig, ForecastConfig, GOCConfig, ICCConfig, NoCacheConfig, load_config
 from ..cache.svd import parse_rank
 from ..images import png_bytes
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         goc_file = str(shipped_asset(f"{args.model}-goc20.json"))
     variants = _variants(args, model, factors, goc_file)
     kw = dict(num=args.num, cfg_scale=cfg_scale, seed=args.seed, batch_size=args.batch_size)
+    warm_up(model, args.num, cfg_scale, args.batch_size)
     results = [run_variant(model, v, **kw) for v in variants]
     if "equal-macs" in args.methods.split(","):
         # Uncached sampling with as many steps as ICC's MACs buy: is caching better than just fewer steps?
