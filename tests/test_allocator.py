@@ -12,7 +12,7 @@ import resource, sys, torch
 from calicache.utils import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 import calicache
-torch.set_num_threads(2)  # worker threads allocate in their own arenas, which glibc trims hardest
+torch.set_num_threads(2)  # the demo's threads (with 1, glibc's defaults fault far less)
 model = calicache.load_model("fmnist-dit").eval()
 x, t, y = torch.randn(80, 1, 28, 28), torch.full((80,), 500), torch.arange(80) % 10  # the demo's batch
 faults = []
@@ -36,10 +36,12 @@ def test_kept_memory_is_reused_without_page_faults():
     applied, kept = faults_per_round("keep")
     if applied != "True":
         pytest.skip("not glibc")
-    _, default = faults_per_round("default")
     # One call's activations at this batch: 49 tokens x 80 rows x up to 768 floats per tensor, 12 MB each.
-    assert default > 5000  # glibc's defaults: they are mapped and faulted in again on every call
     assert kept < 500
+    _, default = faults_per_round("default")
+    if default <= 5000:  # how much glibc's defaults fault depends on its version and the machine
+        pytest.skip(f"glibc's defaults faulted only {default} times per call here: nothing to compare")
+    assert kept * 10 < default  # they map and fault the activations in again on every call
 
 
 def test_opt_out_and_users_malloc_settings_are_respected():

@@ -54,7 +54,9 @@ def test_b_pass_is_one_matmul_into_a_transposed_view():
         x = torch.randn(2, 7, lin.module.in_features)
         z = lin.project(x)
         assert z.shape == (14, lin.rank_total) and z.stride() == (1, 14) and z.t().is_contiguous()
-        assert torch.allclose(z, x.reshape(14, -1) @ lin.b.t(), atol=1e-6)
+        x2 = x.reshape(14, -1)
+        scale = (x2.abs() @ lin.b.abs().t()).max()  # rounding of either summation order is relative to this
+        assert ((z - x2 @ lin.b.t()).abs().max() <= 1e-5 * scale)
 
 
 def test_identities_on_the_rank_space_path():

@@ -7,6 +7,7 @@ renaming replaces the link itself. Also: file hashes, warnings shown once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -203,26 +204,22 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
+@functools.cache
 def keep_freed_memory(mmap_threshold: int = 1 << 25) -> bool:
     """Ask glibc's malloc to keep freed memory for reuse: blocks up to `mmap_threshold` bytes come from
     the heap rather than fresh mappings, and the heap is not trimmed. PyTorch's CPU tensors are plain
     malloc blocks, and with glibc's defaults a DiT forward maps and unmaps its activations on every call;
-    each new page then faults in again (35,000 minor faults per call of the shipped model at the demo
-    batch, docs/speed.md). The price is that a process keeps its peak heap until it exits.
+    each new page then faults in again (docs/speed.md). The price is that a process keeps its peak heap
+    until it exits.
 
-    Process-wide, so the command line calls it and a library import does not. Skipped (returns False)
-    off glibc, when `CALICACHE_KEEP_FREED_MEMORY=0`, or when the user set malloc's own environment
-    variables; returns True when both settings were applied."""
+    Process-wide, so the command line calls it and a library import does not; once per process (cached).
+    Skipped (returns False) off glibc, when `CALICACHE_KEEP_FREED_MEMORY=0`, or when the user set
+    malloc's own environment variables; returns True when both settings were applied."""
     if os.environ.get("CALICACHE_KEEP_FREED_MEMORY", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
         return False
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-    except (OSError, TypeError):
-        return False
+    libc = ctypes.CDLL(None)  # the process's own symbols: mallopt of the libc it runs on
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: another libc's mallopt takes other parameters
         return False
     applied = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
