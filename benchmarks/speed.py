@@ -2,8 +2,10 @@
 configurations interleaved (median of the repeats), optionally against another calicache source
 tree (the code before a change) loaded side by side under another package name.
 
-    # DiT-XL/2, random weights (non-zero adaLN), 1 image, 10 DDIM calls, 2 threads
-    python benchmarks/speed.py --model DiT-XL/2 --num 1 --steps 10 --cfg-scale 1 --threads 2
+    # DiT-XL/2, random weights (non-zero adaLN), 1 image, 10 DDIM calls, 2 threads; the plain factors
+    # are computed once into --factors-file and loaded by later runs
+    python benchmarks/speed.py --model DiT-XL/2 --num 1 --steps 10 --cfg-scale 1 --threads 2 \
+        --factors-file /tmp/xl-plain128.safetensors
     # the shipped model at `calicache demo` settings, 1 and 2 threads, against main's tree
     git archive main src/calicache | tar -x -C /tmp/before && mv /tmp/before/src/calicache /tmp/before/calicache_before
     python benchmarks/speed.py --model fmnist-dit --threads 1,2 --before /tmp/before
@@ -42,9 +44,9 @@ def configs(model_name: str, factors: str | None = None) -> dict[str, dict]:
             "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc)}
 
 
-def plain_factors(model: torch.nn.Module, rank: int, folder: Path) -> str:
-    """The plain truncated SVD of every cached linear, computed once and saved as a factor file, so
-    each timed run loads it instead of redoing ~100 SVDs (minutes on DiT-XL/2)."""
+def plain_factors(model: torch.nn.Module, rank: int, folder: Path, path: Path | None = None) -> str:
+    """The plain truncated SVD of every cached linear, computed once and saved as a factor file (`path`,
+    else in `folder`), so each timed run loads it instead of redoing ~100 SVDs (minutes on DiT-XL/2)."""
     from calicache import apply_cache, config_from_dict, remove_cache
     from calicache.cache import get_engine
     from calicache.cache.factors import Factors
@@ -58,7 +60,7 @@ def plain_factors(model: torch.nn.Module, rank: int, folder: Path) -> str:
                           {"svd": "plain", "model_hash": engine.model_hash()})
     finally:
         remove_cache(model)
-    path = folder / "plain-factors.safetensors"
+    path = path or folder / "plain-factors.safetensors"
     factors.save(path)
     return str(path)
 
@@ -138,6 +140,9 @@ def main() -> None:
     p.add_argument("--methods", default=None, help="comma-separated subset of the model's configurations")
     p.add_argument("--warmup", type=int, default=1, help="1: one run of each configuration (1 sample) first")
     p.add_argument("--before", default=None, help="folder holding calicache_before/ (another source tree)")
+    p.add_argument("--factors-file", default=None,
+                   help="registry models: the plain rank-128 factors, loaded when the file exists, else computed "
+                        "and saved there (alternated processes then skip the minutes of SVDs)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args()
 
@@ -155,7 +160,10 @@ def main() -> None:
         importlib.import_module("calicache_before.models.dit")
     model = load(args.model)
     tmp = tempfile.TemporaryDirectory()
-    factors = None if args.model == "fmnist-dit" else plain_factors(model, 128, Path(tmp.name))
+    factors = None
+    if args.model != "fmnist-dit":
+        saved = Path(args.factors_file) if args.factors_file else None
+        factors = str(saved) if saved and saved.exists() else plain_factors(model, 128, Path(tmp.name), saved)
     kinds = configs(args.model, factors)
     names = list(kinds)
     if args.methods:
