@@ -28,8 +28,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def paired(results: list[dict]) -> dict[str, dict]:
-    """Per cached configuration: the speed-up of each repeat (uncached wall / cached wall of the same
-    repeat), pooled over `results` (speed.py JSON outputs), with its median and quartiles."""
+    """Per cached configuration and thread count ("icc@2t"): the speed-up of each repeat (uncached time /
+    cached time of the same repeat), pooled over `results` (speed.py JSON outputs), with its median and
+    quartiles."""
     ratios: dict[str, list[float]] = {}
     ideal: dict[str, float] = {}
     share: dict[str, list[float]] = {}
@@ -40,17 +41,18 @@ def paired(results: list[dict]) -> dict[str, dict]:
             for name, row in rows.items():
                 if name == "none":
                     continue
-                ratios.setdefault(name, []).extend(n / c for n, c in zip(rows["none"][key], row[key]))
-                ideal[name] = row["ideal"]
+                label = f"{name}@{threads}t"
+                ratios.setdefault(label, []).extend(n / c for n, c in zip(rows["none"][key], row[key]))
+                ideal[label] = row["ideal"]
                 if "cached_share" in row:
-                    share.setdefault(name, []).append(row["cached_share"])
+                    share.setdefault(label, []).append(row["cached_share"])
     out = {}
-    for name, values in ratios.items():
+    for label, values in ratios.items():
         q1, med, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-        out[name] = {"pairs": len(values), "speedup": statistics.median(values), "ideal": ideal[name],
-                     "realized_over_ideal": statistics.median(values) / ideal[name],
-                     "realized_over_ideal_iqr": [q1 / ideal[name], q3 / ideal[name]],
-                     "cached_share": statistics.median(share[name]) if name in share else None}
+        out[label] = {"pairs": len(values), "speedup": statistics.median(values), "ideal": ideal[label],
+                      "realized_over_ideal": statistics.median(values) / ideal[label],
+                      "realized_over_ideal_iqr": [q1 / ideal[label], q3 / ideal[label]],
+                      "cached_share": statistics.median(share[label]) if label in share else None}
     return out
 
 
@@ -84,7 +86,7 @@ def main() -> None:
     pooled = {name: paired([r for r in runs if r["variant"] == name]) for name, *_ in variants}
     if len(variants) > 1:
         pooled["all"] = paired(runs)
-    print("| variant | config | paired runs | speed-up (median) | MACs ideal | realized/ideal | (IQR) "
+    print("| variant | config@threads | paired runs | speed-up (median) | MACs ideal | realized/ideal | (IQR) "
           "| cached call / full |")
     print("|---|---|---|---|---|---|---|---|")
     for variant, configs in pooled.items():

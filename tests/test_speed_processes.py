@@ -29,7 +29,7 @@ def test_paired_takes_each_repeats_own_ratio_then_the_median():
     mod = _load()
     # Two processes on a drifting machine: the second twice as slow for both configurations.
     out = mod.paired([_result([10.0, 10.0, 10.0], [8.0, 5.0, 10.0]), _result([20.0, 20.0, 20.0], [16.0, 10.0, 20.0])])
-    s = out["icc"]
+    s = out["icc@2t"]
     assert s["pairs"] == 6
     assert s["speedup"] == pytest.approx(1.25)  # ratios 1.25, 2, 1 twice each: the median is 1.25
     assert s["realized_over_ideal"] == pytest.approx(1.25 / 1.5)
@@ -37,8 +37,17 @@ def test_paired_takes_each_repeats_own_ratio_then_the_median():
     assert lo <= s["realized_over_ideal"] <= hi
     assert s["cached_share"] == pytest.approx(0.3)
     # Pooling the walls across processes instead would have mixed the two machine speeds.
-    assert out.keys() == {"icc"}
+    assert out.keys() == {"icc@2t"}
 
+
+
+def test_thread_counts_are_pooled_apart():
+    mod = _load()
+    one, two = _result([10.0], [5.0]), _result([10.0], [8.0])
+    for row in one["rows"]:
+        row["threads"] = 1
+    out = mod.paired([{"rows": one["rows"] + two["rows"]}])
+    assert out["icc@1t"]["speedup"] == pytest.approx(2.0) and out["icc@2t"]["speedup"] == pytest.approx(1.25)
 
 def test_a_run_gives_each_variant_its_environment(tmp_path):
     out = tmp_path / "pp.json"
@@ -50,7 +59,7 @@ def test_a_run_gives_each_variant_its_environment(tmp_path):
     kept = {r["variant"]: r["keep_freed_memory"] for r in d["runs"]}
     assert kept == {"kept": sys.platform == "linux", "glibc": False}
     assert set(d["pooled"]) == {"kept", "glibc", "all"}
-    assert d["pooled"]["all"]["fora"]["pairs"] == 2
+    assert d["pooled"]["all"]["fora@1t"]["pairs"] == 2
     # An existing --out is refused before any work starts.
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
