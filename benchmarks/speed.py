@@ -45,9 +45,9 @@ def configs(model_name: str, factors: str | None = None) -> dict[str, dict]:
             "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc)}
 
 
-def plain_factors(model: torch.nn.Module, rank: int, folder: Path, path: Path | None = None) -> str:
-    """The plain truncated SVD of every cached linear, computed once and saved as a factor file (`path`,
-    else in `folder`), so each timed run loads it instead of redoing ~100 SVDs (minutes on DiT-XL/2)."""
+def plain_factors(model: torch.nn.Module, rank: int, path: Path) -> str:
+    """The plain truncated SVD of every cached linear, computed once and saved as a factor file at `path`,
+    so each timed run loads it instead of redoing ~100 SVDs (minutes on DiT-XL/2)."""
     from calicache import apply_cache, config_from_dict, remove_cache
     from calicache.cache import get_engine
     from calicache.cache.factors import Factors
@@ -61,7 +61,6 @@ def plain_factors(model: torch.nn.Module, rank: int, folder: Path, path: Path | 
                           {"svd": "plain", "model_hash": engine.model_hash()})
     finally:
         remove_cache(model)
-    path = path or folder / "plain-factors.safetensors"
     factors.save(path)
     return str(path)
 
@@ -120,14 +119,15 @@ def summarise(runs: list[dict], base_wall: float, base_macs: int, key: str, base
     """`key`: the time the speed-up is taken from ("cpu" with one thread, else "wall"); `base_call`: the
     median uncached call, which a full call is compared with (ICC's full call also runs its B pass)."""
     wall = statistics.median(r[key] for r in runs)
+    full_call = statistics.median(r["full_call"] for r in runs)
     row = {k: runs[0][k] for k in ("macs_total", "macs_full_call", "macs_cached_call", "cache_bytes")}
     row.update(time=key, seconds=wall, walls=[round(r["wall"], 3) for r in runs],
                cpus=[round(r["cpu"], 3) for r in runs], speedup=base_wall / wall, ideal=base_macs / row["macs_total"])
     row["realized_over_ideal"] = row["speedup"] / row["ideal"]
-    row["full_call_over_uncached"] = statistics.median(r["full_call"] for r in runs) / base_call
+    row["full_call_over_uncached"] = full_call / base_call
     cached = [r["cached_call"] for r in runs if r["cached_call"] is not None]
     if cached:
-        row["cached_share"] = statistics.median(cached) / statistics.median(r["full_call"] for r in runs)
+        row["cached_share"] = statistics.median(cached) / full_call
         row["macs_share"] = row["macs_cached_call"] / row["macs_full_call"]
     return row
 
@@ -165,8 +165,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     factors = None
     if args.model != "fmnist-dit":
-        saved = Path(args.factors_file) if args.factors_file else None
-        factors = str(saved) if saved and saved.exists() else plain_factors(model, 128, Path(tmp.name), saved)
+        path = Path(args.factors_file or Path(tmp.name) / "plain-factors.safetensors")
+        factors = str(path) if path.exists() else plain_factors(model, 128, path)
     kinds = configs(args.model, factors)
     names = list(kinds)
     if args.methods:
@@ -188,10 +188,10 @@ def main() -> None:
         key = "cpu" if threads == 1 else "wall"
         base = [r for tag in libs for r in runs[(tag, "none")]]
         base_wall = statistics.median(r[key] for r in base)
+        base_call = statistics.median(r["full_call"] for r in base)
         for tag in libs:
             for name in names:
-                row = summarise(runs[(tag, name)], base_wall, base[0]["macs_total"], key,
-                                statistics.median(r["full_call"] for r in base))
+                row = summarise(runs[(tag, name)], base_wall, base[0]["macs_total"], key, base_call)
                 out["rows"].append({"threads": threads, "code": tag, "config": name, **row})
                 print(json.dumps(out["rows"][-1]), flush=True)
     if args.out:

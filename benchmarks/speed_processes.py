@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from calicache.utils import write_file
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -48,7 +50,7 @@ def paired(results: list[dict]) -> dict[str, dict]:
                     share.setdefault(label, []).append(row["cached_share"])
     out = {}
     for label, values in ratios.items():
-        q1, med, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+        q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
         out[label] = {"pairs": len(values), "speedup": statistics.median(values), "ideal": ideal[label],
                       "realized_over_ideal": statistics.median(values) / ideal[label],
                       "realized_over_ideal_iqr": [q1 / ideal[label], q3 / ideal[label]],
@@ -97,9 +99,7 @@ def main() -> None:
                   f"{s['realized_over_ideal']:.2f} | {lo:.2f}-{hi:.2f} | {share} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = Path(args.out).with_suffix(".tmp")
-        tmp_out.write_text(json.dumps({"speed_args": speed_args, "pooled": pooled, "runs": runs}, indent=2))
-        tmp_out.replace(args.out)
+        write_file(args.out, json.dumps({"speed_args": speed_args, "pooled": pooled, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
