@@ -6,6 +6,8 @@ tree (the code before a change) loaded side by side under another package name.
     # are computed once into --factors-file and loaded by later runs
     python benchmarks/speed.py --model DiT-XL/2 --num 1 --steps 10 --cfg-scale 1 --threads 2 \
         --factors-file /tmp/xl-plain128.safetensors
+    # DiT-B/2 at the same rank ratio (width / 9), 4 images
+    python benchmarks/speed.py --model DiT-B/2 --rank 85 --num 4 --steps 10 --cfg-scale 1 --threads 2
     # the shipped model at `calicache demo` settings, 1 and 2 threads, against main's tree
     git archive main src/calicache | tar -x -C /tmp/before && mv /tmp/before/src/calicache /tmp/before/calicache_before
     python benchmarks/speed.py --model fmnist-dit --threads 1,2 --before /tmp/before
@@ -30,9 +32,9 @@ from pathlib import Path
 import torch
 
 
-def configs(model_name: str, factors: str | None = None) -> dict[str, dict]:
+def configs(model_name: str, factors: str | None = None, rank: int = 128) -> dict[str, dict]:
     """name -> config JSON object (`config_from_dict`); the shipped model: its CD factors and GOC steps;
-    a registry model: plain-SVD factors at rank 128 from `factors` (see `plain_factors`)."""
+    a registry model: plain-SVD factors at `rank` from `factors` (see `plain_factors`)."""
     if model_name == "fmnist-dit":
         from calicache.models.io import shipped_asset
 
@@ -40,7 +42,7 @@ def configs(model_name: str, factors: str | None = None) -> dict[str, dict]:
         return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
                 "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc),
                 "goc": dict(method="goc", period=2, steps_file=str(shipped_asset("fmnist-dit-goc20.json")))}
-    icc = dict(period=2, rank=128, factors=factors)
+    icc = dict(period=2, rank=rank, factors=factors)
     return {"none": dict(method="none"), "fora": dict(method="fora", period=2),
             "icc": dict(method="icc", **icc), "forecast": dict(method="forecast", **icc)}
 
@@ -144,8 +146,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="1: one run of each configuration (1 sample) first")
     p.add_argument("--before", default=None, help="folder holding calicache_before/ (another source tree)")
     p.add_argument("--factors-file", default=None,
-                   help="registry models: the plain rank-128 factors, loaded when the file exists, else computed "
+                   help="registry models: the plain factors at --rank, loaded when the file exists, else computed "
                         "and saved there (alternated processes then skip the minutes of SVDs)")
+    p.add_argument("--rank", type=int, default=128,
+                   help="registry models: ICC's and the forecast's plain-SVD rank (the paper's 128 on DiT-XL/2's "
+                        "1152 channels, width / 9)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args()
 
@@ -166,13 +171,13 @@ def main() -> None:
     factors = None
     if args.model != "fmnist-dit":
         path = Path(args.factors_file or Path(tmp.name) / "plain-factors.safetensors")
-        factors = str(path) if path.exists() else plain_factors(model, 128, path)
-    kinds = configs(args.model, factors)
+        factors = str(path) if path.exists() else plain_factors(model, args.rank, path)
+    kinds = configs(args.model, factors, args.rank)
     names = list(kinds)
     if args.methods:
         names = [n for n in names if n in args.methods.split(",") or n == "none"]
     out = {"model": args.model, "num": args.num, "steps": args.steps, "cfg_scale": args.cfg_scale,
-           "keep_freed_memory": kept, "rows": []}
+           "rank": None if args.model == "fmnist-dit" else args.rank, "keep_freed_memory": kept, "rows": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for lib in libs.values() if args.warmup else ():  # warm-up: allocator, kernels, factor files

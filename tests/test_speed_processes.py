@@ -66,3 +66,19 @@ def test_a_run_gives_each_variant_its_environment(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--variant", "x", "NOEQUALS", "--", "--model", "fmnist-dit"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "VAR=VALUE" in bad.stderr
+
+
+def test_speed_runs_a_registry_model_at_the_given_rank(tmp_path):
+    factors, out = tmp_path / "f.safetensors", tmp_path / "s.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "speed.py"), "--model", "DiT-S/8", "--rank", "5", "--num", "1",
+           "--steps", "2", "--cfg-scale", "1", "--methods", "none,icc", "--repeats", "1", "--warmup", "0",
+           "--factors-file", str(factors), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    from calicache.cache.factors import Factors
+
+    loaded = Factors.load(factors)
+    assert {a.shape[1] for a, _ in loaded.select(None).values()} == {5}
+    d = json.loads(out.read_text())
+    assert d["rank"] == 5
+    icc = next(r for r in d["rows"] if r["config"] == "icc")
+    assert 0 < icc["macs_share"] < 0.2  # rank 5 of 384 channels: far below the uncached call's MACs
