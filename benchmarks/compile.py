@@ -37,7 +37,7 @@ def main() -> None:
 
     import calicache
     from calicache import apply_cache, config_from_dict, load_model, remove_cache, sample
-    from calicache.utils import keep_freed_memory
+    from calicache.utils import keep_freed_memory, write_file
 
     kept = keep_freed_memory()  # as the command line and speed.py do (docs/speed.md, "The allocator")
 
@@ -80,8 +80,8 @@ def main() -> None:
               f"{r['eager_s']:.2f} | {r['compiled_s']:.2f} | {vs} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"threads": args.threads, "backend": args.backend,
-                                              "keep_freed_memory": kept, "rows": rows}, indent=2))
+        write_file(args.out, json.dumps({"threads": args.threads, "backend": args.backend,
+                                         "keep_freed_memory": kept, "rows": rows}, indent=2))
 
 
 def explain_breaks(model, calicache) -> dict:

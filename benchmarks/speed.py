@@ -156,7 +156,7 @@ def main() -> None:
 
     import calicache
     import calicache.models.dit  # noqa: F401  (lib.models.dit below)
-    from calicache.utils import keep_freed_memory
+    from calicache.utils import keep_freed_memory, write_file
 
     # As the command line does (docs/speed.md); CALICACHE_KEEP_FREED_MEMORY=0 measures glibc's defaults.
     kept = keep_freed_memory()
@@ -201,7 +201,7 @@ def main() -> None:
                 print(json.dumps(out["rows"][-1]), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        write_file(args.out, json.dumps(out, indent=2))
     print(table(out["rows"]))
 
 

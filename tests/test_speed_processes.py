@@ -40,7 +40,6 @@ def test_paired_takes_each_repeats_own_ratio_then_the_median():
     assert out.keys() == {"icc@2t"}
 
 
-
 def test_thread_counts_are_pooled_apart():
     mod = _load()
     one, two = _result([10.0], [5.0]), _result([10.0], [8.0])
@@ -48,6 +47,7 @@ def test_thread_counts_are_pooled_apart():
         row["threads"] = 1
     out = mod.paired([{"rows": one["rows"] + two["rows"]}])
     assert out["icc@1t"]["speedup"] == pytest.approx(2.0) and out["icc@2t"]["speedup"] == pytest.approx(1.25)
+
 
 def test_a_run_gives_each_variant_its_environment(tmp_path):
     out = tmp_path / "pp.json"
